@@ -1,0 +1,174 @@
+"""capsctl: status and restart-worker over the control socket, transcribe over the WebSocket."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import socket
+import sys
+import time
+import uuid
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsd.cli import Parser
+from capsd.config import control_socket
+from capsd.protocol import RATE
+
+EX_OK, EX_FAILED, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_NOPERM = 0, 1, 64, 65, 69, 77
+FILE_FRAME_S = 60  # CapsWriter's file client sends 60 s per frame
+FILE_SEG_DURATION, FILE_SEG_OVERLAP = 25, 2
+
+
+class CtlError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise CtlError(f"capsd is not running: no control socket at {path}", EX_UNAVAILABLE) from None
+        except PermissionError:
+            raise CtlError(f"permission denied on {path}: run as root or a member of its group", EX_NOPERM) from None
+        except ConnectionRefusedError:
+            raise CtlError(f"capsd is not running: nothing listens on {path}", EX_UNAVAILABLE) from None
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise CtlError("capsd closed the control connection without a reply", EX_UNAVAILABLE)
+            data += chunk
+    return json.loads(data)
+
+
+def status_table(status: dict[str, Any]) -> str:
+    mib = 2**20
+    lines = [
+        f"capsd {status['version']} pid {status['pid']} {status['state']}, up {status['uptime_s']:.0f} s, "
+        f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
+        f"{'SLOT':>4} {'PID':>7} {'STATE':<10} {'RSS_MB':>7} {'QUEUE':>5} {'TASKS':>5} {'DONE':>6} {'FAILED':>6} "
+        f"{'RESTARTS':>8}  LAST_EXIT",
+    ]
+    for s in status["slots"]:
+        last = s["last_exit"]
+        last_text = f"{last['reason']} ({last['exitcode']}) at {last['at']}" if last else "-"
+        lines.append(
+            f"{s['slot']:>4} {s['pid'] or '-':>7} {s['state']:<10} {s['rss_bytes'] // mib:>7} {s['queue_depth']:>5} "
+            f"{s['tasks_in_progress']:>5} {s['tasks_done']:>6} {s['tasks_failed']:>6} {s['restarts']:>8}  {last_text}"
+        )
+    return "\n".join(lines)
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """16 kHz mono float32 samples of a PCM WAV file, resampled and mixed down if need be."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (OSError, EOFError, wave.Error) as e:
+        raise CtlError(f"cannot read {path} as PCM WAV: {e}", EX_DATAERR) from None
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width in (2, 4):
+        kind = np.int16 if width == 2 else np.int32
+        samples = np.frombuffer(raw, kind).astype(np.float32) / np.iinfo(kind).max
+    else:
+        raise CtlError(f"{path}: {8 * width}-bit samples are not supported (use 8, 16 or 32-bit PCM)", EX_DATAERR)
+    samples = samples.reshape(-1, channels).mean(axis=1)
+    if rate != RATE:
+        n = round(len(samples) * RATE / rate)
+        samples = np.interp(np.arange(n) * rate / RATE, np.arange(len(samples)), samples)
+    return samples.astype(np.float32)
+
+
+def transcribe(url: str, path: Path, timeout: float) -> tuple[int, str]:
+    """Send the file as CapsWriter's file client does; return (exit code, what to print)."""
+    from websockets.exceptions import WebSocketException
+    from websockets.sync.client import connect
+
+    samples = read_wav(path)
+    task_id = str(uuid.uuid4())
+    step = FILE_FRAME_S * RATE
+    starts = list(range(0, len(samples), step)) or [0]
+    try:
+        with connect(url, max_size=None, open_timeout=timeout) as ws:
+            for start in starts:
+                frame = {
+                    "task_id": task_id,
+                    "source": "file",
+                    "data": base64.b64encode(samples[start : start + step].tobytes()).decode(),
+                    "is_final": start == starts[-1],
+                    "time_start": time.time(),
+                    "seg_duration": FILE_SEG_DURATION,
+                    "seg_overlap": FILE_SEG_OVERLAP,
+                }
+                ws.send(json.dumps(frame))
+            while True:
+                result = json.loads(ws.recv(timeout=timeout))
+                if result.get("task_id") in (task_id, None) and result["is_final"]:
+                    break
+    except (OSError, TimeoutError, WebSocketException) as e:
+        raise CtlError(f"cannot transcribe through {url}: {e}", EX_UNAVAILABLE) from None
+    if "error" in result:
+        return EX_FAILED, f"{result['error']['code']}: {result['error']['message']}"
+    return EX_OK, result["text"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = Parser(prog="capsctl", description="Control a running capsd.")
+    parser.add_argument("--socket", metavar="PATH", help="control socket (default: as capsd resolves it)")
+    parser.add_argument("--url", default="ws://127.0.0.1:6016", help="capsd's WebSocket (transcribe)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait (default: 300)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    status = commands.add_parser("status", help="one row per slot, plus daemon totals")
+    status.add_argument("--json", action="store_true", help="the status JSON of CONTRACT.md section 4")
+    restart = commands.add_parser("restart-worker", help="restart slot N (graceful unless --force)")
+    restart.add_argument("slot", metavar="N", type=int)
+    restart.add_argument("--force", action="store_true", help="kill at once; its tasks fail with worker_restarted")
+    restart.add_argument("--timeout", type=float, default=None, help="drain at most this long, then force (default 30)")
+    file = commands.add_parser("transcribe", help="send a WAV file as CapsWriter does; print the text")
+    file.add_argument("file", metavar="FILE.wav", type=Path)
+    file.add_argument("--url", default=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    timeout = args.timeout or 300.0
+    if args.command == "transcribe":
+        code, text = transcribe(args.url, args.file, timeout)
+        print(text, file=sys.stdout if code == EX_OK else sys.stderr)
+        return code
+    path = Path(args.socket) if args.socket else control_socket("")
+    if args.command == "status":
+        reply = request(path, {"cmd": "status"}, 10)
+        reply.pop("ok")
+        print(json.dumps(reply, indent=2) if args.json else status_table(reply))
+        return EX_OK
+    reply = request(path, {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}, timeout + 150)
+    if not reply["ok"]:
+        code = EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
+        raise CtlError(reply["error"], code)
+    print(f"slot {reply['slot']}: old pid {reply['old_pid']}, new pid {reply['new_pid']}")
+    return EX_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except CtlError as e:
+        print(f"capsctl: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

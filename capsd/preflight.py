@@ -1,0 +1,60 @@
+"""What must hold before any worker starts: model files that will load, a memory plan that fits.
+
+Shared by `capsd` and `capsd check-config`, so both refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from capsd import memory, models, textformat
+from capsd.config import Config, ConfigError
+from capsd.worker.main import WorkerSpec
+
+# A client may ask for seg_duration up to 60 s with an overlap just under it (CONTRACT.md
+# section 3): the longest segment a worker can be handed, and so its arena's peak (pitfalls 10).
+LONGEST_SEGMENT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Preflight:
+    spec: WorkerSpec
+    plan: memory.Plan
+
+
+def model_dir(cfg: Config) -> Path:
+    return Path(cfg.model.dir) if cfg.model.dir else models.SELFTEST_MODEL_DIR
+
+
+def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
+    """Raise ConfigError naming every problem; spawns nothing."""
+    try:
+        files = models.resolve_files(cfg.model.type, model_dir(cfg), cfg.model.files)
+    except ValueError as e:
+        raise ConfigError(f"config: [model] {e}") from None
+    problems = models.check_files(cfg.model.type, files)
+    punctuation = Path(cfg.model.punctuation) if cfg.model.punctuation else None
+    punctuation_files = textformat.model_files(punctuation) if punctuation else []
+    problems += [f"punctuation model file {p} does not exist" for p in punctuation_files if not p.is_file()]
+    if problems:
+        raise ConfigError(f"config: [model] type = {cfg.model.type!r}, dir = {str(model_dir(cfg))!r}: " + "; ".join(problems))
+    model_bytes = sum(p.stat().st_size for p in [*files.values(), *punctuation_files])
+    worker_bytes = memory.estimate_worker_bytes(model_bytes, cfg.workers.threads, LONGEST_SEGMENT_S)
+    plan = memory.plan(
+        cfg.workers.count,
+        worker_bytes,
+        available or memory.read_available(),
+        cfg.workers.memory_reserve_mb * memory.MIB,
+    )
+    if not plan.fits:
+        raise ConfigError(plan.message())
+    spec = WorkerSpec(
+        cfg.model.type,
+        files,
+        cfg.workers.threads,
+        num=cfg.format.num,
+        spell=cfg.format.spell,
+        punctuation=cfg.model.punctuation if cfg.format.punc else "",
+    )
+    return Preflight(spec, plan)

@@ -1,0 +1,142 @@
+"""CapsWriter-Offline's WebSocket protocol, sans I/O: parse client frames, build result frames.
+
+CONTRACT.md section 3. Every malformed frame raises `BadRequest`, carrying the task id when it
+could be read, so the caller can answer with a complete error frame and keep the connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+RATE = 16000
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, task_id: str | None = None, is_final: bool = False) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.is_final = is_final
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    task_id: str
+    source: str
+    samples: np.ndarray  # float32, mono, 16 kHz
+    is_final: bool
+    time_start: float
+    seg_duration: float
+    seg_overlap: float
+    context: str
+    language: str
+
+
+def _number(obj: dict[str, Any], key: str, default: float | None = None) -> float:
+    value = obj.get(key, default)
+    if value is None:
+        raise BadRequest(f"missing field {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"field {key!r} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise BadRequest(f"field {key!r} must be finite")
+    return float(value)
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    value = obj.get(key, default)
+    if value is None:
+        raise BadRequest(f"missing field {key!r}")
+    if not isinstance(value, kind):
+        raise BadRequest(f"field {key!r} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def parse_frame(raw: str | bytes) -> AudioFrame:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("frame is not JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("frame is not a JSON object")
+    task_id = obj.get("task_id")
+    if not isinstance(task_id, str) or not task_id:
+        raise BadRequest("field 'task_id' must be a non-empty string")
+    try:
+        return _parse_task_frame(obj, task_id)
+    except BadRequest as e:
+        raise BadRequest(str(e), task_id, obj.get("is_final") is True) from None
+
+
+def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:
+    source = _field(obj, "source", str)
+    if source not in ("mic", "file"):
+        raise BadRequest(f"field 'source' must be 'mic' or 'file', not {source!r}")
+    is_final = _field(obj, "is_final", bool)
+    time_start = _number(obj, "time_start")
+    seg_duration = _number(obj, "seg_duration", 15)
+    seg_overlap = _number(obj, "seg_overlap", 2)
+    if not 0 < seg_duration <= 60:
+        raise BadRequest(f"seg_duration {seg_duration:g} out of range: must be > 0 and <= 60")
+    if not 0 <= seg_overlap < seg_duration:
+        raise BadRequest(f"seg_overlap {seg_overlap:g} out of range: must be >= 0 and < seg_duration")
+    context = _field(obj, "context", str, "")
+    language = _field(obj, "language", str, "auto")
+    if "time_frame" in obj:
+        _number(obj, "time_frame")
+    data = _field(obj, "data", str)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("field 'data' is not valid base64") from None
+    if len(raw) % 4:
+        raise BadRequest(f"audio is {len(raw)} bytes, not a multiple of 4 (float32 samples)")
+    samples = np.frombuffer(raw, dtype="<f4")
+    if not np.isfinite(samples).all():
+        raise BadRequest("audio contains NaN or infinite samples")
+    return AudioFrame(task_id, source, samples, is_final, time_start, seg_duration, seg_overlap, context, language)
+
+
+def route(task_id: str, count: int) -> int:
+    """The slot owning a task: the same in every process and every run (pitfalls 3)."""
+    return zlib.crc32(task_id.encode("utf-8")) % count
+
+
+@dataclass
+class Result:
+    """What a client is told about a task so far; `to_json` gives a complete CapsWriter frame."""
+
+    task_id: str | None
+    time_start: float = 0.0
+    time_submit: float = 0.0
+    time_complete: float = 0.0
+    duration: float = 0.0
+    text: str = ""
+    text_accu: str = ""
+    tokens: tuple[str, ...] | list[str] = ()
+    timestamps: tuple[float, ...] | list[float] = ()
+    is_final: bool = False
+
+    def to_json(self, error: tuple[str, str] | None = None) -> str:
+        frame: dict[str, Any] = {
+            "task_id": self.task_id,
+            "is_final": self.is_final,
+            "duration": round(self.duration, 3),
+            "time_start": self.time_start,
+            "time_submit": self.time_submit,
+            "time_complete": self.time_complete,
+            "text": self.text,
+            "text_accu": self.text_accu,
+            "tokens": list(self.tokens),
+            "timestamps": [round(t, 3) for t in self.timestamps],
+        }
+        if error:
+            frame.update(is_final=True, text="", text_accu="", tokens=[], timestamps=[], error={"code": error[0], "message": error[1]})
+        return json.dumps(frame, ensure_ascii=False)

@@ -1,0 +1,171 @@
+"""The supervisor: start the slots, serve, watch the workers, stop gracefully.
+
+Its loop reads as a list of duties, like gunicorn's arbiter: `start_slots`, `watch_workers`
+(hung and bloated workers), `count_crash` (restart intensity, OTP style), `stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import deque
+
+import structlog
+
+from capsd import __version__
+from capsd.config import Config
+from capsd.preflight import Preflight
+from capsd.supervisor import control, notify
+from capsd.supervisor.front import Front
+from capsd.supervisor.slot import Slot
+
+log = structlog.get_logger("capsd.supervisor")
+
+EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
+WATCH_INTERVAL_S = 0.5
+STOP_TIMEOUT_S = 20.0  # tasks in progress get this long to finish on SIGTERM; below TimeoutStopSec
+
+
+class Daemon:
+    def __init__(self, cfg: Config, preflight: Preflight) -> None:
+        self.cfg = cfg
+        self.plan = preflight.plan
+        self.started = time.monotonic()
+        self.state = "starting"
+        self.crashes: deque[float] = deque()
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.slots = [
+            Slot(i, preflight.spec, cfg.workers.queue_limit, self.count_crash, self.startup_failed)
+            for i in range(cfg.workers.count)
+        ]
+        self.front = Front(cfg.server, self.slots)
+        self.control = control.ControlServer(cfg.control.socket, self)
+
+    def finish(self, code: int) -> None:
+        if not self.done.done():
+            self.done.set_result(code)
+
+    # -- duties -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_stop, sig)
+        code = await self.start_slots()
+        if code is not None:
+            await self.stop_workers()
+            return code
+        runners = [asyncio.create_task(slot.run()) for slot in self.slots]
+        try:
+            await self.front.start()
+            await self.control.start()
+        except OSError as e:
+            log.error("cannot listen", error=str(e))
+            await self.stop_workers()
+            return EX_CONFIG
+        self.state = "ready"
+        log.info("capsd ready", slots=len(self.slots), version=__version__, config=self.cfg.source)
+        notify.notify(ready=1, status=self.summary())
+        watcher = asyncio.create_task(self.watch_workers())
+        code = await self.done
+        watcher.cancel()
+        await self.stop(code)
+        for runner in runners:
+            runner.cancel()
+        return code
+
+    async def start_slots(self) -> int | None:
+        """Start every worker in parallel; ready when all have loaded (None), else an exit code."""
+        notify.notify(status=f"loading the model in {len(self.slots)} workers")
+        for slot in self.slots:
+            slot.start()
+        all_ready = asyncio.gather(*(slot.ready_event.wait() for slot in self.slots))
+        await asyncio.wait([all_ready, self.done], return_when=asyncio.FIRST_COMPLETED)
+        if self.done.done():
+            all_ready.cancel()
+            return self.done.result()
+        return None
+
+    def startup_failed(self, slot: Slot, reason: str) -> None:
+        # A worker that dies before it is ready has a bad model or environment: restarting it
+        # would loop forever, so refuse to start, like uvicorn's STARTUP_FAILURE.
+        log.error("startup failed", slot=slot.index, reason=reason)
+        self.finish(EX_CONFIG)
+
+    def count_crash(self, slot: Slot) -> None:
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and self.crashes[0] < now - self.cfg.workers.restart_period_s:
+            self.crashes.popleft()
+        if len(self.crashes) > self.cfg.workers.restart_intensity:
+            log.critical(
+                "restart intensity exceeded",
+                slot=slot.index,
+                restarts=len(self.crashes),
+                period_s=self.cfg.workers.restart_period_s,
+            )
+            self.finish(EX_SOFTWARE)
+
+    async def watch_workers(self) -> None:
+        """Hung and bloated workers, and systemd's watchdog and status line."""
+        workers = self.cfg.workers
+        watchdog = notify.watchdog_interval()
+        last_ping = 0.0
+        while True:
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.in_flight and now - slot.busy_since > workers.heartbeat_timeout_s:
+                    log.warning("worker hung", slot=slot.index, pid=slot.incarnation.pid, busy_s=round(now - slot.busy_since, 1))
+                    slot.kill("hung")
+                elif workers.max_rss_mb and not slot.drain_reason and slot.incarnation and slot.incarnation.ready:
+                    rss = slot.incarnation.rss()
+                    if rss > workers.max_rss_mb * 2**20:
+                        log.warning("worker over max_rss_mb", slot=slot.index, pid=slot.incarnation.pid, rss_mb=rss >> 20)
+                        slot.drain("rss")
+            if watchdog and now - last_ping >= watchdog:
+                notify.notify(watchdog=1, status=self.summary())
+                last_ping = now
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def handle_stop(self, sig: signal.Signals) -> None:
+        log.info("stopping", signal=sig.name)
+        self.finish(EX_OK)
+
+    async def stop(self, code: int) -> None:
+        """Stop accepting, let tasks finish (not when giving up), fail the rest, stop workers."""
+        self.state = "stopping"
+        notify.notify(stopping=1, status="stopping")
+        self.front.stop_accepting()
+        self.control.stop()
+        deadline = time.monotonic() + (STOP_TIMEOUT_S if code == EX_OK else 0)
+        while any(slot.open_tasks for slot in self.slots) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for slot in self.slots:
+            for task in list(slot.open_tasks):
+                task.fail("shutting_down", "capsd is stopping")
+        await self.front.close()
+        await self.stop_workers()
+        log.info("capsd stopped", exit_code=code)
+
+    async def stop_workers(self) -> None:
+        await asyncio.gather(*(slot.stop(timeout=5) for slot in self.slots))
+
+    # -- status -------------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        ready = sum(slot.state in ("ready", "busy") for slot in self.slots)
+        tasks = sum(len(slot.open_tasks) for slot in self.slots)
+        restarts = sum(slot.restarts for slot in self.slots)
+        return f"{ready}/{len(self.slots)} slots ready, {tasks} tasks in progress, {restarts} restarts"
+
+    def status(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "version": __version__,
+            "state": self.state,
+            "slots": [slot.status() for slot in self.slots],
+            "memory": {"planned_bytes": self.plan.total_bytes, "available_bytes": self.plan.available_bytes},
+        }

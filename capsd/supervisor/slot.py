@@ -1,0 +1,331 @@
+"""A slot: a durable queue owned by the supervisor, served by one worker incarnation at a time.
+
+The queue lives here, in the supervisor, for the life of the daemon. Each incarnation gets a
+pipe of its own, so a process killed at any instant (idle in recv, mid-decode, mid-send) takes
+nothing shared down with it (pitfalls 1). The slot sends one segment at a time, so it always
+knows which tasks have a partial result in the worker: exactly those fail when it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import psutil
+import structlog
+
+from capsd.segment import Segment
+from capsd.supervisor.task import Task
+from capsd.worker import main as worker
+from capsd.worker.main import Decoded, Ready, WorkerSpec
+
+log = structlog.get_logger("capsd.slot")
+
+# spawn, not fork: the supervisor runs an event loop and threads (pitfalls 9).
+_mp = multiprocessing.get_context("spawn")
+
+# Why an incarnation ended -> the error code for the tasks that lived in it.
+EXIT_CODES = {
+    "crashed": "worker_crashed",
+    "hung": "worker_hung",
+    "requested": "worker_restarted",
+    "rss": "worker_restarted",
+    "shutdown": "shutting_down",
+}
+PLANNED = {"requested", "rss", "shutdown"}  # not counted against restart intensity
+
+
+class WorkerGone(Exception):
+    pass
+
+
+_GONE = object()
+
+
+@dataclass(frozen=True)
+class LastExit:
+    reason: str
+    exitcode: int | None
+    at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "exitcode": self.exitcode, "at": self.at}
+
+
+class Incarnation:
+    """One worker process, the pipe made for it alone, and a thread reading that pipe."""
+
+    def __init__(self, slot: Slot, spec: WorkerSpec) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.conn, child = _mp.Pipe(duplex=True)
+        self.process = _mp.Process(target=worker.main, args=(child, spec), name=f"capsd-slot-{slot.index}", daemon=True)
+        self.process.start()
+        child.close()  # else our copy keeps the pipe open and we never see the worker's death
+        self.pid: int = self.process.pid  # type: ignore[assignment]
+        self.started = time.monotonic()
+        self.ready = False
+        self.replies: asyncio.Queue[Any] = asyncio.Queue()
+        self.exited: asyncio.Future[int | None] = self.loop.create_future()
+        # Sends run in a thread of their own: a stopped worker must block only its own slot.
+        self.sender = ThreadPoolExecutor(1, thread_name_prefix=f"capsd-send-{slot.index}")
+        self.slot = slot
+        threading.Thread(target=self._read, name=f"capsd-read-{slot.index}", daemon=True).start()
+
+    def _read(self) -> None:
+        # EOF on the pipe is the moment the worker dies, whatever killed it.
+        try:
+            while True:
+                self.loop.call_soon_threadsafe(self.slot.on_message, self, self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        self.process.join(5)
+        if self.process.is_alive():  # closed its pipe but lingers: make sure it is gone
+            self.process.kill()
+            self.process.join()
+        self.loop.call_soon_threadsafe(self.slot.on_exit, self, self.process.exitcode)
+
+    async def send(self, message: tuple[str, int, Segment | None]) -> None:
+        try:
+            await self.loop.run_in_executor(self.sender, self.conn.send, message)
+        except (OSError, ValueError):
+            raise WorkerGone from None
+
+    async def reply(self) -> Decoded:
+        message = await self.replies.get()
+        if message is _GONE:
+            raise WorkerGone
+        return message
+
+    def close(self) -> None:
+        self.sender.shutdown(wait=False)
+        self.conn.close()
+        self.replies.put_nowait(_GONE)
+
+    def rss(self) -> int:
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+
+class Slot:
+    def __init__(
+        self,
+        index: int,
+        spec: WorkerSpec,
+        queue_limit: int,
+        on_crash: Callable[[Slot], None],
+        on_startup_failure: Callable[[Slot, str], None],
+    ) -> None:
+        self.index = index
+        self.spec = spec
+        self.queue_limit = queue_limit
+        self.on_crash = on_crash
+        self.on_startup_failure = on_startup_failure
+        self.queue: deque[tuple[Task, Segment, float]] = deque()
+        self.cancels: deque[int] = deque()  # task keys whose partial results the worker may free
+        self.open_tasks: set[Task] = set()  # accepted and not finished
+        self.in_worker: set[Task] = set()  # partial result lives in the current incarnation
+        self.in_flight: Task | None = None
+        self.busy_since = 0.0
+        self.incarnation: Incarnation | None = None
+        self.exit_reason: str | None = None  # set just before we end an incarnation on purpose
+        self.drain_reason: str | None = None
+        self.ever_ready = False
+        self.failed = False
+        self.tasks_done = self.tasks_failed = self.restarts = 0
+        self.last_exit: LastExit | None = None
+        self.wakeup = asyncio.Event()
+        self.ready_event = asyncio.Event()
+        self.stopping = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.incarnation = Incarnation(self, self.spec)
+        log.info("worker started", slot=self.index, pid=self.incarnation.pid)
+
+    def on_message(self, inc: Incarnation, message: Any) -> None:
+        if isinstance(message, Ready):
+            inc.ready = self.ever_ready = True
+            self.ready_event.set()
+            self.wakeup.set()
+            log.info("worker ready", slot=self.index, pid=inc.pid, load_s=round(time.monotonic() - inc.started, 2))
+        else:
+            inc.replies.put_nowait(message)
+
+    def on_exit(self, inc: Incarnation, exitcode: int | None) -> None:
+        inc.close()
+        inc.exited.set_result(exitcode)
+        reason, self.exit_reason, self.drain_reason = self.exit_reason or "crashed", None, None
+        lost, self.in_worker, self.in_flight = self.in_worker, set(), None
+        if self.stopping:
+            return
+        if not self.ever_ready:
+            self.failed = True
+            self.on_startup_failure(self, f"worker of slot {self.index} died while loading the model (exit code {exitcode})")
+            return
+        self.last_exit = LastExit(reason, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        level = log.info if reason in PLANNED and not lost else log.warning
+        level(
+            "worker exited", slot=self.index, pid=inc.pid, reason=reason, exitcode=exitcode,
+            lost_tasks=[t.task_id for t in lost],
+        )
+        for task in lost:
+            task.fail(EXIT_CODES[reason], f"the worker of slot {self.index} ended ({reason}, exit code {exitcode})")
+        self.restarts += 1
+        if reason not in PLANNED:
+            self.on_crash(self)
+        self.start()
+
+    def kill(self, reason: str) -> None:
+        """End the current incarnation now; its tasks fail with the code for `reason`."""
+        inc = self.incarnation
+        if inc and inc.process.is_alive():
+            self.exit_reason = reason
+            inc.process.kill()
+
+    def drain(self, reason: str) -> None:
+        """Let tasks in progress finish, start no new one, then replace the process."""
+        self.drain_reason = reason
+        self.wakeup.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop the worker for good (daemon shutdown)."""
+        self.stopping = True
+        inc = self.incarnation
+        if inc is None or inc.exited.done():
+            return
+        self.exit_reason = "shutdown"
+        try:
+            await inc.send(("stop", 0, None))
+            await asyncio.wait_for(asyncio.shield(inc.exited), timeout)
+        except (WorkerGone, asyncio.TimeoutError):
+            inc.process.kill()
+            await inc.exited
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def accepts_new_task(self) -> bool:
+        return len(self.queue) < self.queue_limit
+
+    def submit(self, task: Task, segment: Segment) -> None:
+        self.open_tasks.add(task)
+        task.time_submit = time.time()
+        self.queue.append((task, segment, task.time_submit))
+        self.wakeup.set()
+
+    def cancel(self, task: Task) -> None:
+        """The client went away: drop the task's queued segments and free its partial result."""
+        task.done = True
+        self.queue = deque(item for item in self.queue if item[0] is not task)
+        self.open_tasks.discard(task)
+        if task in self.in_worker:
+            self.in_worker.discard(task)
+            self.cancels.append(task.key)
+            self.wakeup.set()
+
+    def finished(self, task: Task, failed: bool) -> None:
+        self.open_tasks.discard(task)
+        self.in_worker.discard(task)
+        self.queue = deque(item for item in self.queue if item[0] is not task) if failed else self.queue
+        if failed:
+            self.tasks_failed += 1
+            if task.key not in self.cancels and self.incarnation and self.incarnation.ready:
+                self.cancels.append(task.key)
+                self.wakeup.set()
+        else:
+            self.tasks_done += 1
+
+    def _next_item(self) -> tuple[Task, Segment, float] | int | None:
+        if self.cancels:
+            return self.cancels.popleft()
+        for i, item in enumerate(self.queue):
+            if self.drain_reason and item[0] not in self.in_worker:
+                continue  # draining: only tasks already in the worker go on
+            del self.queue[i]
+            return item
+        return None
+
+    async def run(self) -> None:
+        """Feed the worker, one segment at a time, for the life of the daemon."""
+        while not self.stopping:
+            inc = self.incarnation
+            if inc and inc.ready and self.drain_reason and not self.in_worker and not self.cancels:
+                await self._replace(inc)
+                continue
+            item = self._next_item() if inc and inc.ready else None
+            if item is None:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            assert inc is not None
+            if isinstance(item, int):
+                try:
+                    await inc.send(("cancel", item, None))
+                except WorkerGone:
+                    pass
+                continue
+            await self._decode(inc, *item)
+
+    async def _decode(self, inc: Incarnation, task: Task, segment: Segment, submitted: float) -> None:
+        if task.done:
+            return
+        self.in_worker.add(task)
+        self.in_flight, self.busy_since = task, time.monotonic()
+        try:
+            await inc.send(("segment", task.key, segment))
+            decoded = await inc.reply()
+        except WorkerGone:
+            return  # on_exit has failed the tasks that lived in the worker
+        self.in_flight = None
+        if decoded.is_final:
+            self.in_worker.discard(task)
+        task.deliver(decoded, submitted)
+
+    async def _replace(self, inc: Incarnation) -> None:
+        reason, self.drain_reason = self.drain_reason, None
+        self.exit_reason = reason
+        log.info("worker recycling", slot=self.index, pid=inc.pid, reason=reason)
+        try:
+            await inc.send(("stop", 0, None))
+        except WorkerGone:
+            pass
+        await asyncio.shield(inc.exited)
+
+    # -- status -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        inc = self.incarnation
+        if self.failed:
+            return "failed"
+        if inc is None or not inc.ready:
+            return "restarting" if self.ever_ready else "starting"
+        if self.drain_reason:
+            return "draining"
+        return "busy" if self.in_flight else "ready"
+
+    def status(self) -> dict[str, Any]:
+        inc = self.incarnation
+        return {
+            "slot": self.index,
+            "pid": inc.pid if inc else None,
+            "state": self.state,
+            "rss_bytes": inc.rss() if inc else 0,
+            "queue_depth": len(self.queue),
+            "tasks_in_progress": len(self.open_tasks),
+            "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit.as_dict() if self.last_exit else None,
+            "uptime_s": round(time.monotonic() - inc.started, 1) if inc else 0.0,
+        }

@@ -1,0 +1,265 @@
+from pathlib import Path
+
+import psutil
+import pytest
+
+from capsd.memory import (
+    MIB,
+    SUPERVISOR_BYTES,
+    WORKER_BASELINE_BYTES,
+    Available,
+    estimate_worker_bytes,
+    plan,
+    read_available,
+)
+
+GIB = 2**30
+V1_UNLIMITED = "9223372036854771712"
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[Path, Path]:
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    cgroup.mkdir()
+    return proc, cgroup
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def machine(proc: Path, available: int, self_cgroup: str = "0::/\n") -> None:
+    write(
+        proc / "meminfo",
+        f"MemTotal:       {32 * GIB // 1024} kB\n"
+        f"MemFree:        1000 kB\n"
+        f"MemAvailable:   {available // 1024} kB\n",
+    )
+    write(proc / "self" / "cgroup", self_cgroup)
+
+
+def v2(cgroup: Path, path: str, limit: str, current: int) -> None:
+    write(cgroup / path / "memory.max", limit + "\n")
+    write(cgroup / path / "memory.current", f"{current}\n")
+
+
+def v1(cgroup: Path, path: str, limit: str, usage: int) -> None:
+    write(cgroup / "memory" / path / "memory.limit_in_bytes", limit + "\n")
+    write(cgroup / "memory" / path / "memory.usage_in_bytes", f"{usage}\n")
+
+
+SERVICE = "system.slice/capsd.service"
+
+
+def test_machine_only(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB)
+    got = read_available(proc, cgroup)
+    assert got == Available(8 * GIB, "machine", "MemAvailable 8.0 GiB")
+
+
+def test_v2_limit_tighter_than_machine(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
+    v2(cgroup, SERVICE, str(3 * GIB // 2), 600 * MIB)
+    got = read_available(proc, cgroup)
+    assert (got.bytes, got.limit) == (3 * GIB // 2 - 600 * MIB, "cgroup")
+    assert got.detail == f"cgroup /{SERVICE} limit 1.5 GiB minus 600 MiB in use"
+
+
+def test_v2_limit_looser_than_machine(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 1 * GIB, f"0::/{SERVICE}\n")
+    v2(cgroup, SERVICE, str(4 * GIB), 100 * MIB)
+    assert read_available(proc, cgroup).limit == "machine"
+
+
+def test_v2_max_is_no_limit(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
+    v2(cgroup, SERVICE, "max", 600 * MIB)
+    v2(cgroup, "system.slice", "max", 900 * MIB)
+    assert read_available(proc, cgroup).limit == "machine"
+
+
+def test_v2_parent_tighter_than_child(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
+    v2(cgroup, SERVICE, str(4 * GIB), 100 * MIB)
+    v2(cgroup, "system.slice", str(2 * GIB), 1 * GIB)
+    got = read_available(proc, cgroup)
+    assert got.bytes == 1 * GIB
+    assert got.detail.startswith("cgroup /system.slice limit 2.0 GiB")
+
+
+def test_v2_container_mount_root_is_own_cgroup(roots: tuple[Path, Path]) -> None:
+    # No cgroup namespace: /proc/self/cgroup names a host path the mount does not have.
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, "0::/docker/abc123\n")
+    v2(cgroup, "", str(1 * GIB), 200 * MIB)
+    assert read_available(proc, cgroup).bytes == 1 * GIB - 200 * MIB
+
+
+def test_v1_limit(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, "5:cpu,cpuacct:/x\n4:memory:/capsd\n0::/\n")
+    v1(cgroup, "capsd", str(1 * GIB), 300 * MIB)
+    got = read_available(proc, cgroup)
+    assert (got.bytes, got.limit) == (1 * GIB - 300 * MIB, "cgroup")
+
+
+def test_v1_memory_among_several_controllers(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, "4:blkio,memory:/capsd\n")
+    v1(cgroup, "capsd", str(1 * GIB), 0)
+    assert read_available(proc, cgroup).bytes == 1 * GIB
+
+
+def test_v1_huge_number_is_no_limit(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, "4:memory:/capsd\n")
+    v1(cgroup, "capsd", V1_UNLIMITED, 300 * MIB)
+    v1(cgroup, "", V1_UNLIMITED, 900 * MIB)
+    assert read_available(proc, cgroup) == Available(8 * GIB, "machine", "MemAvailable 8.0 GiB")
+
+
+def test_hybrid_takes_tightest(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
+    v1(cgroup, SERVICE, str(2 * GIB), 1 * GIB)
+    v2(cgroup, SERVICE, str(3 * GIB), 1 * GIB)
+    assert read_available(proc, cgroup).bytes == 1 * GIB
+    v1(cgroup, SERVICE, str(4 * GIB), 1 * GIB)
+    assert read_available(proc, cgroup).bytes == 2 * GIB
+
+
+def test_usage_above_limit_is_zero_headroom(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
+    v2(cgroup, SERVICE, str(1 * GIB), 2 * GIB)
+    assert read_available(proc, cgroup).bytes == 0
+
+
+def test_missing_cgroup_files_give_no_limit(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
+    assert read_available(proc, cgroup).limit == "machine"
+    (proc / "self" / "cgroup").unlink()
+    assert read_available(proc, cgroup).limit == "machine"
+
+
+def test_unreadable_limit_gives_no_limit(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
+    (cgroup / SERVICE / "memory.max").mkdir(parents=True)  # reading a directory raises OSError
+    assert read_available(proc, cgroup).limit == "machine"
+
+
+def test_missing_usage_still_applies_the_limit(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
+    write(cgroup / SERVICE / "memory.max", str(1 * GIB))
+    assert read_available(proc, cgroup).bytes == 1 * GIB
+
+
+@pytest.mark.parametrize(
+    "self_cgroup", ["", "garbage\n", "0::\n", ":::\n", "\x00\xff\n", "4:memory\n"]
+)
+def test_garbage_self_cgroup(roots: tuple[Path, Path], self_cgroup: str) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, self_cgroup)
+    assert read_available(proc, cgroup).bytes == 8 * GIB
+
+
+@pytest.mark.parametrize("content", ["", "lots\n", "-\n", "1.5G\n", "max max\n"])
+def test_garbage_limit_files(roots: tuple[Path, Path], content: str) -> None:
+    proc, cgroup = roots
+    machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
+    write(cgroup / SERVICE / "memory.max", content)
+    write(cgroup / "memory" / SERVICE / "memory.limit_in_bytes", content)
+    assert read_available(proc, cgroup).limit == "machine"
+
+
+@pytest.mark.parametrize("meminfo", [None, "", "MemAvailable:\n", "MemAvailable: lots kB\n"])
+def test_unreadable_meminfo_falls_back_to_psutil(
+    roots: tuple[Path, Path], meminfo: str | None
+) -> None:
+    proc, cgroup = roots
+    if meminfo is not None:
+        write(proc / "meminfo", meminfo)
+    got = read_available(proc, cgroup)
+    assert got.limit == "machine"
+    assert got.detail.startswith("psutil available")
+    assert abs(got.bytes - psutil.virtual_memory().available) < 512 * MIB
+
+
+def test_unreadable_meminfo_still_counts_the_cgroup(roots: tuple[Path, Path]) -> None:
+    proc, cgroup = roots
+    write(proc / "self" / "cgroup", f"0::/{SERVICE}\n")
+    v2(cgroup, SERVICE, str(64 * MIB), 0)
+    assert read_available(proc, cgroup).bytes == 64 * MIB
+
+
+def test_read_available_on_this_machine() -> None:
+    got = read_available()
+    assert got.bytes > 0 and got.limit in ("machine", "cgroup")
+
+
+def test_estimate_grows_with_each_input() -> None:
+    base = estimate_worker_bytes(0, 1, 0)
+    assert base > WORKER_BASELINE_BYTES
+    assert estimate_worker_bytes(230 * 10**6, 1, 0) > base + 230 * 10**6
+    assert estimate_worker_bytes(0, 4, 0) > base
+    assert estimate_worker_bytes(0, 1, 17) > base
+    assert estimate_worker_bytes(0, 1, 60) > estimate_worker_bytes(0, 1, 17)
+
+
+CGROUP = Available(900 * MIB + 512 * MIB, "cgroup", "cgroup limit 1.5 GiB minus 600 MiB in use")
+
+
+def test_plan_does_not_fit() -> None:
+    p = plan(3, 410 * MIB, CGROUP, 512 * MIB, supervisor_bytes=60 * MIB)
+    assert not p.fits
+    assert p.total_bytes == 3 * 410 * MIB + 60 * MIB
+    assert p.available_bytes == 900 * MIB
+    assert p.max_count == 2
+    assert p.message() == (
+        "memory plan does not fit: 3 workers x 410 MiB + supervisor 60 MiB = 1.3 GiB,"
+        " available 900 MiB (cgroup limit 1.5 GiB minus 600 MiB in use,"
+        " minus memory_reserve_mb 512); at most 2 workers fit; set [workers] count = 2"
+    )
+
+
+def test_plan_max_count_is_exact() -> None:
+    available = Available(2 * 100 * MIB + SUPERVISOR_BYTES, "machine", "MemAvailable")
+    assert plan(2, 100 * MIB, available, 0).fits
+    assert plan(3, 100 * MIB, available, 0).max_count == 2
+    short = Available(available.bytes - 1, "machine", "MemAvailable")
+    assert not plan(2, 100 * MIB, short, 0).fits
+    assert plan(2, 100 * MIB, short, 0).max_count == 1
+    assert (
+        "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0).message()
+    )
+
+
+def test_plan_fits() -> None:
+    p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB)
+    assert p.fits
+    assert p.max_count == (8 * GIB - 512 * MIB - SUPERVISOR_BYTES) // (410 * MIB)
+    assert p.message() == (
+        "memory plan fits: 2 workers x 410 MiB + supervisor 64 MiB = 884 MiB of 7.5 GiB available"
+        f" (MemAvailable 8.0 GiB, minus memory_reserve_mb 512); at most {p.max_count} workers"
+        " would fit"
+    )
+
+
+@pytest.mark.parametrize("free", [0, 100 * MIB, 600 * MIB])
+def test_plan_not_even_one(free: int) -> None:
+    p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB)
+    assert not p.fits
+    assert p.max_count == 0
+    assert p.available_bytes == max(0, free - 512 * MIB)
+    assert "not even 1 worker fits" in p.message()
+    assert "set [workers] count" not in p.message()

@@ -1,0 +1,119 @@
+"""The tone-coded self-test models, decoded through sherpa-onnx's real API."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import sherpa_onnx
+
+from capsd.selftest import EMBEDDED_MODEL_DIR
+from capsd.selftest.build import build_paraformer, build_zipformer_ctc
+from capsd.selftest.tones import DIGIT_TOKENS, digit_tokens, synth, token_digits
+
+DIGITS = "1111 2233 90876 55"  # repeats, a silent slot, every digit
+TOLERANCE_S = 0.04
+Result = Any  # sherpa_onnx does not export OfflineRecognitionResult
+
+
+def paraformer(model_dir: Path) -> sherpa_onnx.OfflineRecognizer:
+    return sherpa_onnx.OfflineRecognizer.from_paraformer(
+        paraformer=str(model_dir / "model.int8.onnx"),
+        tokens=str(model_dir / "tokens.txt"),
+        num_threads=1,
+    )
+
+
+def decode(recognizer: sherpa_onnx.OfflineRecognizer, samples: np.ndarray) -> Result:
+    stream = recognizer.create_stream()
+    stream.accept_waveform(16000, samples)
+    recognizer.decode_stream(stream)
+    return stream.result
+
+
+def assert_exact(result: Result, digits: str, starts: list[float]) -> None:
+    assert token_digits(result.tokens) == digits.replace(" ", "")
+    assert len(result.timestamps) == len(starts)
+    np.testing.assert_allclose(result.timestamps, starts, atol=TOLERANCE_S)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> sherpa_onnx.OfflineRecognizer:
+    return paraformer(EMBEDDED_MODEL_DIR)
+
+
+def test_synth_places_tones_in_slots() -> None:
+    samples, starts = synth("1 2", tone_s=0.3, gap_s=0.2, lead_s=0.2)
+    assert samples.dtype == np.float32
+    assert len(samples) == round((0.2 + 3 * 0.5) * 16000)
+    assert starts == pytest.approx([0.2, 1.2])
+    assert not samples[:3200].any() and not samples[8000:19200].any()
+    assert np.array_equal(samples, synth("1 2")[0])
+
+
+def test_digit_token_mapping() -> None:
+    assert digit_tokens("0395") == ["零", "三", "九", "五"]
+    assert token_digits(DIGIT_TOKENS) == "0123456789"
+
+
+def test_builder_reproduces_shipped_files(tmp_path: Path) -> None:
+    build_paraformer(tmp_path)
+    for name in ("model.int8.onnx", "tokens.txt"):
+        assert (tmp_path / name).read_bytes() == (EMBEDDED_MODEL_DIR / name).read_bytes(), name
+
+
+def test_embedded_paraformer_decodes_exactly(embedded: sherpa_onnx.OfflineRecognizer) -> None:
+    samples, starts = synth(DIGITS)
+    result = decode(embedded, samples)
+    assert_exact(result, DIGITS, starts)
+    assert result.text == "".join(digit_tokens(DIGITS.replace(" ", "")))
+
+
+def test_embedded_paraformer_decodes_a_minute(embedded: sherpa_onnx.OfflineRecognizer) -> None:
+    digits = "".join(str(d) for d in np.random.default_rng(7).integers(0, 10, 120))
+    samples, starts = synth(digits)
+    assert_exact(decode(embedded, samples), digits, starts)
+
+
+def test_paraformer_batch_matches_single(embedded: sherpa_onnx.OfflineRecognizer) -> None:
+    cases = ["12", "3333333", "", "98 7"]
+    streams = []
+    for digits in cases:
+        stream = embedded.create_stream()
+        stream.accept_waveform(16000, synth(digits)[0])
+        streams.append(stream)
+    embedded.decode_streams(streams)
+    for digits, stream in zip(cases, streams, strict=True):
+        assert_exact(stream.result, digits, synth(digits)[1])
+
+
+@pytest.mark.parametrize("cut", [(3000, 20000), (12345, 50001), (0, 1), (0, 0)])
+def test_segment_cut_mid_tone_does_not_fail(embedded: sherpa_onnx.OfflineRecognizer, cut: tuple[int, int]) -> None:
+    samples, _ = synth(DIGITS)
+    result = decode(embedded, samples[cut[0] : cut[1]])
+    assert set(result.tokens) <= set(DIGIT_TOKENS)
+
+
+def test_silence_and_noise_decode_to_nothing(embedded: sherpa_onnx.OfflineRecognizer) -> None:
+    noise = np.random.default_rng(0).standard_normal(5 * 16000) * 0.3
+    for samples in (np.zeros(5 * 16000), noise):
+        result = decode(embedded, samples.astype(np.float32))
+        assert (result.text, result.tokens, result.timestamps) == ("", [], [])
+
+
+def test_zipformer_ctc_decodes_exactly(tmp_path: Path) -> None:
+    build_zipformer_ctc(tmp_path)
+    recognizer = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(
+        model=str(tmp_path / "model.int8.onnx"), tokens=str(tmp_path / "tokens.txt"), num_threads=1
+    )
+    samples, starts = synth(DIGITS)
+    assert_exact(decode(recognizer, samples), DIGITS, starts)
+    assert decode(recognizer, np.zeros(16000, np.float32)).tokens == []
+    assert decode(recognizer, np.zeros(0, np.float32)).tokens == []
+
+
+def test_heavy_paraformer_gives_the_same_tokens(tmp_path: Path, embedded: sherpa_onnx.OfflineRecognizer) -> None:
+    build_paraformer(tmp_path, heavy=True)
+    samples, _ = synth("1123581")
+    light, heavy = decode(embedded, samples), decode(paraformer(tmp_path), samples)
+    assert (heavy.tokens, heavy.timestamps) == (light.tokens, light.timestamps)
