@@ -1,0 +1,258 @@
+"""capsd serving CapsWriter clients: a real daemon, real workers, real sherpa-onnx, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from capsd.protocol import route
+from capsd.selftest.client import frame, receive, send_file, send_mic
+from capsd.selftest.tones import synth, token_digits
+
+FRAME_FIELDS = {"task_id", "is_final", "duration", "time_start", "time_submit", "time_complete", "text", "text_accu",
+                "tokens", "timestamps"}  # fmt: skip
+# Equal digits straddle many segment boundaries: every slot of 0.5 s holds a tone, so both
+# copies of a repeated digit lie around each overlap's cut.
+DIGITS = "1122334455667788990012" * 6  # 132 digits, 66 s
+
+
+def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float]) -> None:
+    final = frames[-1]
+    assert FRAME_FIELDS <= final.keys()
+    assert final["is_final"] and "error" not in final, final.get("error")
+    assert [f["is_final"] for f in frames].count(True) == 1
+    assert token_digits(final["tokens"]) == digits
+    assert final["text"] == digits  # Chinese numerals formatted to Arabic digits
+    assert max(abs(a - b) for a, b in zip(final["timestamps"], starts)) < 0.1
+    assert final["timestamps"] == sorted(final["timestamps"])
+    partial_lengths = [len(f["tokens"]) for f in frames[:-1]]
+    assert partial_lengths == sorted(partial_lengths)  # partials arrive in order, growing
+
+
+def task_ids_for_slots(count: int) -> list[str]:
+    """One task id per slot, so tests choose where work lands."""
+    ids: dict[int, str] = {}
+    n = 0
+    while len(ids) < count:
+        ids.setdefault(route(f"task-{n}", count), f"task-{n}")
+        n += 1
+    return [ids[i] for i in range(count)]
+
+
+async def run_client(url: str, jobs: list[tuple[str, str, np.ndarray, tuple[float, float]]]) -> dict[str, Any]:
+    async with websockets.connect(url, max_size=None) as ws:
+        for task_id, source, samples, seg in jobs:
+            if source == "file":
+                await send_file(ws, task_id, samples, seg=seg)
+            else:
+                await send_mic(ws, task_id, samples, seg=seg)
+        return await receive(ws, {job[0] for job in jobs})
+
+
+def test_file_and_mic_clients_long_tasks_exact(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    samples, starts = synth(DIGITS)
+    frames = asyncio.run(
+        run_client(capsd.url, [("file-1", "file", samples, (25, 2)), ("mic-1", "mic", samples, (15, 2))])
+    )
+    assert_exact(frames["file-1"], DIGITS, starts)
+    assert_exact(frames["mic-1"], DIGITS, starts)
+    assert len(frames["mic-1"]) >= 4  # partial results while the task runs
+
+
+def test_interleaved_tasks_on_one_connection_keep_their_audio_apart(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    a, a_starts = synth("1234567890" * 4)
+    b, b_starts = synth("9876543210" * 4)
+
+    async def interleave() -> dict[str, Any]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            step = 1600
+            for i in range(0, max(len(a), len(b)), step):
+                await ws.send(frame("a", a[i : i + step], False, "mic", (15, 2)))
+                await ws.send(frame("b", b[i : i + step], False, "mic", (15, 2)))
+            await ws.send(frame("a", a[:0], True, "mic", (15, 2)))
+            await ws.send(frame("b", b[:0], True, "mic", (15, 2)))
+            return await receive(ws, {"a", "b"})
+
+    frames = asyncio.run(interleave())
+    assert_exact(frames["a"], "1234567890" * 4, a_starts)
+    assert_exact(frames["b"], "9876543210" * 4, b_starts)
+
+
+def test_concurrent_tasks_on_both_slots(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    ids = task_ids_for_slots(2)
+    samples, starts = synth(DIGITS[:80])
+
+    async def both() -> list[dict[str, Any]]:
+        return await asyncio.gather(
+            *(run_client(capsd.url, [(task_id, "file", samples, (15, 2))]) for task_id in ids)
+        )
+
+    for task_id, frames in zip(ids, asyncio.run(both())):
+        assert_exact(frames[task_id], DIGITS[:80], starts)
+    slots = capsd.status()["slots"]
+    assert [s["tasks_done"] for s in slots] == [1, 1]
+    assert len({s["pid"] for s in slots}) == 2
+
+
+def bad_frames() -> list[tuple[str, str | None]]:
+    """Each malformed kind of CONTRACT.md section 3, with the task_id its error frame carries."""
+    good = json.loads(frame("bad", np.zeros(160, np.float32), True, "mic", (15, 2)))
+
+    def mutate(**changes: Any) -> str:
+        return json.dumps({k: v for k, v in {**good, **changes}.items() if v is not ...})
+
+    return [
+        ("not json {", None),
+        ("[1, 2]", None),
+        (mutate(task_id=...), None),
+        (mutate(task_id=17), None),
+        (mutate(source=...), "bad"),
+        (mutate(source="radio"), "bad"),
+        (mutate(is_final="yes"), "bad"),
+        (mutate(data="!!!not base64"), "bad"),
+        (mutate(data=base64.b64encode(b"abcde").decode()), "bad"),
+        (mutate(seg_duration=0), "bad"),
+        (mutate(seg_duration=-5), "bad"),
+        (mutate(seg_duration=61), "bad"),
+        (mutate(seg_overlap=15), "bad"),
+        (mutate(seg_overlap=-1), "bad"),
+        (mutate(time_start="now"), "bad"),
+        (mutate(data=base64.b64encode(np.array([np.nan], np.float32).tobytes()).decode()), "bad"),
+        (mutate(data=base64.b64encode(np.array([np.inf], np.float32).tobytes()).decode()), "bad"),
+        (json.dumps(good).replace('"time_start": ', '"time_start": NaN, "x": '), "bad"),
+    ]
+
+
+def test_every_malformed_frame_gets_a_complete_error_and_the_connection_goes_on(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    samples, starts = synth("314159")
+
+    async def session() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        errors = []
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            for raw, _ in bad_frames():
+                await ws.send(raw)
+                errors.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            await send_mic(ws, "good", samples)
+            return errors, await receive(ws, {"good"})
+
+    errors, frames = asyncio.run(session())
+    for (raw, task_id), error in zip(bad_frames(), errors):
+        assert FRAME_FIELDS <= error.keys(), raw
+        assert error["is_final"] and error["text"] == "" and error["task_id"] == task_id, raw
+        assert error["error"]["code"] == "bad_request" and error["error"]["message"], raw
+    assert_exact(frames["good"], "314159", starts)
+
+
+def test_seg_duration_zero_cannot_stall_the_server(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    samples, starts = synth("2718")
+
+    async def session() -> dict[str, Any]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            for seg in [(0, 0), (-1, 2), (0.0, 0.0)]:
+                await ws.send(frame("zero", np.ones(16000, np.float32), False, "mic", seg))
+            await send_file(ws, "after", samples)
+            return await receive(ws, {"zero", "after"}, timeout=30)
+
+    frames = asyncio.run(session())
+    assert all(f["error"]["code"] == "bad_request" for f in frames["zero"])
+    assert_exact(frames["after"], "2718", starts)
+
+
+def test_a_60_s_file_frame_passes_and_limits_are_enforced(start_capsd: Any) -> None:
+    capsd = start_capsd({"server": {"max_connections": 3}})
+    samples, starts = synth("1234567890" * 12)  # 60.2 s: 5.1 MB of base64 in one frame
+    frames = asyncio.run(run_client(capsd.url, [("big", "file", samples, (25, 2))]))
+    assert_exact(frames["big"], "1234567890" * 12, starts)
+
+    async def crowd() -> list[Any]:
+        async def one() -> Any:
+            try:
+                ws = await websockets.connect(capsd.url)
+            except InvalidStatus as e:
+                return e.response.status_code
+            return ws
+
+        return await asyncio.gather(*(one() for _ in range(5)))
+
+    async def check() -> list[Any]:
+        results = await crowd()
+        for r in results:
+            if not isinstance(r, int):
+                await r.close()
+        return results
+
+    results = asyncio.run(check())
+    assert sorted(r if isinstance(r, int) else 101 for r in results) == [101, 101, 101, 503, 503]
+
+
+def test_closed_connection_cancels_its_tasks_and_frees_worker_state(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    samples, starts = synth("5" * 100)
+
+    async def abandon() -> None:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_mic(ws, "gone", samples[: 40 * 16000])  # ends with the final frame; close at once
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            step = 16000
+            for i in range(0, 40 * 16000, step):
+                await ws.send(frame("open", samples[i : i + step], False, "mic", (15, 2)))
+
+    asyncio.run(abandon())
+    for _ in range(100):
+        slot = capsd.status()["slots"][0]
+        if slot["queue_depth"] == 0 and slot["tasks_in_progress"] == 0 and slot["state"] == "ready":
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert slot["tasks_in_progress"] == 0 and slot["queue_depth"] == 0
+    # The daemon still serves exactly afterwards.
+    frames = asyncio.run(run_client(capsd.url, [("after", "file", *synth("42")[:1], (15, 2))]))
+    assert token_digits(frames["after"][-1]["tokens"]) == "42"
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((samples * 32767).astype(np.int16).tobytes())
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: int) -> None:
+    capsd = start_capsd()
+    samples, _ = synth("8675309", rate=rate)
+    write_wav(tmp_path / "tones.wav", samples, rate)
+    ctl = [sys.executable, "-m", "capsd.ctl"]
+    done = subprocess.run([*ctl, "--url", capsd.url, "transcribe", str(tmp_path / "tones.wav")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "8675309"
+    table = subprocess.run([*ctl, "--socket", str(capsd.socket), "status"], capture_output=True, text=True)
+    assert table.returncode == 0 and "ready" in table.stdout
+    status = json.loads(
+        subprocess.run([*ctl, "--socket", str(capsd.socket), "status", "--json"], capture_output=True, text=True).stdout
+    )
+    assert status["state"] == "ready" and status["slots"][0]["tasks_done"] == 1
+    assert set(status["slots"][0]) == {"slot", "pid", "state", "rss_bytes", "queue_depth", "tasks_in_progress",
+                                       "tasks_done", "tasks_failed", "restarts", "last_exit", "uptime_s"}  # fmt: skip
+    assert status["memory"]["planned_bytes"] > 0 and status["memory"]["available_bytes"] > 0
+    missing = subprocess.run([*ctl, "--socket", str(tmp_path / "nope.sock"), "status"], capture_output=True, text=True)
+    assert missing.returncode == 69 and "not running" in missing.stderr
+    bad_slot = subprocess.run([*ctl, "--socket", str(capsd.socket), "restart-worker", "5"], capture_output=True, text=True)
+    assert bad_slot.returncode == 65 and "no slot 5" in bad_slot.stderr
+    assert capsd.stop() == 0
