@@ -125,7 +125,8 @@ def _section(name: str, cls: type, table: Any) -> Any:
     values: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(cls) if "rule" in f.metadata}
     model_type = table.get("type", "paraformer") if name == "model" else None
-    extra = set(models.file_keys(model_type)) if model_type in models.MODEL_TYPES else set()
+    known_type = isinstance(model_type, str) and model_type in models.MODEL_TYPES
+    extra = set(models.file_keys(model_type)) if known_type else set()
     files: dict[str, str] = {}
     for key, value in table.items():
         where = f"[{name}] {key}"

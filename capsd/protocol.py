@@ -45,9 +45,13 @@ def _number(obj: dict[str, Any], key: str, default: float | None = None) -> floa
         raise BadRequest(f"missing field {key!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"field {key!r} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
         raise BadRequest(f"field {key!r} must be finite")
-    return float(value)
+    return number
 
 
 def _field(obj: dict[str, Any], key: str, kind: type, default: Any = None) -> Any:

@@ -72,6 +72,7 @@ class Incarnation:
         self.pid: int = self.process.pid  # type: ignore[assignment]
         self.started = time.monotonic()
         self.ready = False
+        self.decoded = 0  # segments decoded; a fresh worker over max_rss_mb is not recycled again
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
         # Sends run in a thread of their own: a stopped worker must block only its own slot.
@@ -287,6 +288,7 @@ class Slot:
         except WorkerGone:
             return  # on_exit has failed the tasks that lived in the worker
         self.in_flight = None
+        inc.decoded += 1
         if decoded.is_final:
             self.in_worker.discard(task)
         task.deliver(decoded, submitted)

@@ -1,0 +1,206 @@
+"""Self-healing with real processes and real signals: crashed, hung and bloated workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import websockets
+
+from capsd.protocol import route
+from capsd.selftest.client import receive, send_file, send_mic
+from capsd.selftest.tones import synth, token_digits
+from tests.test_serve import assert_exact, run_client, task_ids_for_slots
+
+
+def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def new_ready_pid(capsd: Any, slot: int, old: int) -> int:
+    def ready() -> int | None:
+        s = capsd.status()["slots"][slot]
+        return s["pid"] if s["pid"] != old and s["state"] == "ready" else None
+
+    return wait_for(ready, what=f"slot {slot} to come back")
+
+
+def test_idle_worker_killed_three_times_comes_back_each_time(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    samples, starts = synth("90210")
+    for n in range(1, 4):
+        old = capsd.worker_pid(0)
+        os.kill(old, signal.SIGKILL)
+        new_ready_pid(capsd, 0, old)
+        assert not psutil.pid_exists(old)
+        frames = asyncio.run(run_client(capsd.url, [(f"after-{n}", "mic", samples, (15, 2))]))
+        assert_exact(frames[f"after-{n}"], "90210", starts)
+        slot = capsd.status()["slots"][0]
+        assert slot["restarts"] == n and slot["last_exit"]["reason"] == "crashed"
+        assert slot["last_exit"]["exitcode"] == -signal.SIGKILL
+
+
+def test_kill_mid_decode_fails_only_the_task_in_the_worker(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"workers": {"count": 2}, "model": {"dir": str(heavy_model)}})
+    on0, on1 = task_ids_for_slots(2)
+    long_audio, _ = synth("1234567890" * 8)  # 40 s: several segments of 0.8 s decode each
+    short, short_starts = synth("31337")
+
+    async def scenario() -> tuple[dict[str, Any], float, float]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, on1, long_audio, seg=(15, 2))
+            queued = next(f"{on1}-{i}" for i in range(100) if route(f"{on1}-{i}", 2) == 1)
+            await send_file(ws, queued, short)
+            await send_file(ws, on0, short)
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][1]["state"] == "busy", 10, "busy")
+            killed_at = time.monotonic()
+            os.kill(capsd.worker_pid(1), signal.SIGKILL)
+            frames = await receive(ws, {on1, queued, on0})
+            return frames | {"queued_id": queued}, killed_at, time.monotonic()
+
+    frames, killed_at, _ = asyncio.run(scenario())
+    failed = frames[on1][-1]
+    assert failed["error"]["code"] == "worker_crashed" and failed["is_final"] and failed["text"] == ""
+    assert [f["is_final"] for f in frames[on1]].count(True) == 1
+    assert_exact(frames[frames["queued_id"]], "31337", short_starts)
+    assert_exact(frames[on0], "31337", short_starts)
+    slot = capsd.status()["slots"][1]
+    assert slot["restarts"] == 1 and slot["last_exit"]["reason"] == "crashed" and slot["tasks_failed"] == 1
+    assert capsd.status()["slots"][0]["restarts"] == 0
+    frames = asyncio.run(run_client(capsd.url, [(on1, "mic", short, (15, 2))]))
+    assert_exact(frames[on1], "31337", short_starts)
+
+
+def test_error_frame_arrives_within_3_s_of_the_kill(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    long_audio, _ = synth("1234567890" * 8)
+
+    async def scenario() -> tuple[dict[str, Any], float]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, "victim", long_audio, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
+            os.kill(capsd.worker_pid(0), signal.SIGKILL)
+            killed = time.monotonic()
+            frames = await receive(ws, {"victim"})
+            return frames, time.monotonic() - killed
+
+    frames, delay = asyncio.run(scenario())
+    assert frames["victim"][-1]["error"]["code"] == "worker_crashed"
+    assert delay < 3, delay
+
+
+def test_stopped_worker_is_hung_killed_and_replaced(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"workers": {"heartbeat_timeout_s": 4}, "model": {"dir": str(heavy_model)}})
+    long_audio, _ = synth("1234567890" * 8)
+
+    async def scenario() -> tuple[dict[str, Any], float, int]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, "stuck", long_audio, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
+            pid = capsd.worker_pid(0)
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            frames = await receive(ws, {"stuck"}, timeout=20)
+            return frames, time.monotonic() - stopped, pid
+
+    frames, delay, pid = asyncio.run(scenario())
+    assert frames["stuck"][-1]["error"]["code"] == "worker_hung"
+    assert 3.5 <= delay <= 6.5, delay
+    new_ready_pid(capsd, 0, pid)
+    assert not psutil.pid_exists(pid)
+    assert capsd.status()["slots"][0]["last_exit"]["reason"] == "hung"
+    short, starts = synth("4242")
+    assert_exact(asyncio.run(run_client(capsd.url, [("next", "file", short, (15, 2))]))["next"], "4242", starts)
+
+
+def test_restart_worker_while_a_mic_task_streams_loses_nothing(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    task_id = task_ids_for_slots(2)[1]
+    digits = "1234567890" * 8
+    samples, starts = synth(digits)  # 40 s, sent at 4x real time
+    old = capsd.worker_pid(1)
+    ctl = [sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), "restart-worker", "1"]
+
+    async def scenario() -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            streaming = asyncio.create_task(send_mic(ws, task_id, samples, frame_s=0.1, pace=0.025))
+            first = json.loads(await ws.recv())  # a partial result: the task now lives in the worker
+            assert not first["is_final"]
+            restart = asyncio.create_task(asyncio.to_thread(subprocess.run, ctl, capture_output=True, text=True))
+            await streaming
+            frames = await receive(ws, {task_id})
+            return [first, *frames[task_id]], await restart
+
+    frames, done = asyncio.run(scenario())
+    assert done.returncode == 0, done.stderr
+    assert_exact(frames, digits, starts)
+    new = capsd.worker_pid(1)
+    assert new != old and f"old pid {old}, new pid {new}" in done.stdout
+    slot = capsd.status()["slots"][1]
+    assert slot["last_exit"]["reason"] == "requested" and slot["tasks_failed"] == 0 and slot["restarts"] == 1
+
+
+def test_forced_restart_fails_the_task_with_worker_restarted(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    long_audio, _ = synth("1234567890" * 8)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, "forced", long_audio, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
+            reply = await asyncio.to_thread(capsd.control, cmd="restart-worker", slot=0, force=True)
+            return await receive(ws, {"forced"}), reply
+
+    frames, reply = asyncio.run(scenario())
+    assert reply["ok"] and reply["old_pid"] != reply["new_pid"]
+    assert frames["forced"][-1]["error"]["code"] == "worker_restarted"
+
+
+def test_restart_intensity_exceeded_exits_70(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"restart_intensity": 2, "restart_period_s": 60}})
+    for _ in range(2):
+        old = capsd.worker_pid(0)
+        os.kill(old, signal.SIGKILL)
+        new_ready_pid(capsd, 0, old)
+    os.kill(capsd.worker_pid(0), signal.SIGKILL)
+    assert capsd.proc.wait(30) == 70
+    assert "restart intensity exceeded" in capsd.logs()
+
+
+def test_worker_over_max_rss_is_recycled_without_failing_a_task(start_capsd: Any) -> None:
+    # An idle worker of the self-test model is ~60 MB; decoding a 57 s segment grows its
+    # onnxruntime arena by ~20 MB, which it never gives back (pitfalls 10).
+    capsd = start_capsd({"workers": {"max_rss_mb": 75}})
+    old = capsd.worker_pid(0)
+    digits = "1234567890" * 11
+    samples, starts = synth(digits)
+    frames = asyncio.run(run_client(capsd.url, [("big", "file", samples, (55, 2))]))
+    assert_exact(frames["big"], digits, starts)
+    new_ready_pid(capsd, 0, old)
+    slot = capsd.status()["slots"][0]
+    assert slot["last_exit"]["reason"] == "rss" and slot["tasks_failed"] == 0
+    assert token_digits(asyncio.run(run_client(capsd.url, [("next", "mic", samples[:32000], (15, 2))]))["next"][-1]["tokens"])
+
+
+def test_worker_dying_while_loading_is_a_startup_failure(start_capsd: Any, tmp_path: Path) -> None:
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "model.int8.onnx").write_bytes(b"not an onnx model")
+    (model / "tokens.txt").write_text("</s> 0\n")
+    capsd = start_capsd({"model": {"dir": str(model)}}, wait=False)
+    assert capsd.proc.wait(60) == 78
+    assert "startup failed" in capsd.logs()
