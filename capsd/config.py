@@ -71,8 +71,8 @@ class WorkersConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     type: str = _key("paraformer", **_one_of(*models.MODEL_TYPES))
-    dir: str = _key("", "a model directory, or \"\" for the embedded self-test model")
-    punctuation: str = _key("", "a CT-Transformer punctuation model directory, or \"\"")
+    dir: str = _key("", 'a model directory, or "" for the embedded self-test model')
+    punctuation: str = _key("", 'a CT-Transformer punctuation model directory, or ""')
     files: Mapping[str, str] = field(default_factory=dict)  # file-name overrides inside dir
 
 
@@ -85,7 +85,7 @@ class FormatConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: str = _key("", "a socket path, or \"\" for the default")
+    socket: str = _key("", 'a socket path, or "" for the default')
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
         reply.pop("ok")
         print(json.dumps(reply, indent=2) if args.json else status_table(reply))
         return EX_OK
-    reply = request(path, {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}, timeout + 150)
+    reply = request(
+        path, {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}, timeout + 150
+    )
     if not reply["ok"]:
         code = EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
         raise CtlError(reply["error"], code)

@@ -75,13 +75,9 @@ class Plan:
             f"at most {_workers(self.max_count)} {'fits' if self.max_count == 1 else 'fit'};"
             f" set [workers] count = {self.max_count}"
             if self.max_count
-            else "not even 1 worker fits; free memory, raise the limit,"
-            " lower memory_reserve_mb or use a smaller model"
+            else "not even 1 worker fits; free memory, raise the limit, lower memory_reserve_mb or use a smaller model"
         )
-        return (
-            f"memory plan does not fit: {sums},"
-            f" available {format_bytes(self.available_bytes)} ({where}); {advice}"
-        )
+        return f"memory plan does not fit: {sums}, available {format_bytes(self.available_bytes)} ({where}); {advice}"
 
 
 def estimate_worker_bytes(model_bytes: int, threads: int, longest_segment_s: float) -> int:
@@ -116,9 +112,7 @@ def plan(
     )
 
 
-def read_available(
-    proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
-) -> Available:
+def read_available(proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> Available:
     """The tighter of the machine's MemAvailable and this process's cgroup headroom."""
     machine = _read_meminfo_available(proc_root / "meminfo")
     if machine is None:
@@ -165,9 +159,7 @@ def _cgroup_limits(self_cgroup: Path, cgroup_root: Path) -> list[Available]:
         if hierarchy == "0" and controllers == "":
             limit = _tightest(cgroup_root, path, "memory.max", "memory.current")
         elif "memory" in controllers.split(","):
-            limit = _tightest(
-                cgroup_root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes"
-            )
+            limit = _tightest(cgroup_root / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes")
         else:
             continue
         if limit is not None:

@@ -89,9 +89,7 @@ def model_type(type_name: str) -> ModelType:
         return MODEL_TYPES[type_name]
     except KeyError:
         allowed = ", ".join(MODEL_TYPES)
-        raise ValueError(
-            f"unknown model type {type_name!r}; allowed: {allowed}"
-        ) from None
+        raise ValueError(f"unknown model type {type_name!r}; allowed: {allowed}") from None
 
 
 def file_keys(type_name: str) -> tuple[str, ...]:
@@ -99,9 +97,7 @@ def file_keys(type_name: str) -> tuple[str, ...]:
     return tuple(model_type(type_name).files)
 
 
-def resolve_files(
-    type_name: str, model_dir: Path, overrides: Mapping[str, str]
-) -> dict[str, Path]:
+def resolve_files(type_name: str, model_dir: Path, overrides: Mapping[str, str]) -> dict[str, Path]:
     """Paths of the model's files: defaults inside `model_dir`, or overrides.
 
     An override is a path relative to `model_dir` or an absolute path.
@@ -110,13 +106,9 @@ def resolve_files(
     unknown = sorted(set(overrides) - set(spec.files))
     if unknown:
         raise ValueError(
-            f"model type {type_name!r} has no file {', '.join(unknown)}; "
-            f"its files are {', '.join(spec.files)}"
+            f"model type {type_name!r} has no file {', '.join(unknown)}; its files are {', '.join(spec.files)}"
         )
-    return {
-        key: model_dir / overrides.get(key, default)
-        for key, default in spec.files.items()
-    }
+    return {key: model_dir / overrides.get(key, default) for key, default in spec.files.items()}
 
 
 def check_files(type_name: str, files: Mapping[str, Path]) -> list[str]:
@@ -128,9 +120,7 @@ def check_files(type_name: str, files: Mapping[str, Path]) -> list[str]:
             problems.append(problem)
         elif key == "tokens" and required and _read_symbols(path).isdisjoint(required):
             wanted = " or ".join(required)
-            problems.append(
-                f"tokens file {path} lacks {wanted}, which {type_name} needs"
-            )
+            problems.append(f"tokens file {path} lacks {wanted}, which {type_name} needs")
     return problems
 
 
@@ -156,22 +146,16 @@ def _read_symbols(tokens: Path) -> set[str]:
         return {fields[0] for line in f if len(fields := line.split()) > 1}
 
 
-def constructor_kwargs(
-    type_name: str, files: Mapping[str, Path], num_threads: int
-) -> tuple[str, dict[str, Any]]:
+def constructor_kwargs(type_name: str, files: Mapping[str, Path], num_threads: int) -> tuple[str, dict[str, Any]]:
     """The `OfflineRecognizer` class method and the keyword arguments to call it with."""
     spec = model_type(type_name)
-    kwargs: dict[str, Any] = {
-        spec.keywords.get(key, key): str(files[key]) for key in spec.files
-    }
+    kwargs: dict[str, Any] = {spec.keywords.get(key, key): str(files[key]) for key in spec.files}
     kwargs |= {"num_threads": num_threads, "provider": "cpu", "debug": False}
     kwargs |= spec.options
     return spec.constructor, kwargs
 
 
-def create_recognizer(
-    type_name: str, files: Mapping[str, Path], num_threads: int
-) -> Any:
+def create_recognizer(type_name: str, files: Mapping[str, Path], num_threads: int) -> Any:
     """Load the model. Run `check_files` first: some bad files kill the process."""
     import sherpa_onnx  # heavy (~17 MB RSS); only worker processes need it
 

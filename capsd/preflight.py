@@ -38,7 +38,9 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
     punctuation_files = textformat.model_files(punctuation) if punctuation else []
     problems += [f"punctuation model file {p} does not exist" for p in punctuation_files if not p.is_file()]
     if problems:
-        raise ConfigError(f"config: [model] type = {cfg.model.type!r}, dir = {str(model_dir(cfg))!r}: " + "; ".join(problems))
+        raise ConfigError(
+            f"config: [model] type = {cfg.model.type!r}, dir = {str(model_dir(cfg))!r}: " + "; ".join(problems)
+        )
     model_bytes = sum(p.stat().st_size for p in [*files.values(), *punctuation_files])
     worker_bytes = memory.estimate_worker_bytes(model_bytes, cfg.workers.threads, LONGEST_SEGMENT_S)
     plan = memory.plan(

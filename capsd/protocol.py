@@ -66,7 +66,7 @@ def _field(obj: dict[str, Any], key: str, kind: type, default: Any = None) -> An
 def parse_frame(raw: str | bytes) -> AudioFrame:
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise BadRequest("frame is not JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("frame is not a JSON object")
@@ -142,5 +142,12 @@ class Result:
             "timestamps": [round(t, 3) for t in self.timestamps],
         }
         if error:
-            frame.update(is_final=True, text="", text_accu="", tokens=[], timestamps=[], error={"code": error[0], "message": error[1]})
+            frame.update(
+                is_final=True,
+                text="",
+                text_accu="",
+                tokens=[],
+                timestamps=[],
+                error={"code": error[0], "message": error[1]},
+            )
         return json.dumps(frame, ensure_ascii=False)

@@ -61,11 +61,7 @@ _IDIOMS = (
 
 def chinese_to_num(text: str) -> str:
     """Replace Chinese numerals in `text` with Arabic digits (see the module docstring)."""
-    protected = [
-        (found.start(), found.end())
-        for idiom in _IDIOMS
-        for found in re.finditer(idiom, text)
-    ]
+    protected = [(found.start(), found.end()) for idiom in _IDIOMS for found in re.finditer(idiom, text)]
 
     def replace(match: re.Match[str]) -> str:
         start, end = match.span("number")
@@ -164,9 +160,7 @@ class Punctuator:
     def __init__(self, model_dir: Path, num_threads: int = 1) -> None:
         missing = [str(path) for path in model_files(model_dir) if not path.is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"punctuation model files missing: {', '.join(missing)}"
-            )
+            raise FileNotFoundError(f"punctuation model files missing: {', '.join(missing)}")
         # Imported here so that formatting without punctuation never needs sherpa-onnx.
         import sherpa_onnx
 
@@ -181,9 +175,7 @@ class Punctuator:
         return self._model.add_punctuation(text)
 
 
-def format_final(
-    text: str, *, num: bool, spell: bool, punctuator: Punctuator | None
-) -> str:
+def format_final(text: str, *, num: bool, spell: bool, punctuator: Punctuator | None) -> str:
     """Format a final result: punctuation, then numerals, then spacing (CapsWriter's order)."""
     if punctuator is not None and text:
         text = punctuator(text)

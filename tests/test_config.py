@@ -220,7 +220,9 @@ def test_file_name_override_for_the_default_type() -> None:
     [
         (t, key)
         for t in models.MODEL_TYPES
-        for key in sorted({k for other in models.MODEL_TYPES for k in models.file_keys(other)} - set(models.file_keys(t)))
+        for key in sorted(
+            {k for other in models.MODEL_TYPES for k in models.file_keys(other)} - set(models.file_keys(t))
+        )
     ],
 )
 def test_file_key_of_another_type_is_refused(type_name: str, key: str) -> None:

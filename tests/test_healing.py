@@ -193,7 +193,9 @@ def test_worker_over_max_rss_is_recycled_without_failing_a_task(start_capsd: Any
     new_ready_pid(capsd, 0, old)
     slot = capsd.status()["slots"][0]
     assert slot["last_exit"]["reason"] == "rss" and slot["tasks_failed"] == 0
-    assert token_digits(asyncio.run(run_client(capsd.url, [("next", "mic", samples[:32000], (15, 2))]))["next"][-1]["tokens"])
+    assert token_digits(
+        asyncio.run(run_client(capsd.url, [("next", "mic", samples[:32000], (15, 2))]))["next"][-1]["tokens"]
+    )
 
 
 def test_worker_dying_while_loading_is_a_startup_failure(start_capsd: Any, tmp_path: Path) -> None:

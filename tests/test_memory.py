@@ -33,9 +33,7 @@ def write(path: Path, text: str) -> None:
 def machine(proc: Path, available: int, self_cgroup: str = "0::/\n") -> None:
     write(
         proc / "meminfo",
-        f"MemTotal:       {32 * GIB // 1024} kB\n"
-        f"MemFree:        1000 kB\n"
-        f"MemAvailable:   {available // 1024} kB\n",
+        f"MemTotal:       {32 * GIB // 1024} kB\nMemFree:        1000 kB\nMemAvailable:   {available // 1024} kB\n",
     )
     write(proc / "self" / "cgroup", self_cgroup)
 
@@ -164,9 +162,7 @@ def test_missing_usage_still_applies_the_limit(roots: tuple[Path, Path]) -> None
     assert read_available(proc, cgroup).bytes == 1 * GIB
 
 
-@pytest.mark.parametrize(
-    "self_cgroup", ["", "garbage\n", "0::\n", ":::\n", "\x00\xff\n", "4:memory\n"]
-)
+@pytest.mark.parametrize("self_cgroup", ["", "garbage\n", "0::\n", ":::\n", "\x00\xff\n", "4:memory\n"])
 def test_garbage_self_cgroup(roots: tuple[Path, Path], self_cgroup: str) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, self_cgroup)
@@ -183,9 +179,7 @@ def test_garbage_limit_files(roots: tuple[Path, Path], content: str) -> None:
 
 
 @pytest.mark.parametrize("meminfo", [None, "", "MemAvailable:\n", "MemAvailable: lots kB\n"])
-def test_unreadable_meminfo_falls_back_to_psutil(
-    roots: tuple[Path, Path], meminfo: str | None
-) -> None:
+def test_unreadable_meminfo_falls_back_to_psutil(roots: tuple[Path, Path], meminfo: str | None) -> None:
     proc, cgroup = roots
     if meminfo is not None:
         write(proc / "meminfo", meminfo)
@@ -239,9 +233,7 @@ def test_plan_max_count_is_exact() -> None:
     short = Available(available.bytes - 1, "machine", "MemAvailable")
     assert not plan(2, 100 * MIB, short, 0).fits
     assert plan(2, 100 * MIB, short, 0).max_count == 1
-    assert (
-        "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0).message()
-    )
+    assert "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0).message()
 
 
 def test_plan_fits() -> None:

@@ -130,17 +130,13 @@ def test_check_files_reports_missing_files(tmp_path: Path) -> None:
 def test_check_files_reports_empty_file(tmp_path: Path) -> None:
     files = write_model(tmp_path, "</s> 1\n")
     files["model"].write_bytes(b"")
-    assert models.check_files("paraformer", files) == [
-        f"model file {tmp_path}/model.int8.onnx is empty"
-    ]
+    assert models.check_files("paraformer", files) == [f"model file {tmp_path}/model.int8.onnx is empty"]
 
 
 def test_check_files_reports_directory(tmp_path: Path) -> None:
     files = write_model(tmp_path, "</s> 1\n")
     files["model"] = tmp_path
-    assert models.check_files("paraformer", files) == [
-        f"model file {tmp_path} is not a regular file"
-    ]
+    assert models.check_files("paraformer", files) == [f"model file {tmp_path} is not a regular file"]
 
 
 def test_paraformer_tokens_need_end_of_sentence(tmp_path: Path) -> None:
@@ -153,8 +149,7 @@ def test_paraformer_tokens_need_end_of_sentence(tmp_path: Path) -> None:
 def test_ctc_tokens_need_blank(tmp_path: Path) -> None:
     files = write_model(tmp_path, "a 0\nb 1\n</s> 2\n")
     assert models.check_files("zipformer_ctc", files) == [
-        f"tokens file {tmp_path}/tokens.txt lacks <blk> or <eps> or <blank>,"
-        + " which zipformer_ctc needs"
+        f"tokens file {tmp_path}/tokens.txt lacks <blk> or <eps> or <blank>," + " which zipformer_ctc needs"
     ]
     for blank in ("<blk>", "<eps>", "<blank>"):
         files["tokens"].write_text(f"{blank} 0\na 1\n")

@@ -101,6 +101,13 @@ def test_not_a_json_object(raw: str | bytes) -> None:
     assert e.is_final is False
 
 
+@pytest.mark.parametrize("raw", ["[" * 100_000, '{"task_id": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_json_nested_too_deep(raw: str) -> None:
+    e = bad(raw)
+    assert e.task_id is None
+    assert "JSON" in str(e)
+
+
 @pytest.mark.parametrize("task_id", [None, 5, 1.5, True, ["a"], {"a": 1}, ""], ids=repr)
 def test_unreadable_task_id(task_id: Any) -> None:
     e = bad(frame(task_id=task_id, is_final=True))  # None: no task_id at all

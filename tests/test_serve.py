@@ -97,9 +97,7 @@ def test_concurrent_tasks_on_both_slots(start_capsd: Any) -> None:
     samples, starts = synth(DIGITS[:80])
 
     async def both() -> list[dict[str, Any]]:
-        return await asyncio.gather(
-            *(run_client(capsd.url, [(task_id, "file", samples, (15, 2))]) for task_id in ids)
-        )
+        return await asyncio.gather(*(run_client(capsd.url, [(task_id, "file", samples, (15, 2))]) for task_id in ids))
 
     for task_id, frames in zip(ids, asyncio.run(both())):
         assert_exact(frames[task_id], DIGITS[:80], starts)
@@ -239,7 +237,9 @@ def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: i
     samples, _ = synth("8675309", rate=rate)
     write_wav(tmp_path / "tones.wav", samples, rate)
     ctl = [sys.executable, "-m", "capsd.ctl"]
-    done = subprocess.run([*ctl, "--url", capsd.url, "transcribe", str(tmp_path / "tones.wav")], capture_output=True, text=True)
+    done = subprocess.run(
+        [*ctl, "--url", capsd.url, "transcribe", str(tmp_path / "tones.wav")], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "8675309"
     table = subprocess.run([*ctl, "--socket", str(capsd.socket), "status"], capture_output=True, text=True)
@@ -253,6 +253,8 @@ def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: i
     assert status["memory"]["planned_bytes"] > 0 and status["memory"]["available_bytes"] > 0
     missing = subprocess.run([*ctl, "--socket", str(tmp_path / "nope.sock"), "status"], capture_output=True, text=True)
     assert missing.returncode == 69 and "not running" in missing.stderr
-    bad_slot = subprocess.run([*ctl, "--socket", str(capsd.socket), "restart-worker", "5"], capture_output=True, text=True)
+    bad_slot = subprocess.run(
+        [*ctl, "--socket", str(capsd.socket), "restart-worker", "5"], capture_output=True, text=True
+    )
     assert bad_slot.returncode == 65 and "no slot 5" in bad_slot.stderr
     assert capsd.stop() == 0

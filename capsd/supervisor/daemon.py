@@ -117,12 +117,16 @@ class Daemon:
             now = time.monotonic()
             for slot in self.slots:
                 if slot.in_flight and now - slot.busy_since > workers.heartbeat_timeout_s:
-                    log.warning("worker hung", slot=slot.index, pid=slot.incarnation.pid, busy_s=round(now - slot.busy_since, 1))
+                    log.warning(
+                        "worker hung", slot=slot.index, pid=slot.incarnation.pid, busy_s=round(now - slot.busy_since, 1)
+                    )
                     slot.kill("hung")
                 elif workers.max_rss_mb and not slot.drain_reason and slot.incarnation and slot.incarnation.decoded:
                     rss = slot.incarnation.rss()
                     if rss > workers.max_rss_mb * 2**20:
-                        log.warning("worker over max_rss_mb", slot=slot.index, pid=slot.incarnation.pid, rss_mb=rss >> 20)
+                        log.warning(
+                            "worker over max_rss_mb", slot=slot.index, pid=slot.incarnation.pid, rss_mb=rss >> 20
+                        )
                         slot.drain("rss")
             if watchdog and now - last_ping >= watchdog:
                 notify.notify(watchdog=1, status=self.summary())

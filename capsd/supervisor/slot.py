@@ -172,12 +172,18 @@ class Slot:
             return
         if not self.ever_ready:
             self.failed = True
-            self.on_startup_failure(self, f"worker of slot {self.index} died while loading the model (exit code {exitcode})")
+            self.on_startup_failure(
+                self, f"worker of slot {self.index} died while loading the model (exit code {exitcode})"
+            )
             return
         self.last_exit = LastExit(reason, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         level = log.info if reason in PLANNED and not lost else log.warning
         level(
-            "worker exited", slot=self.index, pid=inc.pid, reason=reason, exitcode=exitcode,
+            "worker exited",
+            slot=self.index,
+            pid=inc.pid,
+            reason=reason,
+            exitcode=exitcode,
             lost_tasks=[t.task_id for t in lost],
         )
         for task in lost:
@@ -247,14 +253,26 @@ class Slot:
             self.tasks_done += 1
 
     def _next_item(self) -> tuple[Task, Segment, float] | int | None:
+        """Cancels first, then dictation before files: someone is waiting for each mic task.
+
+        A task's own segments stay in order: only the first waiting segment of each kind is taken.
+        """
         if self.cancels:
             return self.cancels.popleft()
-        for i, item in enumerate(self.queue):
-            if self.drain_reason and item[0] not in self.in_worker:
+        pick = None
+        for i, (task, _, _) in enumerate(self.queue):
+            if self.drain_reason and task not in self.in_worker:
                 continue  # draining: only tasks already in the worker go on
-            del self.queue[i]
-            return item
-        return None
+            if task.source == "mic":
+                pick = i
+                break
+            if pick is None:
+                pick = i
+        if pick is None:
+            return None
+        item = self.queue[pick]
+        del self.queue[pick]
+        return item
 
     async def run(self) -> None:
         """Feed the worker, one segment at a time, for the life of the daemon."""

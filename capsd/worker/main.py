@@ -102,5 +102,7 @@ def main(conn: Connection, spec: WorkerSpec) -> None:
         if segment.is_last:
             del partials[key]
         text = recognizer.finish(partial) if segment.is_last else partial.text
-        decoded = Decoded(key, partial.tokens, partial.timestamps, partial.text, text, partial.duration, segment.is_last)
+        decoded = Decoded(
+            key, partial.tokens, partial.timestamps, partial.text, text, partial.duration, segment.is_last
+        )
         conn.send(decoded)

@@ -1,0 +1,200 @@
+"""capsd/merge.py: one task result from overlapping segments, by timestamps (pitfalls 6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from capsd.merge import SAME_TOKEN_S, PartialResult, join_tokens
+
+# Two segments as seg_duration=15, seg_overlap=2 cuts them: [0, 17) and [15, 32).
+STRIDE, OVERLAP = 15.0, 2.0
+CUT = STRIDE + OVERLAP / 2  # the middle of the overlap, in task time
+
+
+def merged(first: list[tuple[str, float]], second: list[tuple[str, float]]) -> PartialResult:
+    """Merge two segments given as (token, task time) pairs; the second starts at STRIDE."""
+    p = PartialResult()
+    p.add(0.0, 0.0, [tok for tok, _ in first], [t for _, t in first], STRIDE + OVERLAP)
+    p.add(STRIDE, OVERLAP, [tok for tok, _ in second], [t - STRIDE for _, t in second], 2 * STRIDE + OVERLAP)
+    return p
+
+
+def assert_increasing(timestamps: list[float]) -> None:
+    assert all(a <= b for a, b in zip(timestamps, timestamps[1:])), timestamps
+
+
+def test_first_segment_is_taken_as_is() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, ["你", "好"], [0.2, 0.5], 17.0)
+    assert p.tokens == ["你", "好"]
+    assert p.timestamps == [0.2, 0.5]
+    assert p.duration == 17.0
+    assert p.text == "你好"
+
+
+def test_tokens_in_the_overlap_appear_once() -> None:
+    first = [("今", 14.0), ("天", 15.3), ("天", 15.6), ("气", 16.2), ("很", 16.7)]
+    second = [("天", 15.32), ("天", 15.58), ("气", 16.25), ("很", 16.66), ("好", 17.5)]
+    p = merged(first, second)
+    assert p.tokens == ["今", "天", "天", "气", "很", "好"]
+    assert p.text == "今天天气很好"
+    assert_increasing(p.timestamps)
+    assert p.duration == 32.0
+
+
+def test_earlier_segment_owns_before_the_cut_later_one_after() -> None:
+    # The two segments disagree about a token on each side of the cut: each side's owner wins.
+    first = [("a", 14.0), ("b", CUT - 0.5), ("c", CUT + 0.5)]
+    second = [("B", CUT - 0.5), ("C", CUT + 0.5), ("d", 20.0)]
+    p = merged(first, second)
+    assert p.tokens == ["a", "b", "C", "d"]
+    assert p.timestamps == pytest.approx([14.0, CUT - 0.5, CUT + 0.5, 20.0])
+
+
+@pytest.mark.parametrize(
+    ("first_at", "second_at"), [(-0.25, 0.25), (-0.45, 0.05), (-0.05, 0.45), (-0.1, 0.4), (-0.4, 0.1)]
+)
+@pytest.mark.parametrize("jitter", [0.0, -0.06, 0.06])
+def test_repeated_digit_at_the_boundary_is_kept_twice(first_at: float, second_at: float, jitter: float) -> None:
+    """'...1 1...' with the two 1s 0.5 s apart around the cut: two tokens, not one (pitfalls 6)."""
+    first = [("3", CUT - 1.0), ("1", CUT + first_at), ("1", CUT + second_at)]
+    second = [("1", CUT + first_at + jitter), ("1", CUT + second_at + jitter), ("2", CUT + 1.0)]
+    p = merged(first, second)
+    assert p.tokens == ["3", "1", "1", "2"]
+    assert_increasing(p.timestamps)
+
+
+def test_repeated_token_spoken_three_times() -> None:
+    first = [("1", CUT - 0.6), ("1", CUT - 0.2), ("1", CUT + 0.2)]
+    second = [("1", CUT - 0.57), ("1", CUT - 0.22), ("1", CUT + 0.23), ("9", CUT + 0.6)]
+    assert merged(first, second).tokens == ["1", "1", "1", "9"]
+
+
+# (time in the first segment, time in the second), relative to the cut: one token seen twice,
+# the copies less than SAME_TOKEN_S apart, on either side of the cut or on the same side.
+SAME_TOKEN = [
+    (-0.05, 0.05),
+    (0.05, -0.05),
+    (-0.01, 0.1),
+    (0.1, -0.01),
+    (0.001, -0.11),
+    (-0.11, 0.001),
+    (-0.2, -0.1),
+    (-0.1, -0.2),
+    (-0.23, -0.12),
+    (-0.05, -0.15),
+    (-0.15, -0.05),
+    (0.1, 0.2),
+    (0.2, 0.1),
+    (0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), SAME_TOKEN)
+def test_one_token_seen_by_both_segments_is_kept_once(old: float, new: float) -> None:
+    assert abs(old - new) < SAME_TOKEN_S
+    first = [("前", CUT - 1.0), ("字", CUT + old), ("后", CUT + 0.9)]
+    second = [("前", CUT - 1.02), ("字", CUT + new), ("后", CUT + 1.0)]
+    p = merged(first, second)
+    assert p.tokens == ["前", "字", "后"]
+    assert_increasing(p.timestamps)
+
+
+@pytest.mark.parametrize(("old", "new"), [(-0.1, 0.1), (0.06, -0.1), (-0.3, -0.15)])
+def test_equal_tokens_further_apart_are_two(old: float, new: float) -> None:
+    # Only the later segment saw the one after the cut, only the earlier one the one before.
+    assert abs(old - new) > SAME_TOKEN_S
+    first = [("1", CUT + old)] if old < 0 else [("1", CUT + new - 0.5), ("1", CUT + old)]
+    second = [("1", CUT + new)] if old < 0 else [("1", CUT + new - 0.5), ("1", CUT + new)]
+    p = merged(first, second)
+    assert p.tokens == ["1", "1"]
+    assert_increasing(p.timestamps)
+
+
+def test_timestamps_stay_increasing() -> None:
+    # The later segment has a token just before the cut that the earlier one did not see.
+    first = [("a", CUT - 0.5), ("b", CUT - 0.02)]
+    second = [("x", CUT - 0.1), ("c", CUT + 0.3), ("d", CUT + 0.2)]
+    p = merged(first, second)
+    assert p.tokens == ["a", "b", "x", "c", "d"]
+    assert_increasing(p.timestamps)
+    assert p.timestamps[0] == CUT - 0.5
+
+
+def test_timestamps_are_task_time() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, ["a"], [1.0], 17.0)
+    p.add(15.0, 2.0, ["b"], [3.0], 32.0)
+    p.add(30.0, 2.0, ["c"], [2.5], 40.0)
+    assert p.tokens == ["a", "b", "c"]
+    assert p.timestamps == pytest.approx([1.0, 18.0, 32.5])
+    assert p.duration == 40.0
+
+
+def test_segment_without_tokens() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, ["a", "b"], [1.0, 10.0], 17.0)
+    p.add(15.0, 2.0, [], [], 32.0)  # silence
+    assert p.tokens == ["a", "b"]
+    assert p.duration == 32.0
+    p.add(30.0, 2.0, ["c"], [1.5], 40.0)
+    assert p.tokens == ["a", "b", "c"]
+    assert p.timestamps == pytest.approx([1.0, 10.0, 31.5])
+
+
+def test_first_segments_without_tokens() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, [], [], 17.0)
+    assert (p.tokens, p.timestamps, p.duration, p.text) == ([], [], 17.0, "")
+    # Nothing merged yet, so the overlap's tokens of the next segment are all taken.
+    p.add(15.0, 2.0, ["a", "b"], [0.2, 1.8], 32.0)
+    assert p.tokens == ["a", "b"]
+    assert p.timestamps == pytest.approx([15.2, 16.8])
+
+
+def test_zero_overlap_concatenates() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, ["a", "b"], [0.5, 1.9], 2.0)
+    p.add(2.0, 0.0, ["b", "c"], [0.05, 1.0], 4.0)
+    assert p.tokens == ["a", "b", "b", "c"]
+    assert p.timestamps == pytest.approx([0.5, 1.9, 2.05, 3.0])
+    assert p.duration == 4.0
+
+
+def test_empty_last_segment_keeps_the_duration() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, ["a"], [1.0], 17.0)
+    p.add(15.0, 2.0, [], [], 15.0)
+    assert p.duration == 17.0
+
+
+@pytest.mark.parametrize(
+    ("tokens", "text"),
+    [
+        ([], ""),
+        (["你", "好", "世", "界"], "你好世界"),
+        (["hello", "world"], "hello world"),
+        (["HELLO", "WORLD", "2024"], "HELLO WORLD 2024"),
+        (["1", "1"], "1 1"),
+        (["我", "用", "python", "写", "代", "码"], "我用python写代码"),
+        (["don't", "go"], "don't go"),
+        (["\u2581HE", "LLO", "\u2581WOR", "LD"], "HELLO WORLD"),
+        (["\u2581the", "\u2581cat", "s"], "the cats"),
+        (["\u2581", "hi"], "hi"),
+        (["你", "好", "\u2581and", "\u2581you"], "你好 and you"),
+        (["hel@@", "lo", "world"], "hello world"),
+        (["un@@", "believ@@", "able", "news"], "unbelievable news"),
+        (["我", "说", "hel@@", "lo", "你", "好"], "我说hello你好"),
+        (["end@@"], "end"),
+        (["。"], "。"),
+        (["你", "好", "，", "hello", "。"], "你好，hello。"),
+    ],
+)
+def test_join_tokens(tokens: list[str], text: str) -> None:
+    assert join_tokens(tokens) == text
+
+
+def test_text_follows_tokens() -> None:
+    p = PartialResult()
+    p.add(0.0, 0.0, ["\u2581good", "\u2581mor", "ning"], [0.1, 0.5, 0.8], 17.0)
+    assert p.text == "good morning"
