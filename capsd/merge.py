@@ -31,7 +31,8 @@ class PartialResult:
         cut = offset + overlap / 2
         keep = next((i for i, t in enumerate(self.timestamps) if t >= cut), len(self.timestamps))
         del self.tokens[keep:], self.timestamps[keep:]
-        near = [(tok, t) for tok, t in zip(self.tokens, self.timestamps) if t >= cut - SAME_TOKEN_S]
+        # A new token kept below is >= cut - SAME_TOKEN_S, so its old copy may be up to SAME_TOKEN_S earlier.
+        near = [(tok, t) for tok, t in zip(self.tokens, self.timestamps) if t >= cut - 2 * SAME_TOKEN_S]
         new = [
             (tok, t)
             for tok, t in zip(tokens, absolute)
@@ -54,6 +55,7 @@ class PartialResult:
 def join_tokens(tokens: list[str]) -> str:
     """Tokens to text as sherpa-onnx does: CJK glued, Latin words spaced, BPE pieces joined."""
     out = ""
+    bpe = any(tok.startswith("\u2581") for tok in tokens)  # sentencepiece: only "\u2581" starts a word
     for tok in tokens:
         word_start = tok.startswith("\u2581")  # sentencepiece word marker
         piece = tok.lstrip("\u2581")
@@ -62,7 +64,7 @@ def join_tokens(tokens: list[str]) -> str:
         glue = out.endswith("@@")
         if glue:
             out = out[:-2]
-        elif out and (word_start or (_latin(out[-1]) and _latin(piece[0]))):
+        elif out and (word_start or (not bpe and _latin(out[-1]) and _latin(piece[0]))):
             out += " "
         out += piece
     return out.replace("@@", "").strip()

@@ -7,7 +7,6 @@ import base64
 import json
 import subprocess
 import sys
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 
 from capsd.protocol import route
 from capsd.selftest.client import frame, receive, send_file, send_mic
-from capsd.selftest.tones import synth, token_digits
+from capsd.selftest.tones import synth, token_digits, write_wav
 
 FRAME_FIELDS = {"task_id", "is_final", "duration", "time_start", "time_submit", "time_complete", "text", "text_accu",
                 "tokens", "timestamps"}  # fmt: skip
@@ -223,19 +222,11 @@ def test_closed_connection_cancels_its_tasks_and_frees_worker_state(start_capsd:
     assert token_digits(frames["after"][-1]["tokens"]) == "42"
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((samples * 32767).astype(np.int16).tobytes())
-
-
 @pytest.mark.parametrize("rate", [16000, 44100])
 def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: int) -> None:
     capsd = start_capsd()
     samples, _ = synth("8675309", rate=rate)
-    write_wav(tmp_path / "tones.wav", samples, rate)
+    write_wav(str(tmp_path / "tones.wav"), samples, rate)
     ctl = [sys.executable, "-m", "capsd.ctl"]
     done = subprocess.run(
         [*ctl, "--url", capsd.url, "transcribe", str(tmp_path / "tones.wav")], capture_output=True, text=True

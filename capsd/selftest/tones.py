@@ -81,3 +81,22 @@ def synth(
         samples[start : start + tone_len] = amplitude * envelope * tone
         starts.append(start / rate)
     return samples.astype(np.float32), starts
+
+
+def write_wav(path: str, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    """16-bit PCM mono WAV, what an operator feeds to `capsctl transcribe`."""
+    import wave
+
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m capsd.selftest.tones DIGITS OUT.wav   (a WAV the self-test model reads as DIGITS)")
+    write_wav(sys.argv[2], synth(sys.argv[1])[0])

@@ -1,0 +1,83 @@
+"""capsd's command line: check-config, refusals with exit 78, bad command lines with 64."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CAPSD = [sys.executable, "-m", "capsd.cli"]
+
+
+def run(
+    *args: str, config: str | None = None, tmp: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    argv = [*CAPSD, *args]
+    if config is not None:
+        assert tmp is not None
+        (tmp / "capsd.toml").write_text(config)
+        argv += ["--config", str(tmp / "capsd.toml")]
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return done, time.monotonic() - started
+
+
+def test_check_config_prints_the_plan_for_the_shipped_config() -> None:
+    done, _ = run("check-config", "--config", str(Path(__file__).parent.parent / "etc" / "capsd.toml"))
+    assert done.returncode == 0, done.stderr
+    assert "memory plan fits" in done.stdout and "paraformer" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["check-config"], []])
+def test_a_plan_that_cannot_fit_is_refused_fast_without_spawning(tmp_path: Path, command: list[str]) -> None:
+    done, elapsed = run(*command, config="[workers]\ncount = 100000\n", tmp=tmp_path)
+    assert done.returncode == 78
+    assert elapsed < 5
+    message = done.stderr
+    assert "memory plan does not fit" in message and "100000 workers" in message
+    assert "available" in message and "set [workers] count = " in message
+    assert "worker started" not in done.stdout + done.stderr
+
+
+def test_two_workers_fit_on_this_machine(tmp_path: Path) -> None:
+    done, _ = run("check-config", config="[workers]\ncount = 2\n", tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 workers" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ("[workers]\ncount = 0\n", ["[workers] count", "0", ">= 1"]),
+        ('[workers]\nthreads = "2"\n', ["[workers] threads", "'2'", "an integer"]),
+        ("[server]\nprot = 6016\n", ["[server] prot", "unknown key", "port"]),
+        ('[model]\ndir = "/nonexistent/model"\n', ["/nonexistent/model", "does not exist"]),
+        ("[workers\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_config_exits_78_naming_key_value_and_allowed(tmp_path: Path, config: str, words: list[str]) -> None:
+    for command in (["check-config"], []):
+        done, _ = run(*command, config=config, tmp=tmp_path)
+        assert done.returncode == 78
+        assert all(word in done.stderr for word in words), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file_is_refused(tmp_path: Path) -> None:
+    done, _ = run("check-config", "--config", str(tmp_path / "absent.toml"))
+    assert done.returncode == 78 and "absent.toml" in done.stderr
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["frobnicate"], ["--config"]])
+def test_bad_command_line_exits_64(args: list[str]) -> None:
+    done, _ = run(*args)
+    assert done.returncode == 64
+
+
+@pytest.mark.parametrize("args", [["restart-worker"], ["restart-worker", "one"], ["nonsense"], []])
+def test_capsctl_bad_command_line_exits_64(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "capsd.ctl", *args], capture_output=True, text=True)
+    assert done.returncode == 64
