@@ -43,6 +43,9 @@ class Segmenter:
     def buffered_bytes(self) -> int:
         return self.buffer.nbytes
 
+    def clear(self) -> None:
+        self.buffer = self.buffer[:0]
+
     def feed(self, samples: np.ndarray, is_final: bool) -> list[Segment]:
         self.buffer = np.concatenate([self.buffer, samples]) if len(self.buffer) else samples.copy()
         out = []

@@ -23,6 +23,11 @@ from capsd.supervisor.task import Task
 
 log = structlog.get_logger("capsd.front")
 
+# Per-connection bounds, so one client cannot grow capsd's memory without limit:
+MAX_BUFFERED_AUDIO_BYTES = 64 * 2**20  # audio waiting to be cut into segments (~17 min of float32)
+MAX_OUTBOX_BYTES = 32 * 2**20  # result frames the client has not read yet
+INCOMING_QUEUE = 4  # frames websockets may hold before it stops reading the socket
+
 
 class Client:
     """One connection's tasks and its outbox."""
@@ -32,14 +37,27 @@ class Client:
         self.tasks: dict[str, Task] = {}  # open tasks, and failed ones until their final frame
         self.dropped: set[str] = set()  # task ids refused before they had a task
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.outbox_bytes = 0
 
     def send(self, frame: str) -> None:
+        if self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
+            if not self.ws.close_code:
+                log.warning(
+                    "client not reading: closing", peer=str(self.ws.remote_address), unread_bytes=self.outbox_bytes
+                )
+                asyncio.get_running_loop().create_task(self.ws.close(1008, "capsd: results not read"))
+            return
+        self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
 
     async def write(self) -> None:
         while True:
             frame = await self.outbox.get()
             await self.ws.send(frame)
+            self.outbox_bytes -= len(frame)
+
+    def buffered_audio_bytes(self) -> int:
+        return sum(task.segmenter.buffered_bytes for task in self.tasks.values())
 
 
 class Front:
@@ -57,6 +75,7 @@ class Front:
             self.cfg.port,
             max_size=self.cfg.max_message_bytes,  # websockets' 1 MiB default refuses a CapsWriter file frame (pitfalls 7)
             process_request=self.admit,
+            max_queue=INCOMING_QUEUE,
             compression=None,
         )
         log.info("listening", addr=self.cfg.addr, port=self.cfg.port)
@@ -101,6 +120,10 @@ class Front:
                 client.dropped.discard(frame.task_id)
             return
         task = client.tasks.get(frame.task_id) or self.open_task(client, frame)
+        if not task.done and client.buffered_audio_bytes() + frame.samples.nbytes > MAX_BUFFERED_AUDIO_BYTES:
+            task.fail(
+                "overloaded", f"more than {MAX_BUFFERED_AUDIO_BYTES >> 20} MiB of audio buffered on this connection"
+            )
         if not task.done:
             for segment in task.segmenter.feed(frame.samples, frame.is_final):
                 if segment.index == 0 and not task.slot.accepts_new_task():

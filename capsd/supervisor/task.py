@@ -60,6 +60,7 @@ class Task:
         if self.done:
             return
         self.done = True
+        self.segmenter.clear()
         result = Result(self.task_id, self.time_start, self.time_submit, time.time(), self.duration)
         self.send(result.to_json(error=(code, message)))
         log.warning("task failed", slot=self.slot.index, task=self.task_id, code=code, reason=message)
