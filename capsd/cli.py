@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from capsd.supervisor.daemon import Daemon
 
     async def run() -> int:
-        return await Daemon(cfg, checked).run()
+        return await Daemon(cfg, checked, reload=lambda: config.load(args.config)).run()
 
     return asyncio.run(run())
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
@@ -249,3 +252,47 @@ def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: i
     )
     assert bad_slot.returncode == 65 and "no slot 5" in bad_slot.stderr
     assert capsd.stop() == 0
+
+
+def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"queue_limit": 10}})
+    text = capsd.config_path.read_text().replace("queue_limit = 10", "queue_limit = 20\ncount = 2")
+    capsd.config_path.write_text(text)
+    capsd.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "config changes need a restart" in capsd.logs())
+    assert "[workers] queue_limit" in capsd.logs() and "[workers] count" in capsd.logs()
+    assert len(capsd.status()["slots"]) == 1
+    capsd.config_path.write_text(text.replace("queue_limit = 20", "queue_limit = 0"))
+    capsd.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in capsd.logs())
+    samples, starts = synth("777")
+    assert_exact(asyncio.run(run_client(capsd.url, [("still", "mic", samples, (15, 2))]))["still"], "777", starts)
+
+
+def wait_until(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_client_that_never_reads_is_closed_not_buffered(start_capsd: Any) -> None:
+    """Unread results are bounded by front.MAX_OUTBOX_BYTES (32 MiB); then the client is dropped."""
+    capsd = start_capsd({"workers": {"queue_limit": 100000}})
+    before = psutil.Process(capsd.proc.pid).memory_info().rss
+    samples, _ = synth("1234567890" * 120)  # 10 min; 1 s segments: 600 partials of up to 1200 tokens
+
+    async def flood() -> None:
+        async with websockets.connect(capsd.url, max_size=None, max_queue=1) as ws:
+            for i in range(8):  # ~5 MB of partial frames each, never read
+                await send_file(ws, f"unread-{i}", samples, seg=(1, 0))
+                # One task's audio queued at a time (38 MB), so what grows beyond is the outbox.
+                await asyncio.to_thread(wait_until, lambda: capsd.status()["slots"][0]["queue_depth"] == 0, 60)
+            await asyncio.to_thread(wait_until, lambda: "client not reading" in capsd.logs(), 60)
+
+    asyncio.run(flood())
+    grown = psutil.Process(capsd.proc.pid).memory_info().rss - before
+    assert grown < 128 * 2**20, grown >> 20  # 38 MB queued audio + 32 MiB outbox + slack
+    wait_until(lambda: capsd.status()["slots"][0]["tasks_in_progress"] == 0, 60)
+    frames = asyncio.run(run_client(capsd.url, [("after", "mic", synth("55")[0], (15, 2))]))
+    assert token_digits(frames["after"][-1]["tokens"]) == "55"

@@ -7,15 +7,18 @@ Its loop reads as a list of duties, like gunicorn's arbiter: `start_slots`, `wat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 
 import structlog
 
 from capsd import __version__
-from capsd.config import Config
+from capsd import log as logs
+from capsd.config import Config, ConfigError
 from capsd.preflight import Preflight
 from capsd.supervisor import control, notify
 from capsd.supervisor.front import Front
@@ -26,11 +29,18 @@ log = structlog.get_logger("capsd.supervisor")
 EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
 WATCH_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 20.0  # tasks in progress get this long to finish on SIGTERM; below TimeoutStopSec
+# What SIGHUP can change in a running daemon; anything else needs a restart.
+RELOADABLE = {
+    "server": {"max_connections"},
+    "workers": {"max_rss_mb", "heartbeat_timeout_s", "restart_intensity", "restart_period_s", "queue_limit"},
+    "log": {"level", "format"},
+}
 
 
 class Daemon:
-    def __init__(self, cfg: Config, preflight: Preflight) -> None:
+    def __init__(self, cfg: Config, preflight: Preflight, reload: Callable[[], Config]) -> None:
         self.cfg = cfg
+        self.reload = reload
         self.plan = preflight.plan
         self.started = time.monotonic()
         self.state = "starting"
@@ -53,6 +63,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.handle_sighup)
         code = await self.start_slots()
         if code is not None:
             await self.stop_workers()
@@ -136,6 +147,35 @@ class Daemon:
     def handle_stop(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
         self.finish(EX_OK)
+
+    def handle_sighup(self) -> None:
+        """Reread the config; apply what can change while running, say what cannot."""
+        try:
+            new = self.reload()
+        except ConfigError as e:
+            log.error("reload refused: keeping the running config", reason=str(e))
+            return
+        applied, kept = [], []
+        sections = {}
+        for section in (f.name for f in dataclasses.fields(Config) if f.name != "source"):
+            old_values, new_values = getattr(self.cfg, section), getattr(new, section)
+            changes = {
+                f.name: getattr(new_values, f.name)
+                for f in dataclasses.fields(old_values)
+                if getattr(old_values, f.name) != getattr(new_values, f.name)
+            }
+            allowed = {k: v for k, v in changes.items() if k in RELOADABLE.get(section, ())}
+            applied += [f"[{section}] {k}" for k in allowed]
+            kept += [f"[{section}] {k}" for k in changes if k not in allowed]
+            sections[section] = dataclasses.replace(old_values, **allowed)
+        self.cfg = dataclasses.replace(self.cfg, **sections)
+        self.front.cfg = self.cfg.server
+        for slot in self.slots:
+            slot.queue_limit = self.cfg.workers.queue_limit
+        logs.setup(self.cfg.log.level, self.cfg.log.format)
+        log.info("config reloaded", applied=applied or "nothing changed")
+        if kept:
+            log.warning("config changes need a restart: systemctl restart capsd", not_applied=kept)
 
     async def stop(self, code: int) -> None:
         """Stop accepting, let tasks finish (not when giving up), fail the rest, stop workers."""

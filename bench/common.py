@@ -1,0 +1,106 @@
+"""What the benchmarks share: the machine's description, the models, task ids, CapsWriter-like clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import websockets
+
+from capsd.protocol import route
+from capsd.selftest import EMBEDDED_MODEL_DIR
+from capsd.selftest.build import build_paraformer
+from capsd.selftest.client import receive, send_file
+from capsd.selftest.tones import synth, token_digits
+
+SLOT_S = 0.5  # synth: one digit per 0.3 s tone + 0.2 s gap, after 0.2 s of silence
+FILE_SEG = (25.0, 2.0)  # CapsWriter's file client: file_seg_duration = 25, file_seg_overlap = 2
+
+
+def machine() -> str:
+    """CPU, cores, memory, versions and load: what a reader needs to compare runs."""
+    import sherpa_onnx
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )  # fmt: skip
+    return (
+        f"{cpu}, {psutil.cpu_count(logical=False)} cores / {os.cpu_count()} threads,"
+        f" {psutil.virtual_memory().total / 2**30:.1f} GiB; {platform.system()} {platform.release()};"
+        f" Python {platform.python_version()}; sherpa-onnx {sherpa_onnx.__version__};"
+        f" load average {os.getloadavg()[0]:.2f} at start"
+    )
+
+
+def models(tmp: Path) -> dict[str, Path]:
+    """The embedded self-test model and the CPU-heavy one, built into `tmp`."""
+    heavy = tmp / "heavy"
+    build_paraformer(heavy, heavy=True)
+    return {"self-test": EMBEDDED_MODEL_DIR, "heavy": heavy}
+
+
+def tone_file(seconds: float, seed: int) -> tuple[np.ndarray, str]:
+    """Random digits as tones, padded with silence to exactly `seconds`."""
+    digits = "".join(map(str, np.random.default_rng(seed).integers(0, 10, int((seconds - 0.2) / SLOT_S))))
+    samples, _ = synth(digits)
+    return np.pad(samples, (0, round(seconds * 16000) - len(samples))), digits
+
+
+def task_ids(slots: list[int], count: int) -> list[str]:
+    """One task id per entry of `slots`, each routed to that slot out of `count`."""
+    ids, n = [], 0
+    for slot in slots:
+        while route(f"task-{n}", count) != slot:
+            n += 1
+        ids.append(f"task-{n}")
+        n += 1
+    return ids
+
+
+class Recorder:
+    """Stands in for a websocket to capture a client's frames, so they are encoded before the clock starts."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    async def send(self, frame: str) -> None:
+        self.frames.append(frame)
+
+
+def file_frames(task_id: str, samples: np.ndarray, seg: tuple[float, float] = FILE_SEG) -> list[str]:
+    """The frames CapsWriter's file client would send for `samples` (60 s each, is_final on the last)."""
+    recorder = Recorder()
+    asyncio.run(send_file(recorder, task_id, samples, seg=seg))
+    return recorder.frames
+
+
+async def _one_connection(url: str, task_id: str, frames: list[str]) -> dict[str, Any]:
+    async with websockets.connect(url, max_size=None) as ws:
+        for frame in frames:
+            await ws.send(frame)
+        return (await receive(ws, {task_id}, timeout=600))[task_id][-1]
+
+
+def transcribe(url: str, tasks: dict[str, list[str]]) -> tuple[float, dict[str, dict[str, Any]]]:
+    """Send every task's frames on a connection of its own, all at once; wall seconds and final frames."""
+
+    async def run() -> list[dict[str, Any]]:
+        return await asyncio.gather(*(_one_connection(url, t, frames) for t, frames in tasks.items()))
+
+    start = time.perf_counter()
+    finals = asyncio.run(run())
+    return time.perf_counter() - start, dict(zip(tasks, finals))
+
+
+def check_exact(final: dict[str, Any], digits: str) -> None:
+    """A fast wrong answer must not win: every digit, once, in order."""
+    if "error" in final or token_digits(final["tokens"]) != digits:
+        raise SystemExit(f"wrong result for {final['task_id']}: {final.get('error') or final['text'][:80]}")

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Throughput of capsd serving CapsWriter file clients, measured side by side in one run.
+
+(a) Scaling: 4 files of 90 s sent at once on 4 connections, as CapsWriter's file client sends
+    them (60 s frames, seg_duration 25, seg_overlap 2), to a capsd with 1 worker and to one with
+    2 workers; the task ids split the files 2/2 over the 2 slots. Wall time from the first
+    connection to the last final frame, and the speedup (target >= 1.8x on 2 cores).
+(b) Overhead: one file of 180 s through capsd with 1 worker, against decoding exactly the same
+    segments (cut by capsd's own Segmenter from the same frames) with sherpa-onnx in this
+    process, one after the other; same model, same threads (target capsd/raw <= 1.10x).
+
+All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
+built into a temporary directory, over loopback. Both daemons run for the whole benchmark, idle
+when not measured, and the runs alternate between the sides, so drift and other load on the
+machine hit every side alike; the best of --repeat runs is compared. Every final result is
+checked digit by digit, so a fast wrong answer fails the benchmark instead of winning it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import FILE_SEG, check_exact, file_frames, machine, models, task_ids, tone_file, transcribe
+
+from capsd import models as model_types
+from capsd.merge import PartialResult
+from capsd.protocol import parse_frame
+from capsd.segment import Segment, Segmenter
+from capsd.selftest.daemon import Capsd
+from capsd.selftest.tones import token_digits
+
+THREADS = 1
+
+
+def cut_segments(frames: list[str]) -> list[Segment]:
+    """The segments capsd's front cuts from these frames."""
+    segmenter = None
+    segments = []
+    for raw in frames:
+        frame = parse_frame(raw)
+        segmenter = segmenter or Segmenter(frame.seg_duration, frame.seg_overlap)
+        segments += segmenter.feed(frame.samples, frame.is_final)
+    return segments
+
+
+def decode_raw(recognizer: object, segments: list[Segment]) -> tuple[float, str]:
+    """Wall seconds to decode the segments one after another in this process, and the merged digits."""
+    results = []
+    start = time.perf_counter()
+    for segment in segments:
+        stream = recognizer.create_stream()  # type: ignore[attr-defined]
+        stream.accept_waveform(16000, segment.samples)
+        recognizer.decode_stream(stream)  # type: ignore[attr-defined]
+        results.append((list(stream.result.tokens), list(stream.result.timestamps)))
+    elapsed = time.perf_counter() - start
+    merged = PartialResult()
+    for segment, (tokens, timestamps) in zip(segments, results):
+        merged.add(segment.offset, segment.overlap, tokens, timestamps, segment.end)
+    return elapsed, token_digits(merged.tokens)
+
+
+def runs(label: str, times: list[float]) -> str:
+    listed = " ".join(f"{t:.2f}" for t in times)
+    return f"  {label:<34} {min(times):7.2f} s   median {statistics.median(times):6.2f} s   runs: {listed}"
+
+
+def verdict(ratio: float, ok: bool, target: str) -> str:
+    return f"{ratio:.2f}x   target {target}   {'met' if ok else 'NOT MET'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best is compared (default 3)")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+
+    with tempfile.TemporaryDirectory(prefix="capsd-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = models(tmp)["heavy"]
+        daemons = {}
+        for count in (1, 2):
+            (tmp / f"w{count}").mkdir()
+            config = {"workers": {"count": count, "threads": THREADS}, "model": {"dir": str(model_dir)}}
+            daemons[count] = Capsd(tmp / f"w{count}", config)
+        try:
+            files = [tone_file(90, seed) for seed in range(4)]
+            ids = task_ids([0, 0, 1, 1], 2)
+            four = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+            long_samples, long_digits = tone_file(180, 99)
+            long_frames = file_frames("long", long_samples)
+            segments = cut_segments(long_frames)
+            recognizer = model_types.create_recognizer(
+                "paraformer", model_types.resolve_files("paraformer", model_dir, {}), THREADS
+            )
+            times: dict[str, list[float]] = {"1w": [], "2w": [], "capsd": [], "raw": []}
+            for _ in range(args.repeat):
+                for count in (1, 2):
+                    elapsed, finals = transcribe(daemons[count].url, four)
+                    for task_id, (_, digits) in zip(ids, files):
+                        check_exact(finals[task_id], digits)
+                    times[f"{count}w"].append(elapsed)
+                elapsed, finals = transcribe(daemons[1].url, {"long": long_frames})
+                check_exact(finals["long"], long_digits)
+                times["capsd"].append(elapsed)
+                elapsed, digits = decode_raw(recognizer, segments)
+                if digits != long_digits:
+                    raise SystemExit("wrong result from the in-process decode")
+                times["raw"].append(elapsed)
+        finally:
+            for daemon in daemons.values():
+                daemon.stop()
+
+    seg = f"seg_duration {FILE_SEG[0]:g}, seg_overlap {FILE_SEG[1]:g}"
+    print(f"model: heavy self-test paraformer, threads {THREADS}; best of {args.repeat} runs, sides alternating\n")
+    print(f"(a) 4 files x 90 s at once, 4 connections, file client: 60 s frames, {seg} ({len(cut_segments(four[ids[0]]))} segments per file)")
+    print(runs("capsd, 1 worker", times["1w"]))
+    print(runs("capsd, 2 workers (2 files per slot)", times["2w"]))
+    speedup = min(times["1w"]) / min(times["2w"])
+    print(f"  speedup 2 workers / 1 worker      {verdict(speedup, speedup >= 1.8, '>= 1.8x')}\n")
+    print(f"(b) 1 file x 180 s, {seg} ({len(segments)} segments, {sum(len(s.samples) for s in segments) / 16000:.0f} s decoded)")
+    print(runs("capsd, 1 worker", times["capsd"]))
+    print(runs("sherpa-onnx in process, same segments", times["raw"]))
+    overhead = min(times["capsd"]) / min(times["raw"])
+    print(f"  capsd / raw                       {verdict(overhead, overhead <= 1.10, '<= 1.10x')}")
+
+
+if __name__ == "__main__":
+    main()
