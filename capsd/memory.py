@@ -19,7 +19,8 @@ MIB = 2**20
 # measured with sherpa-onnx 2.0.1 on a 2-core x86_64 box, each worker a spawn-started process.
 
 # Python + numpy + structlog + sherpa-onnx/onnxruntime + a few-KB model after one 17 s decode:
-# 63 MiB RSS (python 13, numpy +14, sherpa_onnx +8, recognizer and first decode +28).
+# 63 MiB RSS (python 13, numpy +14, sherpa_onnx +8, recognizer and first decode +28);
+# 65.7 MiB with the embedded paraformer self-test model.
 WORKER_BASELINE_BYTES = 64 * MIB
 # RSS per byte of model files once loaded: 1.28 (fp32 MatMul, 68 MB) and 1.30 (int8
 # MatMulInteger, 70 MB). Loading peaks briefly near 1.9, so start workers one at a time.
@@ -27,7 +28,8 @@ MODEL_FACTOR = 1.3
 # Each onnxruntime intra-op thread measured under 0.1 MiB; rounded up for wider models.
 THREAD_BYTES = 2 * MIB
 # onnxruntime's arena keeps the peak of the longest segment decoded (pitfalls.md item 10):
-# measured 1.1 to 2.3 MiB per second of audio on 4096- and 8192-wide synthetic models.
+# measured 1.1 to 2.3 MiB per second of audio on 4096- and 8192-wide synthetic models,
+# 0.3 MiB/s with the paraformer self-test model (features alone).
 SEGMENT_BYTES_PER_S = int(2.5 * MIB)
 # The supervisor: its imports (asyncio, websockets, structlog, numpy, psutil) measured
 # 39 MiB; the rest is room for a few buffered 5 MB client frames.
