@@ -8,6 +8,8 @@
 (b) Overhead: one file of 180 s through capsd with 1 worker, against decoding exactly the same
     segments (cut by capsd's own Segmenter from the same frames) with sherpa-onnx in this
     process, one after the other; same model, same threads (target capsd/raw <= 1.10x).
+(c) The machine's own ceiling for (a), no capsd at all: the segments of (b) decoded by two
+    sherpa-onnx processes at once, against one process in (b).
 
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
 built into a temporary directory, over loopback. Both daemons run for the whole benchmark, idle
@@ -19,10 +21,14 @@ checked digit by digit, so a fast wrong answer fails the benchmark instead of wi
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from common import FILE_SEG, check_exact, file_frames, machine, models, task_ids, tone_file, transcribe
 
@@ -34,6 +40,14 @@ from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import token_digits
 
 THREADS = 1
+_recognizer: Any = None  # one per process of the reference pool
+
+
+def load_recognizer(model_dir: Path) -> Any:
+    global _recognizer
+    files = model_types.resolve_files("paraformer", model_dir, {})
+    _recognizer = model_types.create_recognizer("paraformer", files, THREADS)
+    return _recognizer
 
 
 def cut_segments(frames: list[str]) -> list[Segment]:
@@ -47,14 +61,14 @@ def cut_segments(frames: list[str]) -> list[Segment]:
     return segments
 
 
-def decode_raw(recognizer: object, segments: list[Segment]) -> tuple[float, str]:
+def decode_raw(segments: list[Segment]) -> tuple[float, str]:
     """Wall seconds to decode the segments one after another in this process, and the merged digits."""
     results = []
     start = time.perf_counter()
     for segment in segments:
-        stream = recognizer.create_stream()  # type: ignore[attr-defined]
+        stream = _recognizer.create_stream()
         stream.accept_waveform(16000, segment.samples)
-        recognizer.decode_stream(stream)  # type: ignore[attr-defined]
+        _recognizer.decode_stream(stream)
         results.append((list(stream.result.tokens), list(stream.result.timestamps)))
     elapsed = time.perf_counter() - start
     merged = PartialResult()
@@ -65,11 +79,63 @@ def decode_raw(recognizer: object, segments: list[Segment]) -> tuple[float, str]
 
 def runs(label: str, times: list[float]) -> str:
     listed = " ".join(f"{t:.2f}" for t in times)
-    return f"  {label:<34} {min(times):7.2f} s   median {statistics.median(times):6.2f} s   runs: {listed}"
+    return f"  {label:<38} {min(times):6.2f} s   median {statistics.median(times):6.2f} s   runs: {listed}"
 
 
 def verdict(ratio: float, ok: bool, target: str) -> str:
     return f"{ratio:.2f}x   target {target}   {'met' if ok else 'NOT MET'}"
+
+
+def measure(model_dir: Path, daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -> dict[str, Any]:
+    files = [tone_file(90, seed) for seed in range(4)]
+    ids = task_ids([0, 0, 1, 1], 2)
+    four = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+    long_samples, long_digits = tone_file(180, 99)
+    long_frames = file_frames("long", long_samples)
+    segments = cut_segments(long_frames)
+    load_recognizer(model_dir)
+    times: dict[str, list[float]] = {"1w": [], "2w": [], "capsd": [], "raw": [], "raw2": []}
+    for _ in range(repeat):
+        for count in (1, 2):
+            elapsed, finals = transcribe(daemons[count].url, four)
+            for task_id, (_, digits) in zip(ids, files):
+                check_exact(finals[task_id], digits)
+            times[f"{count}w"].append(elapsed)
+        elapsed, finals = transcribe(daemons[1].url, {"long": long_frames})
+        check_exact(finals["long"], long_digits)
+        times["capsd"].append(elapsed)
+        elapsed, digits = decode_raw(segments)
+        times["raw"].append(elapsed)
+        start = time.perf_counter()
+        both = list(pool.map(decode_raw, [segments, segments]))
+        times["raw2"].append(time.perf_counter() - start)
+        if {digits} | {d for _, d in both} != {long_digits}:
+            raise SystemExit("wrong result from sherpa-onnx without capsd")
+    return {
+        "times": times,
+        "per_file": len(cut_segments(next(iter(four.values())))),
+        "segments": len(segments),
+        "decoded_s": sum(len(s.samples) for s in segments) / 16000,
+    }
+
+
+def report(m: dict[str, Any], repeat: int) -> None:
+    times = m["times"]
+    seg = f"seg_duration {FILE_SEG[0]:g}, seg_overlap {FILE_SEG[1]:g}"
+    print(f"model: heavy self-test paraformer, threads {THREADS}; best of {repeat} runs, sides alternating\n")
+    print(f"(a) 4 files x 90 s at once, 4 connections, file client: 60 s frames, {seg} ({m['per_file']} segments/file)")
+    print(runs("capsd, 1 worker", times["1w"]))
+    print(runs("capsd, 2 workers (2 files per slot)", times["2w"]))
+    speedup = min(times["1w"]) / min(times["2w"])
+    print(f"  speedup 2 workers / 1 worker          {verdict(speedup, speedup >= 1.8, '>= 1.8x')}\n")
+    print(f"(b) 1 file x 180 s, {seg} ({m['segments']} segments, {m['decoded_s']:.0f} s decoded)")
+    print(runs("capsd, 1 worker", times["capsd"]))
+    print(runs("sherpa-onnx in process, same segments", times["raw"]))
+    overhead = min(times["capsd"]) / min(times["raw"])
+    print(f"  capsd / raw                           {verdict(overhead, overhead <= 1.10, '<= 1.10x')}\n")
+    print("(c) the machine's ceiling for (a), no capsd: the segments of (b) decoded in 2 processes at once")
+    print(runs("2 x sherpa-onnx, twice the work of (b)", times["raw2"]))
+    print(f"  speedup vs 1 process in (b)           {2 * min(times['raw']) / min(times['raw2']):.2f}x")
 
 
 def main() -> None:
@@ -77,55 +143,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best is compared (default 3)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-
-    with tempfile.TemporaryDirectory(prefix="capsd-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        model_dir = models(tmp)["heavy"]
-        daemons = {}
-        for count in (1, 2):
-            (tmp / f"w{count}").mkdir()
-            config = {"workers": {"count": count, "threads": THREADS}, "model": {"dir": str(model_dir)}}
-            daemons[count] = Capsd(tmp / f"w{count}", config)
+    with tempfile.TemporaryDirectory(prefix="capsd-bench-") as tmp:
+        model_dir = models(Path(tmp))["heavy"]
+        daemons: dict[int, Capsd] = {}
+        spawn = multiprocessing.get_context("spawn")
         try:
-            files = [tone_file(90, seed) for seed in range(4)]
-            ids = task_ids([0, 0, 1, 1], 2)
-            four = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
-            long_samples, long_digits = tone_file(180, 99)
-            long_frames = file_frames("long", long_samples)
-            segments = cut_segments(long_frames)
-            recognizer = model_types.create_recognizer(
-                "paraformer", model_types.resolve_files("paraformer", model_dir, {}), THREADS
-            )
-            times: dict[str, list[float]] = {"1w": [], "2w": [], "capsd": [], "raw": []}
-            for _ in range(args.repeat):
-                for count in (1, 2):
-                    elapsed, finals = transcribe(daemons[count].url, four)
-                    for task_id, (_, digits) in zip(ids, files):
-                        check_exact(finals[task_id], digits)
-                    times[f"{count}w"].append(elapsed)
-                elapsed, finals = transcribe(daemons[1].url, {"long": long_frames})
-                check_exact(finals["long"], long_digits)
-                times["capsd"].append(elapsed)
-                elapsed, digits = decode_raw(recognizer, segments)
-                if digits != long_digits:
-                    raise SystemExit("wrong result from the in-process decode")
-                times["raw"].append(elapsed)
+            for count in (1, 2):
+                (Path(tmp) / f"w{count}").mkdir()
+                config = {"workers": {"count": count, "threads": THREADS}, "model": {"dir": str(model_dir)}}
+                daemons[count] = Capsd(Path(tmp) / f"w{count}", config)
+            with ProcessPoolExecutor(2, spawn, initializer=load_recognizer, initargs=(model_dir,)) as pool:
+                measured = measure(model_dir, daemons, pool, args.repeat)
         finally:
             for daemon in daemons.values():
                 daemon.stop()
-
-    seg = f"seg_duration {FILE_SEG[0]:g}, seg_overlap {FILE_SEG[1]:g}"
-    print(f"model: heavy self-test paraformer, threads {THREADS}; best of {args.repeat} runs, sides alternating\n")
-    print(f"(a) 4 files x 90 s at once, 4 connections, file client: 60 s frames, {seg} ({len(cut_segments(four[ids[0]]))} segments per file)")
-    print(runs("capsd, 1 worker", times["1w"]))
-    print(runs("capsd, 2 workers (2 files per slot)", times["2w"]))
-    speedup = min(times["1w"]) / min(times["2w"])
-    print(f"  speedup 2 workers / 1 worker      {verdict(speedup, speedup >= 1.8, '>= 1.8x')}\n")
-    print(f"(b) 1 file x 180 s, {seg} ({len(segments)} segments, {sum(len(s.samples) for s in segments) / 16000:.0f} s decoded)")
-    print(runs("capsd, 1 worker", times["capsd"]))
-    print(runs("sherpa-onnx in process, same segments", times["raw"]))
-    overhead = min(times["capsd"]) / min(times["raw"])
-    print(f"  capsd / raw                       {verdict(overhead, overhead <= 1.10, '<= 1.10x')}")
+    report(measured, args.repeat)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

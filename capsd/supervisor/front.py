@@ -67,6 +67,7 @@ class Front:
         self.admitted: set[ServerConnection] = set()
         self.clients: set[Client] = set()
         self.server: Server | None = None
+        self.accepting = True  # False while stopping: new tasks are refused with shutting_down
 
     async def start(self) -> None:
         self.server = await serve(
@@ -120,6 +121,8 @@ class Front:
                 client.dropped.discard(frame.task_id)
             return
         task = client.tasks.get(frame.task_id) or self.open_task(client, frame)
+        if not self.accepting:
+            task.fail("shutting_down", "capsd is stopping")
         if not task.done and client.buffered_audio_bytes() + frame.samples.nbytes > MAX_BUFFERED_AUDIO_BYTES:
             task.fail(
                 "overloaded", f"more than {MAX_BUFFERED_AUDIO_BYTES >> 20} MiB of audio buffered on this connection"
@@ -154,6 +157,7 @@ class Front:
             client.dropped.add(e.task_id)
 
     def stop_accepting(self) -> None:
+        self.accepting = False
         if self.server:
             self.server.close(close_connections=False)
 

@@ -233,24 +233,22 @@ class Slot:
     def cancel(self, task: Task) -> None:
         """The client went away: drop the task's queued segments and free its partial result."""
         task.done = True
-        self.queue = deque(item for item in self.queue if item[0] is not task)
-        self.open_tasks.discard(task)
-        if task in self.in_worker:
-            self.in_worker.discard(task)
-            self.cancels.append(task.key)
-            self.wakeup.set()
+        self._forget(task)
 
     def finished(self, task: Task, failed: bool) -> None:
-        self.open_tasks.discard(task)
-        self.in_worker.discard(task)
-        self.queue = deque(item for item in self.queue if item[0] is not task) if failed else self.queue
         if failed:
             self.tasks_failed += 1
-            if task.key not in self.cancels and self.incarnation and self.incarnation.ready:
-                self.cancels.append(task.key)
-                self.wakeup.set()
         else:
             self.tasks_done += 1
+        self._forget(task)
+
+    def _forget(self, task: Task) -> None:
+        self.open_tasks.discard(task)
+        self.queue = deque(item for item in self.queue if item[0] is not task)
+        if task in self.in_worker:
+            self.in_worker.discard(task)
+            self.cancels.append(task.key)  # a no-op in the worker if this was its last segment
+            self.wakeup.set()
 
     def _next_item(self) -> tuple[Task, Segment, float] | int | None:
         """Cancels first, then dictation before files: someone is waiting for each mic task.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -19,6 +20,9 @@ from capsd import models
 from capsd.merge import PartialResult
 from capsd.protocol import RATE
 from capsd.segment import Segment
+
+# Shorter than one 25 ms fbank window: nothing to recognise, and some models (CTC) raise on it.
+MIN_DECODE_SAMPLES = 400
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,15 @@ class Recognizer:
         self.format = textformat.format_final
 
     def decode(self, samples: np.ndarray) -> tuple[list[str], list[float]]:
-        if not len(samples):
+        if len(samples) < MIN_DECODE_SAMPLES:
             return [], []
         stream = self.recognizer.create_stream()
         stream.accept_waveform(RATE, samples)
-        self.recognizer.decode_stream(stream)
+        try:
+            self.recognizer.decode_stream(stream)
+        except RuntimeError as e:  # onnxruntime refusing this input: no words, not a dead worker
+            print(f"capsd worker: decoding {len(samples)} samples failed: {e}", file=sys.stderr)
+            return [], []
         tokens, timestamps = list(stream.result.tokens), list(stream.result.timestamps)
         if len(timestamps) != len(tokens):
             # Some models give no timestamps: spread the tokens over the segment so merging
