@@ -206,3 +206,25 @@ def test_worker_dying_while_loading_is_a_startup_failure(start_capsd: Any, tmp_p
     capsd = start_capsd({"model": {"dir": str(model)}}, wait=False)
     assert capsd.proc.wait(60) == 78
     assert "startup failed" in capsd.logs()
+
+
+def test_sigterm_lets_tasks_in_progress_finish_refuses_new_ones_and_exits_0(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    worker = capsd.worker_pid(0)
+    digits = "1234567890" * 8
+    samples, starts = synth(digits)  # 40 s: ~2 s of decoding on the heavy model
+
+    async def scenario() -> dict[str, Any]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, "finishing", samples, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
+            capsd.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 10, "stopping")
+            await send_file(ws, "too-late", samples[:16000], seg=(15, 2))
+            return await receive(ws, {"finishing", "too-late"})
+
+    frames = asyncio.run(scenario())
+    assert_exact(frames["finishing"], digits, starts)
+    assert frames["too-late"][-1]["error"]["code"] == "shutting_down"
+    assert capsd.proc.wait(30) == 0
+    assert not psutil.pid_exists(worker)

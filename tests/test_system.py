@@ -108,7 +108,8 @@ class Sandbox:
     """A systemd booted as PID 1 in its own PID and mount namespaces; `run` executes inside."""
 
     def __init__(self, workdir: Path) -> None:
-        self.log_path = workdir / "systemd.log"
+        self.log_path = workdir / "boot.log"  # the script's output
+        self.console_path = workdir / "console.log"  # systemd's own messages (it logs to /dev/console)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0  # PID 1 of the sandbox, as the host sees it
 
@@ -125,7 +126,12 @@ class Sandbox:
         ]
         carried = [p for p in carried if not any(q in p.parents for q in carried)]
         q = shlex.quote
-        lines = ["set -eu", "mount -t tmpfs tmpfs /run", "mkdir /run/capsd-test"]
+        lines = [
+            "set -eu",
+            f"mount --bind {q(str(self.console_path))} /dev/console",  # not the host's console
+            "mount -t tmpfs tmpfs /run",
+            "mkdir /run/capsd-test",
+        ]
         for i, path in enumerate(carried):  # held in /run while the mounts below hide them
             lines += [
                 f"if [ -d {q(str(path))} ]; then mkdir /run/capsd-test/{i}; else touch /run/capsd-test/{i}; fi",
@@ -161,6 +167,7 @@ class Sandbox:
 
     def boot(self, timeout: float = 60) -> None:
         atexit.register(self.close)
+        self.console_path.touch()
         namespaces = ["unshare", "--kill-child=KILL", "--pid", "--fork", "--mount", "--propagation", "private"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -180,7 +187,7 @@ class Sandbox:
     def find_pid1(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"the sandbox ended with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            raise AssertionError(f"the sandbox ended with {self.proc.returncode}:\n{self.logs()}")
         # The child of unshare, which is bash until it execs systemd (never match command lines:
         # unshare's own contains "systemd").
         found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
@@ -188,6 +195,9 @@ class Sandbox:
             if found and Path(f"/proc/{found[0]}/exe").resolve() == SYSTEMD.resolve():
                 self.pid = int(found[0])
         return bool(self.pid)
+
+    def logs(self) -> str:
+        return self.log_path.read_text() + self.console_path.read_text()
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -238,7 +248,13 @@ class Service:
         if hidden:
             lines.append("BindReadOnlyPaths=" + " ".join(f'"{p}"' for p in hidden))
         sb.path(f"{DROPINS}/test.conf").write_text("\n".join(lines) + "\n")
+        # An enabled capsd is referenced by multi-user.target; here this unit references it, so
+        # systemd keeps the stopped unit loaded and `systemctl show` reports how it ended.
+        sb.path("/run/systemd/system/capsd-test-keep.service").write_text(
+            "[Unit]\nAfter=capsd.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
+        )
         sb.run("systemctl", "daemon-reload")
+        sb.run("systemctl", "start", "capsd-test-keep")
 
     def show(self, *props: str) -> dict[str, str]:
         out = self.sandbox.run("systemctl", "show", "capsd", *(f"--property={p}" for p in props)).stdout
@@ -380,7 +396,7 @@ def test_watchdog_restarts_a_stopped_main_process(service: Service) -> None:
             return now if fresh and int(now["NRestarts"]) == int(before["NRestarts"]) + 1 else None
 
         poll("the watchdog to restart capsd", restarted, timeout=60)
-        assert "capsd.service: Watchdog timeout" in service.sandbox.log_path.read_text()
+        assert "capsd.service: Watchdog timeout" in service.sandbox.console_path.read_text()
         service.running()
         assert not {pid for pid in old_pids if Path(f"/proc/{pid}").exists()}, "a process of the old capsd survived"
     finally:
