@@ -208,7 +208,9 @@ def test_worker_dying_while_loading_is_a_startup_failure(start_capsd: Any, tmp_p
     assert "startup failed" in capsd.logs()
 
 
-def test_sigterm_lets_tasks_in_progress_finish_refuses_new_ones_and_exits_0(start_capsd: Any, heavy_model: Path) -> None:
+def test_sigterm_lets_tasks_in_progress_finish_refuses_new_ones_and_exits_0(
+    start_capsd: Any, heavy_model: Path
+) -> None:
     capsd = start_capsd({"model": {"dir": str(heavy_model)}})
     worker = capsd.worker_pid(0)
     digits = "1234567890" * 8

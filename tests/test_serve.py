@@ -317,3 +317,22 @@ def test_max_connections_refuses_the_rest_with_503(start_capsd: Any) -> None:
     results = asyncio.run(crowd())
     assert sum(not isinstance(r, int) for r in results) == 8
     assert [r for r in results if isinstance(r, int)] == [503] * 12
+
+
+def test_dictation_is_served_before_waiting_file_segments(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    file_digits, mic_digits = "1234567890" * 18, "4711"
+    file_audio, file_starts = synth(file_digits)  # 90 s: 6 segments of ~0.8 s decoding each
+    mic_audio, mic_starts = synth(mic_digits)
+
+    async def session() -> dict[str, Any]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, "batch", file_audio, seg=(15, 2))
+            await send_mic(ws, "dictation", mic_audio)
+            return await receive(ws, {"batch", "dictation"})
+
+    frames = asyncio.run(session())
+    assert_exact(frames["batch"], file_digits, file_starts)
+    assert_exact(frames["dictation"], mic_digits, mic_starts)
+    # The mic task's result came while the file still had segments waiting.
+    assert frames["dictation"][-1]["time_complete"] < frames["batch"][-2]["time_complete"]
