@@ -120,9 +120,11 @@ class Front:
             if frame.is_final:
                 client.dropped.discard(frame.task_id)
             return
-        task = client.tasks.get(frame.task_id) or self.open_task(client, frame)
-        if not self.accepting:
-            task.fail("shutting_down", "capsd is stopping")
+        task = client.tasks.get(frame.task_id)
+        if task is None:
+            task = self.open_task(client, frame)
+            if not self.accepting:  # tasks in progress may finish; new ones cannot
+                task.fail("shutting_down", "capsd is stopping")
         if not task.done and client.buffered_audio_bytes() + frame.samples.nbytes > MAX_BUFFERED_AUDIO_BYTES:
             task.fail(
                 "overloaded", f"more than {MAX_BUFFERED_AUDIO_BYTES >> 20} MiB of audio buffered on this connection"

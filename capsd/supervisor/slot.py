@@ -38,9 +38,8 @@ EXIT_CODES = {
     "hung": "worker_hung",
     "requested": "worker_restarted",
     "rss": "worker_restarted",
-    "shutdown": "shutting_down",
 }
-PLANNED = {"requested", "rss", "shutdown"}  # not counted against restart intensity
+PLANNED = {"requested", "rss"}  # graceful recycles: not counted against restart intensity
 
 
 class WorkerGone(Exception):
@@ -211,7 +210,6 @@ class Slot:
         inc = self.incarnation
         if inc is None or inc.exited.done():
             return
-        self.exit_reason = "shutdown"
         try:
             await inc.send(("stop", 0, None))
             await asyncio.wait_for(asyncio.shield(inc.exited), timeout)

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Memory plan against measured RSS: calibrates the constants in capsd/memory.py.
+
+For the self-test model and the CPU-heavy one, a real capsd with 1, 2 and 3 workers (and 1
+worker with 2 threads) is sent, on every slot at once, a task cut into one segment of the
+longest length the contract allows: seg_duration 60, seg_overlap 59.99, so 119.99 s, against
+LONGEST_SEGMENT_S = 120 in the plan (onnxruntime's arena keeps the peak of the longest input,
+pitfalls.md item 10). This is repeated --decodes times, since the RSS of a worker still creeps up
+over the first few long decodes. Then worker RSS comes from `capsctl status --json`
+(rss_bytes), and the supervisor's is that of the daemon's own process plus its children that are
+not workers (multiprocessing's resource tracker), via psutil.
+
+Printed: capsd's own estimate (its plan at startup) against the measured RSS, per worker (the
+largest worker) and in total, and the ratio estimate / measured, which must stay in 1.0..1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+from common import check_exact, file_frames, machine, models, task_ids, tone_file, transcribe
+
+from capsd import memory
+from capsd.preflight import LONGEST_SEGMENT_S
+from capsd.selftest.daemon import Capsd
+
+MIB = 2**20
+LONGEST_SEG = (60.0, 59.99)  # seg_duration <= 60, seg_overlap < seg_duration (CONTRACT.md section 3)
+LOW, HIGH = 1.0, 1.3
+
+
+def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int) -> dict[str, Any]:
+    """Start capsd, decode the longest segment `decodes` times on every slot, read RSS and the plan."""
+    seconds = sum(LONGEST_SEG)
+    config = {"workers": {"count": count, "threads": threads}, "model": {"dir": str(model_dir)}}
+    capsd = Capsd(tmp, config)
+    try:
+        for n in range(decodes):
+            tasks = {}
+            for slot, task_id in enumerate(task_ids(list(range(count)), count)):
+                samples, digits = tone_file(seconds, seed=100 * n + slot)
+                tasks[task_id] = (file_frames(task_id, samples, LONGEST_SEG), digits)
+            _, finals = transcribe(capsd.url, {t: frames for t, (frames, _) in tasks.items()})
+            for task_id, (_, digits) in tasks.items():
+                check_exact(finals[task_id], digits)
+        status = capsd.status()
+        workers = {slot["pid"]: slot["rss_bytes"] for slot in status["slots"]}
+        daemon = psutil.Process(capsd.proc.pid)
+        supervisor = sum(p.memory_info().rss for p in [daemon, *daemon.children(True)] if p.pid not in workers)
+    finally:
+        capsd.stop()
+    planned = status["memory"]["planned_bytes"]
+    return {
+        "worker": max(workers.values()),
+        "total": sum(workers.values()) + supervisor,
+        "est_worker": (planned - memory.SUPERVISOR_BYTES) // count,
+        "est_total": planned,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decodes", type=int, default=4, help="longest segments decoded per worker (default 4)")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    print(
+        f"each worker decoded a {sum(LONGEST_SEG):g} s segment {args.decodes} times (seg {LONGEST_SEG[0]:g}/"
+        f"{LONGEST_SEG[1]:g}); plan uses LONGEST_SEGMENT_S = {LONGEST_SEGMENT_S:g}; RSS in MiB\n"
+    )
+    print(f"{'model':<10} {'workers':>7} {'threads':>7} | {'per worker: est':>15} {'measured':>8} {'ratio':>5}"
+          f" | {'total: est':>10} {'measured':>8} {'ratio':>5}")  # fmt: skip
+    bad = []
+    with tempfile.TemporaryDirectory(prefix="capsd-memory-") as tmp:
+        for name, model_dir in models(Path(tmp)).items():
+            for count, threads in ((1, 1), (2, 1), (3, 1), (1, 2)):
+                run = Path(tmp) / f"{name}-{count}-{threads}"
+                run.mkdir()
+                m = measure(run, model_dir, count, threads, args.decodes)
+                ratios = m["est_worker"] / m["worker"], m["est_total"] / m["total"]
+                bad += [f"{name} {count}x{threads}" for r in ratios if not LOW <= r <= HIGH]
+                print(
+                    f"{name:<10} {count:>7} {threads:>7} | {m['est_worker'] / MIB:>15.1f} {m['worker'] / MIB:>8.1f}"
+                    f" {ratios[0]:>5.2f} | {m['est_total'] / MIB:>10.1f} {m['total'] / MIB:>8.1f} {ratios[1]:>5.2f}",
+                    flush=True,
+                )
+    print(f"\nestimate / measured must lie in {LOW}..{HIGH}: " + ("all do" if not bad else "NOT MET: " + ", ".join(bad)))
+
+
+if __name__ == "__main__":
+    main()
