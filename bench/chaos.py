@@ -71,7 +71,7 @@ class Run:
     tasks: dict[str, Expected] = field(default_factory=dict)
     frames: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
     finals: dict[str, asyncio.Event] = field(default_factory=dict)
-    kills: list[str] = field(default_factory=list)  # slot state at each kill
+    kills: list[str] = field(default_factory=list)  # the slot's state at each kill: idle, busy
     problems: list[str] = field(default_factory=list)
 
 
@@ -105,7 +105,7 @@ async def client(n: int, url: str, rng: random.Random, deadline: float, run: Run
                 await send_mic(ws, task_id, samples, frame_s=MIC_FRAME_S, seg=(15, 2), pace=pace)
             try:
                 await asyncio.wait_for(final.wait(), TASK_TIMEOUT_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError only from Python 3.11
                 pass  # judged at the end: no final frame
         await asyncio.sleep(GRACE_S)
         reader.cancel()
@@ -124,15 +124,17 @@ async def killer(capsd: Capsd, workers: int, rng: random.Random, deadline: float
                     break
                 await asyncio.sleep(0.05)
         os.kill(before["pid"], signal.SIGKILL)
-        run.kills.append(before["state"])
+        run.kills.append("idle" if before["state"] == "ready" else before["state"])
         for _ in range(600):  # the slot comes back: a new pid, ready, one more restart
             after = (await asyncio.to_thread(capsd.status))["slots"][slot]
             if after["pid"] != before["pid"] and after["state"] in ("ready", "busy"):
                 break
             await asyncio.sleep(0.1)
         if after["restarts"] != before["restarts"] + 1 or after["pid"] == before["pid"]:
-            run.problems.append(f"kill {len(run.kills)} of slot {slot}: restarts {before['restarts']} -> "
-                                f"{after['restarts']}, pid {before['pid']} -> {after['pid']} ({after['state']})")
+            run.problems.append(
+                f"kill {len(run.kills)} of slot {slot}: restarts {before['restarts']} -> "
+                f"{after['restarts']}, pid {before['pid']} -> {after['pid']} ({after['state']})"
+            )
 
 
 def rss_sampler(capsd: Capsd, warm_at: float) -> Any:
@@ -177,8 +179,13 @@ def parse_logs(text: str) -> tuple[list[tuple[str, str, list[str]]], set[str]]:
         if "] worker exited " in line:
             fields = dict(re.findall(r"(reason|exitcode)=(\S+)", line))
             lost = re.search(r"lost_tasks=(\[[^\]]*\])", line)
-            exits.append((fields.get("reason", "?"), fields.get("exitcode", "?"),
-                          ast.literal_eval(lost.group(1)) if lost else []))  # fmt: skip
+            exits.append(
+                (
+                    fields.get("reason", "?"),
+                    fields.get("exitcode", "?"),
+                    ast.literal_eval(lost.group(1)) if lost else [],
+                )
+            )
         elif "] task failed " in line and (task := re.search(r"\btask=(\S+)", line)):
             failed.add(task.group(1))
     return exits, failed
@@ -227,8 +234,9 @@ def main() -> int:
     lost = {t for _, _, tasks in exits for t in tasks}
     restarts = sum(s["restarts"] for s in status["slots"])
     if failed != lost or failed != logged_failed:
-        run.problems.append(f"failed tasks: clients saw {sorted(failed)}, logs lost {sorted(lost)}, "
-                            f"logs failed {sorted(logged_failed)}")  # fmt: skip
+        run.problems.append(
+            f"failed tasks: clients saw {sorted(failed)}, logs lost {sorted(lost)}, logs failed {sorted(logged_failed)}"
+        )
     if len(exits) != len(run.kills) or restarts != len(run.kills) or any(e[:2] != ("crashed", "-9") for e in exits):
         run.problems.append(f"{len(run.kills)} kills, {restarts} restarts, worker exits logged: {exits}")
     done = sum(s["tasks_done"] for s in status["slots"])
@@ -243,13 +251,19 @@ def main() -> int:
 
     sources = [t.source for t in run.tasks.values()]
     states = {s: run.kills.count(s) for s in sorted(set(run.kills))}
-    print(f"chaos: {args.minutes:g} min, {args.workers} workers, {args.clients} clients, seed {args.seed},"
-          f" {'heavy' if args.heavy else 'self-test'} model")  # fmt: skip
-    print(f"tasks: {len(run.tasks)} (file {sources.count('file')}, mic {sources.count('mic')}),"
-          f" exact {exact}, failed {len(failed)} (worker_crashed), lost in killed workers per logs {len(lost)}")
+    print(
+        f"chaos: {args.minutes:g} min, {args.workers} workers, {args.clients} clients, seed {args.seed},"
+        f" {'heavy' if args.heavy else 'self-test'} model"
+    )
+    print(
+        f"tasks: {len(run.tasks)} (file {sources.count('file')}, mic {sources.count('mic')}),"
+        f" exact {exact}, failed {len(failed)} (worker_crashed), lost in killed workers per logs {len(lost)}"
+    )
     print(f"kills: {len(run.kills)} {states}, restarts {restarts}, worker exits logged {len(exits)}")
-    print(f"supervisor RSS: {rss_warm / 2**20:.1f} MiB after warm-up, {rss_end / 2**20:.1f} MiB at end"
-          f" ({growth / 2**20:+.1f} MiB)")  # fmt: skip
+    print(
+        f"supervisor RSS: {rss_warm / 2**20:.1f} MiB after warm-up, {rss_end / 2**20:.1f} MiB at end"
+        f" ({growth / 2**20:+.1f} MiB)"
+    )
     print(f"duration: {duration:.0f} s")
     for problem in run.problems:
         print(f"  problem: {problem}")

@@ -22,6 +22,7 @@ from capsd.protocol import RATE
 EX_OK, EX_FAILED, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_NOPERM = 0, 1, 64, 65, 69, 77
 FILE_FRAME_S = 60  # CapsWriter's file client sends 60 s per frame
 FILE_SEG_DURATION, FILE_SEG_OVERLAP = 25, 2
+SYSTEM_SOCKET = Path("/run/capsd/control.sock")  # RuntimeDirectory=capsd of systemd/capsd.service
 
 
 class CtlError(Exception):
@@ -49,6 +50,12 @@ def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, An
                 raise CtlError("capsd closed the control connection without a reply", EX_UNAVAILABLE)
             data += chunk
     return json.loads(data)
+
+
+def default_socket() -> Path:
+    """capsd's own default; for an operator in the service's group, the system service's socket."""
+    path = control_socket("")
+    return path if path.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
 
 
 def status_table(status: dict[str, Any]) -> str:
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         code, text = transcribe(args.url, args.file, timeout)
         print(text, file=sys.stdout if code == EX_OK else sys.stderr)
         return code
-    path = Path(args.socket) if args.socket else control_socket("")
+    path = Path(args.socket) if args.socket else default_socket()
     if args.command == "status":
         reply = request(path, {"cmd": "status"}, 10)
         reply.pop("ok")

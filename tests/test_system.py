@@ -1,19 +1,22 @@
 """capsd as a system service, checked the way an operator meets it: a real systemd as PID 1.
 
-The module boots a throwaway systemd in fresh PID and mount namespaces (root only). Before
-exec'ing it, the script mounts tmpfs on /tmp, /run, /var/tmp and /var/log/journal (otherwise
-systemd-tmpfiles would empty the host's /tmp at boot) and overlays /etc and /var on a tmpfs
-(so creating the capsd user, /etc/capsd and /var/lib/capsd never touches the host). The
-install under test (this interpreter's venv, capsd's source) is bind-mounted back
-where it was if one of those mounts hides it. The sandbox boots basic.target, not
-multi-user.target, so the host's own services (databases, sshd) do not start inside it.
-systemd-sysusers creates the user from systemd/capsd.sysusers. The repo's unit is installed
-unchanged, plus a drop-in that points ExecStart at this venv's capsd and a test config, and
-makes that install visible through the unit's PrivateTmp=/ProtectHome= if it has to be.
+The module boots a throwaway systemd in fresh PID and mount namespaces (root only), following
+the team's sandbox recipe: tmpfs on /tmp, /run, /var/tmp and /var/log/journal before exec'ing
+systemd (else systemd-tmpfiles would empty the host's /tmp at boot). Beyond the recipe:
+- /etc and /var are overlays on a tmpfs, so the capsd user (made by systemd-sysusers from
+  systemd/capsd.sysusers), /etc/capsd and /var/lib/capsd never reach the host;
+- /dev/console is /dev/null inside, and systemd logs to its own journal instead: PID 1 writes
+  its console messages to /dev/console, which would be the host's;
+- it boots basic.target, so the host's enabled services (a database, sshd) stay off;
+- the install under test (this venv, its interpreter, capsd's source) is mounted back where it
+  was if the tmpfs mounts hide it, or where other users (capsd, nobody) cannot enter.
+The repo's unit is installed unchanged, plus a drop-in that points ExecStart at this install's
+capsd with a test config and, if it has to, makes the install visible through the unit's
+PrivateTmp=/ProtectHome= (the unit's own advice for a capsd under /home).
 
 The sandbox always ends: `systemctl poweroff` when the module is done (and at exit), else
-SIGKILL to its PID 1, and if pytest itself is killed, PR_SET_PDEATHSIG takes unshare down,
-whose --kill-child takes PID 1 and so the whole namespace with it.
+SIGKILL to its PID 1 (never SIGTERM: PID 1 re-executes). If pytest itself is killed,
+PR_SET_PDEATHSIG kills unshare, whose --kill-child kills PID 1 and so the whole namespace.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def skip_reason() -> str | None:
             return f"needs {tool}"
     if not SYSTEMD.exists():
         return f"needs systemd ({SYSTEMD} is missing)"
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        return "needs overlayfs to keep the sandbox's /etc and /var off the host"
     probe = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "true"], capture_output=True, text=True
     )
@@ -127,7 +132,7 @@ class Sandbox:
         q = shlex.quote
         lines = [
             "set -eu",
-            "mount --bind /dev/null /dev/console",  # PID 1 would write to the host's console
+            "if [ -e /dev/console ]; then mount --bind /dev/null /dev/console; fi",
             "mount -t tmpfs tmpfs /run",
             "mkdir /run/capsd-test",
         ]
@@ -177,7 +182,11 @@ class Sandbox:
                 env=ENV,
             )
         poll("the sandbox's systemd to start", self.find_pid1, timeout)
-        poll("systemctl is-system-running to say running", self.is_running, timeout)
+        try:
+            poll("systemctl is-system-running to say running", self.is_running, timeout)
+        except AssertionError as e:
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout
+            raise AssertionError(f"{e}\n{jobs}") from None
 
     def is_running(self) -> bool:
         return self.run("systemctl", "is-system-running", check=False).stdout.strip() in ("running", "degraded")
@@ -286,8 +295,10 @@ class Service:
         return set()
 
     def journal(self, *args: str) -> list[dict[str, Any]]:
+        """`journalctl -u capsd ARGS` as entries, MESSAGE always a string."""
         out = self.sandbox.run("journalctl", "--no-pager", "--output=json", "-u", "capsd", *args, check=False).stdout
-        return [json.loads(line) for line in out.splitlines()]
+        entries = [json.loads(line) for line in out.splitlines()]
+        return [{**e, "MESSAGE": str(e.get("MESSAGE", ""))} for e in entries]
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +410,20 @@ def test_watchdog_restarts_a_stopped_main_process(service: Service) -> None:
         service.sandbox.run("systemctl", "daemon-reload")
 
 
+def test_reload_rereads_the_config_in_place(service: Service) -> None:
+    service.running()
+    main = service.show("MainPID")
+    config = service.sandbox.path(CONFIG)
+    config.write_text(config.read_text() + "queue_limit = 100\n")  # [workers] is the last table
+    service.sandbox.run("systemctl", "reload", "capsd")  # ExecReload: SIGHUP, under the unit's sandbox
+
+    def reloaded() -> list[dict[str, Any]]:
+        return [e for e in service.journal() if "config reloaded" in e["MESSAGE"] and "queue_limit" in e["MESSAGE"]]
+
+    poll("capsd to log the reload", reloaded)
+    assert service.show("MainPID", "ActiveState") == {**main, "ActiveState": "active"}
+
+
 def test_stop_exits_0_and_leaves_no_process(service: Service) -> None:
     status = service.running()
     pids = service.cgroup_pids()  # as the host sees them; capsctl shows the sandbox's
@@ -422,3 +447,22 @@ def test_hardening_exposure_is_at_most_2(service: Service) -> None:
     found = re.search(r"Overall exposure level for capsd\.service: (\d+\.\d+)", report)
     assert found, report
     assert float(found.group(1)) <= 2.0, report
+
+
+def test_refused_config_is_not_restarted(service: Service) -> None:
+    config = service.sandbox.path(CONFIG)
+    good = config.read_text()
+    service.sandbox.run("systemctl", "stop", "capsd")
+    config.write_text(good + "count_of_workers = 2\n")
+    try:
+        refused = service.sandbox.run("systemctl", "start", "capsd", check=False, timeout=150)
+        assert refused.returncode != 0
+        # Restart=on-failure would leave it in SubState auto-restart; exit 78 must leave it failed.
+        shown = service.show("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
+        expected = {"ActiveState": "failed", "SubState": "failed", "Result": "exit-code", "ExecMainStatus": "78"}
+        assert shown == {**expected, "NRestarts": "0"}, shown
+        refusal = [e for e in service.journal("--priority=err") if "count_of_workers" in e["MESSAGE"]]
+        assert refusal, "the refusal should name the key in journalctl -u capsd"
+    finally:
+        config.write_text(good)
+        service.sandbox.run("systemctl", "reset-failed", "capsd", check=False)
