@@ -1,29 +1,21 @@
 #!/usr/bin/env python3
-"""Chaos soak: CapsWriter clients against a real capsd while a killer SIGKILLs its workers.
+"""Chaos soak: CapsWriter clients against a real capsd while its workers are SIGKILLed.
 
 A real capsd (N workers, restart intensity too high to trip) serves C clients for M minutes.
-Each client, on one connection, loops over tasks: random digit strings of 5-90 s as tones, sent
-either as CapsWriter's file client does (60 s frames, is_final on the last one, seg 25/2 or
-15/2) or as its mic client does (0.1 s frames paced at 1x, 2x, 10x real time or unpaced, seg
-15/2, an empty final frame). Meanwhile a killer picks a random slot every 2-8 s, kills its
-worker (pid from `status`) with SIGKILL, either at once (idle, loading audio, mid-send) or once
-the slot is busy plus a random part of a decode, and waits for the slot to come back.
-
-It checks, and fails the run otherwise:
-- every task got exactly one final frame, and nothing after it (a task without one within
-  120 s of its last frame sent is a hang);
-- every task that did not fail is exact: its tokens are the digits sent, timestamps within
-  0.1 s of the true tone starts;
-- every failed task has code worker_crashed, and the set of failed tasks the clients saw equals
-  both the union of `lost_tasks` over capsd's "worker exited" log lines and the tasks of its
-  "task failed" lines; one "worker exited" (reason crashed) per kill, and after each kill the
-  slot's `restarts` grew by one and a new pid got ready; status totals match the clients' view;
-- the supervisor's RSS after the warm-up (the first minute) and at the end differ by at most
-  max(10 MiB, 10 %);
-- capsd stops cleanly (exit 0) on SIGTERM.
-
-Use --heavy (a model with a real Paraformer's decode cost) so that kills land mid-decode.
-Not part of the test run: `python bench/chaos.py --minutes 10 --heavy`.
+Each client loops over tasks on one connection: random digits as tones, 5-90 s, sent as
+CapsWriter's file client does (60 s frames, is_final on the last, seg 25/2 or 15/2) or as its
+mic client does (0.1 s frames at 1x, 2x, 10x real time or unpaced, seg 15/2, empty final frame).
+Every 2-8 s a killer SIGKILLs a random slot's worker (pid from status), at a random moment or
+a random part into a decode, and waits for the slot to come back. At the end it checks:
+- every task got exactly one final frame, and nothing after it (none within 120 s: a hang);
+- every task that did not fail is exact: tokens are the digits sent, timestamps within 0.1 s;
+- every failure is worker_crashed, and the failed tasks the clients saw are exactly the union of
+  `lost_tasks` in capsd's "worker exited" log lines and the tasks of its "task failed" lines;
+  one crash exit per kill, each kill grew the slot's restarts by one; status counts agree;
+- the supervisor's RSS grew by at most max(10 MiB, 10 %) from the warm-up (first minute) to the
+  end, its open files and threads by at most 10; capsd exits 0 on SIGTERM.
+Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode:
+`python bench/chaos.py --minutes 10 --heavy`.
 """
 
 from __future__ import annotations
@@ -39,6 +31,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +50,7 @@ GRACE_S = 3  # after a client's last task, so a late duplicate final frame is st
 MIC_FRAME_S = 0.1
 KILL_EVERY_S = (2, 8)
 RSS_BOUND = (10 * 2**20, 0.10)
+HANDLES_BOUND = 10  # open files, threads
 
 
 @dataclass
@@ -137,17 +131,20 @@ async def killer(capsd: Capsd, workers: int, rng: random.Random, deadline: float
             )
 
 
-def rss_sampler(capsd: Capsd, warm_at: float) -> Any:
-    async def sample() -> int:
-        await asyncio.sleep(max(0.0, warm_at - time.monotonic()))
-        return psutil.Process(capsd.proc.pid).memory_info().rss
-
-    return asyncio.create_task(sample())
+def usage(pid: int) -> tuple[int, int, int]:
+    """RSS, open files and threads of a process."""
+    process = psutil.Process(pid)
+    return process.memory_info().rss, process.num_fds(), process.num_threads()
 
 
-def judge_tasks(run: Run) -> tuple[set[str], int]:
-    """The failed task ids the clients saw, and how many tasks were exact; records problems."""
-    failed, exact = set(), 0
+async def usage_at(pid: int, at: float) -> tuple[int, int, int]:
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+    return usage(pid)
+
+
+def judge_tasks(run: Run) -> tuple[dict[str, str], int]:
+    """The failed tasks the clients saw (id -> code), and how many tasks were exact; records problems."""
+    failed, exact = {}, 0
     for task_id, want in run.tasks.items():
         frames = run.frames.get(task_id, [])
         finals = [i for i, f in enumerate(frames) if f["is_final"]]
@@ -158,8 +155,8 @@ def judge_tasks(run: Run) -> tuple[set[str], int]:
             run.problems.append(f"{task_id}: {len(finals)} final frames, {len(frames) - 1 - finals[0]} after the first")
         final = frames[finals[0]]
         if "error" in final:
-            failed.add(task_id)
-            if final["error"]["code"] != "worker_crashed":
+            failed[task_id] = final["error"]["code"]
+            if failed[task_id] != "worker_crashed":
                 run.problems.append(f"{task_id}: failed with {final['error']}")
         elif token_digits(final["tokens"]) != want.digits:
             run.problems.append(f"{task_id}: got {token_digits(final['tokens'])!r}, sent {want.digits!r}")
@@ -178,16 +175,10 @@ def parse_logs(text: str) -> tuple[list[tuple[str, str, list[str]]], set[str]]:
     for line in text.splitlines():
         if "] worker exited " in line:
             fields = dict(re.findall(r"(reason|exitcode)=(\S+)", line))
-            lost = re.search(r"lost_tasks=(\[[^\]]*\])", line)
-            exits.append(
-                (
-                    fields.get("reason", "?"),
-                    fields.get("exitcode", "?"),
-                    ast.literal_eval(lost.group(1)) if lost else [],
-                )
-            )
-        elif "] task failed " in line and (task := re.search(r"\btask=(\S+)", line)):
-            failed.add(task.group(1))
+            lost = ast.literal_eval(m.group(1)) if (m := re.search(r"lost_tasks=(\[[^\]]*\])", line)) else []
+            exits.append((fields.get("reason", "?"), fields.get("exitcode", "?"), lost))
+        elif "] task failed " in line and (m := re.search(r"\btask=('[^']*'|\S+)", line)):
+            failed.add(m.group(1).strip("'"))  # the renderer quotes a value only if it has spaces
     return exits, failed
 
 
@@ -209,67 +200,60 @@ def main() -> int:
         build_paraformer(tmp / "heavy", heavy=True)
         config["model"] = {"dir": str(tmp / "heavy")}
     print(f"machine: {machine()}")
-    capsd = Capsd(tmp, config)
-    run = Run()
+    capsd, run = Capsd(tmp, config), Run()
     started = time.monotonic()
     deadline = started + args.minutes * 60
 
-    async def soak() -> tuple[int, int]:
-        warm = rss_sampler(capsd, started + min(60, args.minutes * 30))
+    async def soak() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        warm = asyncio.create_task(usage_at(capsd.proc.pid, started + min(60, args.minutes * 30)))
         await asyncio.gather(
             killer(capsd, args.workers, random.Random(f"{args.seed}-killer"), deadline, run),
             *(client(n, capsd.url, random.Random(f"{args.seed}-{n}"), deadline, run) for n in range(args.clients)),
         )
-        return await warm, psutil.Process(capsd.proc.pid).memory_info().rss
+        return await warm, usage(capsd.proc.pid)
 
     try:
-        rss_warm, rss_end = asyncio.run(soak())
+        (rss0, fds0, threads0), (rss1, fds1, threads1) = asyncio.run(soak())
         duration = time.monotonic() - started
-        status = capsd.status()
+        slots = capsd.status()["slots"]
     finally:
         exitcode = capsd.stop()
-    exits, logged_failed = parse_logs(capsd.logs())
 
     failed, exact = judge_tasks(run)
+    exits, logged_failed = parse_logs(capsd.logs())
     lost = {t for _, _, tasks in exits for t in tasks}
-    restarts = sum(s["restarts"] for s in status["slots"])
-    if failed != lost or failed != logged_failed:
-        run.problems.append(
-            f"failed tasks: clients saw {sorted(failed)}, logs lost {sorted(lost)}, logs failed {sorted(logged_failed)}"
-        )
-    if len(exits) != len(run.kills) or restarts != len(run.kills) or any(e[:2] != ("crashed", "-9") for e in exits):
-        run.problems.append(f"{len(run.kills)} kills, {restarts} restarts, worker exits logged: {exits}")
-    done = sum(s["tasks_done"] for s in status["slots"])
-    tasks_failed = sum(s["tasks_failed"] for s in status["slots"])
-    if (done, tasks_failed) != (exact, len(failed)):
-        run.problems.append(f"status: {done} done, {tasks_failed} failed")
-    growth = rss_end - rss_warm
-    if growth > max(RSS_BOUND[0], RSS_BOUND[1] * rss_warm):
-        run.problems.append(f"supervisor RSS grew by {growth / 2**20:.1f} MiB")
-    if exitcode != 0:
-        run.problems.append(f"capsd exited {exitcode} on SIGTERM")
+    restarts, done, tasks_failed = (sum(s[k] for s in slots) for k in ("restarts", "tasks_done", "tasks_failed"))
+    checks = {
+        f"failed tasks: clients {sorted(failed)}, logs lost {sorted(lost)}, logs failed {sorted(logged_failed)}":
+            set(failed) == lost == logged_failed,
+        f"{len(run.kills)} kills, {restarts} restarts, worker exits logged {exits}":
+            len(exits) == restarts == len(run.kills) and all(e[:2] == ("crashed", "-9") for e in exits),
+        f"status counts {done} done, {tasks_failed} failed": (done, tasks_failed) == (exact, len(failed)),
+        f"supervisor RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB": rss1 - rss0 <= max(RSS_BOUND[0], RSS_BOUND[1] * rss0),
+        f"supervisor open files {fds0} -> {fds1}, threads {threads0} -> {threads1}":
+            fds1 - fds0 <= HANDLES_BOUND and threads1 - threads0 <= HANDLES_BOUND,
+        f"capsd exited {exitcode} on SIGTERM": exitcode == 0,
+    }  # fmt: skip
+    run.problems += [problem for problem, ok in checks.items() if not ok]
 
-    sources = [t.source for t in run.tasks.values()]
-    states = {s: run.kills.count(s) for s in sorted(set(run.kills))}
+    sources = Counter(t.source for t in run.tasks.values())
     print(
         f"chaos: {args.minutes:g} min, {args.workers} workers, {args.clients} clients, seed {args.seed},"
-        f" {'heavy' if args.heavy else 'self-test'} model"
+        f" {'heavy' if args.heavy else 'self-test'} model, {duration:.0f} s in all"
     )
     print(
-        f"tasks: {len(run.tasks)} (file {sources.count('file')}, mic {sources.count('mic')}),"
-        f" exact {exact}, failed {len(failed)} (worker_crashed), lost in killed workers per logs {len(lost)}"
+        f"tasks: {len(run.tasks)} ({dict(sources)}), exact {exact}, failed {len(failed)}"
+        f" {dict(Counter(failed.values()))}, lost in killed workers per the logs {len(lost)}"
     )
-    print(f"kills: {len(run.kills)} {states}, restarts {restarts}, worker exits logged {len(exits)}")
+    print(f"kills: {len(run.kills)} {dict(Counter(run.kills))}, restarts {restarts}, worker exits logged {len(exits)}")
     print(
-        f"supervisor RSS: {rss_warm / 2**20:.1f} MiB after warm-up, {rss_end / 2**20:.1f} MiB at end"
-        f" ({growth / 2**20:+.1f} MiB)"
+        f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
+        f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
     )
-    print(f"duration: {duration:.0f} s")
     for problem in run.problems:
         print(f"  problem: {problem}")
     if run.problems:
-        print(f"capsd log kept: {capsd.log_path}")
-        print(f"chaos: FAIL ({len(run.problems)} problems)")
+        print(f"capsd log kept: {capsd.log_path}\nchaos: FAIL ({len(run.problems)} problems)")
         return 1
     shutil.rmtree(tmp)
     print("chaos: PASS")

@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 from common import FILE_SEG, check_exact, file_frames, machine, models, task_ids, tone_file, transcribe
 
 from capsd import models as model_types
@@ -77,6 +78,18 @@ def decode_raw(segments: list[Segment]) -> tuple[float, str]:
     return elapsed, token_digits(merged.tokens)
 
 
+def serve(daemon: Capsd, tasks: dict[str, list[str]], digits: dict[str, str]) -> tuple[float, str]:
+    """Wall seconds for capsd to answer every task exactly, and where the CPU went meanwhile."""
+    processes = [psutil.Process(daemon.proc.pid), *(psutil.Process(s["pid"]) for s in daemon.status()["slots"])]
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    elapsed, finals = transcribe(daemon.url, tasks)
+    cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(processes, before)]
+    for task_id, final in finals.items():
+        check_exact(final, digits[task_id])
+    busy = " ".join(f"{c / elapsed:.0%}" for c in cpu[1:])
+    return elapsed, f"worker CPU / wall {busy}, supervisor CPU {cpu[0]:.2f} s"
+
+
 def runs(label: str, times: list[float]) -> str:
     listed = " ".join(f"{t:.2f}" for t in times)
     return f"  {label:<38} {min(times):6.2f} s   median {statistics.median(times):6.2f} s   runs: {listed}"
@@ -94,16 +107,18 @@ def measure(model_dir: Path, daemons: dict[int, Capsd], pool: ProcessPoolExecuto
     long_frames = file_frames("long", long_samples)
     segments = cut_segments(long_frames)
     load_recognizer(model_dir)
+    four_digits = {task_id: digits for task_id, (_, digits) in zip(ids, files)}
     times: dict[str, list[float]] = {"1w": [], "2w": [], "capsd": [], "raw": [], "raw2": []}
+    cpu: dict[str, list[str]] = {"1w": [], "2w": [], "capsd": []}
     for _ in range(repeat):
-        for count in (1, 2):
-            elapsed, finals = transcribe(daemons[count].url, four)
-            for task_id, (_, digits) in zip(ids, files):
-                check_exact(finals[task_id], digits)
-            times[f"{count}w"].append(elapsed)
-        elapsed, finals = transcribe(daemons[1].url, {"long": long_frames})
-        check_exact(finals["long"], long_digits)
-        times["capsd"].append(elapsed)
+        for key, daemon, tasks, expected in (
+            ("1w", daemons[1], four, four_digits),
+            ("2w", daemons[2], four, four_digits),
+            ("capsd", daemons[1], {"long": long_frames}, {"long": long_digits}),
+        ):
+            elapsed, where = serve(daemon, tasks, expected)
+            times[key].append(elapsed)
+            cpu[key].append(where)
         elapsed, digits = decode_raw(segments)
         times["raw"].append(elapsed)
         start = time.perf_counter()
@@ -113,6 +128,7 @@ def measure(model_dir: Path, daemons: dict[int, Capsd], pool: ProcessPoolExecuto
             raise SystemExit("wrong result from sherpa-onnx without capsd")
     return {
         "times": times,
+        "cpu": {key: notes[times[key].index(min(times[key]))] for key, notes in cpu.items()},
         "per_file": len(cut_segments(next(iter(four.values())))),
         "segments": len(segments),
         "decoded_s": sum(len(s.samples) for s in segments) / 16000,
@@ -126,11 +142,13 @@ def report(m: dict[str, Any], repeat: int) -> None:
     print(f"(a) 4 files x 90 s at once, 4 connections, file client: 60 s frames, {seg} ({m['per_file']} segments/file)")
     print(runs("capsd, 1 worker", times["1w"]))
     print(runs("capsd, 2 workers (2 files per slot)", times["2w"]))
+    print(f"  in the best runs: 1 worker: {m['cpu']['1w']}; 2 workers: {m['cpu']['2w']}")
     speedup = min(times["1w"]) / min(times["2w"])
     print(f"  speedup 2 workers / 1 worker          {verdict(speedup, speedup >= 1.8, '>= 1.8x')}\n")
     print(f"(b) 1 file x 180 s, {seg} ({m['segments']} segments, {m['decoded_s']:.0f} s decoded)")
     print(runs("capsd, 1 worker", times["capsd"]))
     print(runs("sherpa-onnx in process, same segments", times["raw"]))
+    print(f"  in the best capsd run: {m['cpu']['capsd']}")
     overhead = min(times["capsd"]) / min(times["raw"])
     print(f"  capsd / raw                           {verdict(overhead, overhead <= 1.10, '<= 1.10x')}\n")
     print("(c) the machine's ceiling for (a), no capsd: the segments of (b) decoded in 2 processes at once")

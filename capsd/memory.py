@@ -15,24 +15,30 @@ import psutil
 
 MIB = 2**20
 
-# The constants below are calibrated by bench/memory_calibration.py; first values were
-# measured with sherpa-onnx 2.0.1 on a 2-core x86_64 box, each worker a spawn-started process.
+# The constants below are calibrated by bench/memory_calibration.py (a real capsd, workers that
+# have decoded 119.99 s segments 4 times, RSS from `capsctl status --json`), with sherpa-onnx
+# 2.0.1 on a 2-core x86_64 box, each worker a spawn-started process.
 
-# Python + numpy + structlog + sherpa-onnx/onnxruntime + a few-KB model after one 17 s decode:
-# 63 MiB RSS (python 13, numpy +14, sherpa_onnx +8, recognizer and first decode +28);
-# 65.7 MiB with the embedded paraformer self-test model.
+# Python + numpy + structlog + sherpa-onnx/onnxruntime + a few-KB model, loaded, not yet
+# decoding: 62 MiB RSS (python 13, numpy +14, sherpa_onnx +8, recognizer +27).
 WORKER_BASELINE_BYTES = 64 * MIB
-# RSS per byte of model files once loaded: 1.28 (fp32 MatMul, 68 MB) and 1.30 (int8
-# MatMulInteger, 70 MB). Loading peaks briefly near 1.9, so start workers one at a time.
+# RSS per byte of model files once loaded: 1.0 (fp32 MatMul, 76 MB) to 1.28 (fp32 attention,
+# 77 MB; int8 MatMulInteger measured 1.30). Loading peaks briefly near 1.9, so start workers
+# one at a time.
 MODEL_FACTOR = 1.3
-# Each onnxruntime intra-op thread measured under 0.1 MiB; rounded up for wider models.
+# 2 intra-op threads instead of 1 made no difference above the 10 MiB noise between runs.
 THREAD_BYTES = 2 * MIB
-# onnxruntime's arena keeps the peak of the longest segment decoded (pitfalls.md item 10):
-# measured 1.1 to 2.3 MiB per second of audio on 4096- and 8192-wide synthetic models,
-# 0.3 MiB/s with the paraformer self-test model (features alone).
+# onnxruntime's arena keeps the peak of the longest segment decoded (pitfalls.md item 10), and
+# glibc's heap creeps up over the first few long decodes. Per second of the longest segment,
+# after 4 decodes of 120 s: 2.1 MiB/s on an attention stand-in shaped like Paraformer-large's
+# encoder (6 layers of d 512, 4 heads, FFN 2048: its T x T scores are what grow; planned at
+# 1.02-1.12x), 1.35 on a 4096-wide MatMul chain, 1.0 on the heavy self-test model and 0.5 on
+# the embedded one. Real models have attention, so the self-test models are planned 2-3x high.
 SEGMENT_BYTES_PER_S = int(2.5 * MIB)
-# The supervisor: its imports (asyncio, websockets, structlog, numpy, psutil) measured
-# 39 MiB; the rest is room for a few buffered 5 MB client frames.
+# The supervisor and multiprocessing's resource tracker: 40 + 12 MiB idle, 81 MiB after one
+# client's 120 s file, 110-142 MiB after 2 such clients at once, 152-180 MiB after 3 (client
+# frames and queued segments live here). So this is low: the workers' margin covers it up to
+# 3 workers (attention stand-in, 3 workers: total planned at 1.03x).
 SUPERVISOR_BYTES = 64 * MIB
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712).

@@ -69,6 +69,8 @@ class Daemon:
             await self.stop_workers()
             return code
         runners = [asyncio.create_task(slot.run()) for slot in self.slots]
+        for runner in runners:
+            runner.add_done_callback(self.runner_ended)
         try:
             await self.front.start()
             await self.control.start()
@@ -98,6 +100,12 @@ class Daemon:
             all_ready.cancel()
             return self.done.result()
         return None
+
+    def runner_ended(self, runner: asyncio.Task[None]) -> None:
+        # A slot that stops feeding its worker would hang its clients: give up loudly instead.
+        if not runner.cancelled() and runner.exception():
+            log.critical("slot dispatcher failed", error=repr(runner.exception()))
+            self.finish(EX_SOFTWARE)
 
     def startup_failed(self, slot: Slot, reason: str) -> None:
         # A worker that dies before it is ready has a bad model or environment: restarting it

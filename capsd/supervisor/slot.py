@@ -105,8 +105,10 @@ class Incarnation:
         return message
 
     def close(self) -> None:
+        # Closed from the sender thread, after any send still under way has failed on the dead
+        # pipe: closing it under a blocked send would hand that send a stale file descriptor.
+        self.sender.submit(self.conn.close)
         self.sender.shutdown(wait=False)
-        self.conn.close()
         self.replies.put_nowait(_GONE)
 
     def rss(self) -> int:
