@@ -79,6 +79,7 @@ class Daemon:
             await self.stop_workers()
             return EX_CONFIG
         self.state = "ready"
+        log.info("memory plan", plan=self.plan.message())
         log.info("capsd ready", slots=len(self.slots), version=__version__, config=self.cfg.source)
         notify.notify(ready=1, status=self.summary())
         watcher = asyncio.create_task(self.watch_workers())
@@ -129,28 +130,37 @@ class Daemon:
 
     async def watch_workers(self) -> None:
         """Hung and bloated workers, and systemd's watchdog and status line."""
-        workers = self.cfg.workers
         watchdog = notify.watchdog_interval()
-        last_ping = 0.0
+        last_ping, last_status = 0.0, ""
         while True:
             now = time.monotonic()
             for slot in self.slots:
-                if slot.in_flight and now - slot.busy_since > workers.heartbeat_timeout_s:
-                    log.warning(
-                        "worker hung", slot=slot.index, pid=slot.incarnation.pid, busy_s=round(now - slot.busy_since, 1)
-                    )
-                    slot.kill("hung")
-                elif workers.max_rss_mb and not slot.drain_reason and slot.incarnation and slot.incarnation.decoded:
-                    rss = slot.incarnation.rss()
-                    if rss > workers.max_rss_mb * 2**20:
-                        log.warning(
-                            "worker over max_rss_mb", slot=slot.index, pid=slot.incarnation.pid, rss_mb=rss >> 20
-                        )
-                        slot.drain("rss")
-            if watchdog and now - last_ping >= watchdog:
-                notify.notify(watchdog=1, status=self.summary())
-                last_ping = now
+                self.check_worker(slot, now)
+            ping = watchdog is not None and now - last_ping >= watchdog
+            status = self.summary()
+            if ping or status != last_status:
+                notify.notify(status=status, **({"watchdog": 1} if ping else {}))
+                last_status, last_ping = status, now if ping else last_ping
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def check_worker(self, slot: Slot, now: float) -> None:
+        workers, inc = self.cfg.workers, slot.incarnation
+        if inc is None or not inc.ready:
+            return
+        if slot.in_flight and now - slot.busy_since > workers.heartbeat_timeout_s:
+            log.warning("worker hung", slot=slot.index, pid=inc.pid, busy_s=round(now - slot.busy_since, 1))
+            slot.kill("hung")
+            return
+        if not inc.decoded:  # a fresh worker is as small as it gets: recycling it would loop
+            return
+        rss = inc.rss()
+        if rss > self.plan.worker_bytes and not inc.over_plan:
+            inc.over_plan = True
+            log.warning("worker above its memory estimate", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20,
+                        estimate_mb=self.plan.worker_bytes >> 20)  # fmt: skip
+        if workers.max_rss_mb and not slot.drain_reason and rss > workers.max_rss_mb * 2**20:
+            log.warning("worker over max_rss_mb", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20)
+            slot.drain("rss")
 
     def handle_stop(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)

@@ -72,6 +72,7 @@ class Incarnation:
         self.started = time.monotonic()
         self.ready = False
         self.decoded = 0  # segments decoded; a fresh worker over max_rss_mb is not recycled again
+        self.over_plan = False  # warned once that its RSS exceeds the memory plan's estimate
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
         # Sends run in a thread of their own: a stopped worker must block only its own slot.
