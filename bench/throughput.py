@@ -44,11 +44,10 @@ THREADS = 1
 _recognizer: Any = None  # one per process of the reference pool
 
 
-def load_recognizer(model_dir: Path) -> Any:
+def load_recognizer(model_dir: Path) -> None:
     global _recognizer
     files = model_types.resolve_files("paraformer", model_dir, {})
     _recognizer = model_types.create_recognizer("paraformer", files, THREADS)
-    return _recognizer
 
 
 def cut_segments(frames: list[str]) -> list[Segment]:

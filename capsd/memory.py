@@ -37,9 +37,9 @@ THREAD_BYTES = 2 * MIB
 SEGMENT_BYTES_PER_S = int(2.5 * MIB)
 # The supervisor and multiprocessing's resource tracker: 40 + 12 MiB idle, 81 MiB after one
 # client's 120 s file, 110-142 MiB after 2 such clients at once, 152-180 MiB after 3 (client
-# frames and queued segments live here). So this is low: the workers' margin covers it up to
-# 3 workers (attention stand-in, 3 workers: total planned at 1.03x).
-SUPERVISOR_BYTES = 64 * MIB
+# frames and queued segments live here). Planned for a few long file clients at once; the
+# per-connection bounds in supervisor/front.py keep one client from growing it without limit.
+SUPERVISOR_BYTES = 128 * MIB
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712).
 _V1_UNLIMITED = 2**62

@@ -241,7 +241,7 @@ def test_plan_fits() -> None:
     assert p.fits
     assert p.max_count == (8 * GIB - 512 * MIB - SUPERVISOR_BYTES) // (410 * MIB)
     assert p.message() == (
-        "memory plan fits: 2 workers x 410 MiB + supervisor 64 MiB = 884 MiB of 7.5 GiB available"
+        "memory plan fits: 2 workers x 410 MiB + supervisor 128 MiB = 948 MiB of 7.5 GiB available"
         f" (MemAvailable 8.0 GiB, minus memory_reserve_mb 512); at most {p.max_count} workers"
         " would fit"
     )
