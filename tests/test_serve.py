@@ -336,3 +336,13 @@ def test_dictation_is_served_before_waiting_file_segments(start_capsd: Any, heav
     assert_exact(frames["dictation"], mic_digits, mic_starts)
     # The mic task's result came while the file still had segments waiting.
     assert frames["dictation"][-1]["time_complete"] < frames["batch"][-2]["time_complete"]
+
+
+@pytest.mark.parametrize(("source", "seg"), [("mic", (15, 2)), ("file", (25, 2)), ("mic", (4, 1))])
+def test_one_digit_repeated_across_every_boundary_is_kept_exactly(start_capsd: Any, source: str, seg: Any) -> None:
+    """Every overlap of this task is cut between two equal tokens (pitfalls 6)."""
+    capsd = start_capsd()
+    digits = "7" * 100
+    samples, starts = synth(digits)
+    frames = asyncio.run(run_client(capsd.url, [("sevens", source, samples, seg)]))
+    assert_exact(frames["sevens"], digits, starts)
