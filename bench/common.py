@@ -1,10 +1,12 @@
-"""What the benchmarks share: the machine's description, the models, task ids, CapsWriter-like clients."""
+"""What the benchmarks share: the machine's description, the models, task ids, CapsWriter-like clients,
+starting capsd and reading its memory."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,13 @@ import websockets
 from capsd.protocol import route
 from capsd.selftest import EMBEDDED_MODEL_DIR
 from capsd.selftest.build import build_paraformer
-from capsd.selftest.client import receive, send_file
+from capsd.selftest.client import receive, send_file, send_mic
+from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth, token_digits
 
 SLOT_S = 0.5  # synth: one digit per 0.3 s tone + 0.2 s gap, after 0.2 s of silence
 FILE_SEG = (25.0, 2.0)  # CapsWriter's file client: file_seg_duration = 25, file_seg_overlap = 2
+MIC_FRAME_S = 0.1  # CapsWriter's mic client: small frames, seg_duration 15, seg_overlap 2 (send_mic's defaults)
 
 
 def machine() -> str:
@@ -104,3 +108,58 @@ def check_exact(final: dict[str, Any], digits: str) -> None:
     """A fast wrong answer must not win: every digit, once, in order."""
     if "error" in final or token_digits(final["tokens"]) != digits:
         raise SystemExit(f"wrong result for {final['task_id']}: {final.get('error') or final['text'][:80]}")
+
+
+async def dictate(url: str, dictations: list[tuple[str, np.ndarray, str]]) -> list[float]:
+    """CapsWriter's mic client on one connection, one dictation after another, each paced at real
+    time and ended by the empty final frame: seconds from that frame to the final result, each exact."""
+    latencies = []
+    async with websockets.connect(url, max_size=None) as ws:
+        for task_id, samples, digits in dictations:
+            await send_mic(ws, task_id, samples, frame_s=MIC_FRAME_S, pace=MIC_FRAME_S)
+            sent = time.perf_counter()
+            final = (await receive(ws, {task_id}, timeout=120))[task_id][-1]
+            latencies.append(time.perf_counter() - sent)
+            check_exact(final, digits)
+    return latencies
+
+
+async def keep_busy(
+    url: str, task_id: str, frames: list[str], digits: str, answered: list[str], limit: int = 100
+) -> None:
+    """A file client sending the same file again each time it is answered (so, with the same task
+    id, encoded once) until cancelled; each answer is checked and appended to `answered`."""
+    async with websockets.connect(url, max_size=None) as ws:
+        for _ in range(limit):
+            for frame in frames:
+                await ws.send(frame)
+            check_exact((await receive(ws, {task_id}, timeout=600))[task_id][-1], digits)
+            answered.append(task_id)
+
+
+def start_capsd(tmp: Path, model_dir: Path, count: int, threads: int) -> tuple[Capsd, float]:
+    """A capsd with `count` workers in a new directory under `tmp`, and its time to ready: seconds
+    from starting its process until the control socket reports state ready (polled every 20 ms)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"w{count}-", dir=tmp))
+    config = {"workers": {"count": count, "threads": threads}, "model": {"dir": str(model_dir)}}
+    start = time.perf_counter()
+    daemon = Capsd(directory, config, wait=False)
+    for _ in range(3000):  # 60 s
+        try:
+            if daemon.status()["state"] == "ready":
+                return daemon, time.perf_counter() - start
+        except Exception:  # no control socket yet
+            if daemon.proc.poll() is not None:
+                break
+        time.sleep(0.02)
+    daemon.stop()
+    raise AssertionError(f"capsd not ready (exit code {daemon.proc.returncode}):\n{daemon.logs()}")
+
+
+def rss(daemon: Capsd) -> tuple[int, list[int]]:
+    """RSS of the supervisor (the daemon's process and its children that are not workers, such as
+    multiprocessing's resource tracker) and of each worker, in slot order."""
+    workers = {slot["pid"]: slot["rss_bytes"] for slot in daemon.status()["slots"]}
+    process = psutil.Process(daemon.proc.pid)
+    supervisor = sum(p.memory_info().rss for p in [process, *process.children(True)] if p.pid not in workers)
+    return supervisor, list(workers.values())

@@ -23,8 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import psutil
-from common import check_exact, file_frames, machine, models, task_ids, tone_file, transcribe
+from common import check_exact, file_frames, machine, models, rss, task_ids, tone_file, transcribe
 
 from capsd import memory
 from capsd.preflight import LONGEST_SEGMENT_S
@@ -51,14 +50,12 @@ def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, 
                 if exact:
                     check_exact(finals[task_id], digits)
         status = capsd.status()
-        workers = {slot["pid"]: slot["rss_bytes"] for slot in status["slots"]}
-        daemon = psutil.Process(capsd.proc.pid)
-        supervisor = sum(p.memory_info().rss for p in [daemon, *daemon.children(True)] if p.pid not in workers)
+        supervisor, workers = rss(capsd)
     finally:
         capsd.stop()
     planned = status["memory"]["planned_bytes"]
     return {
-        "worker": max(workers.values()),
+        "worker": max(workers),
         "supervisor": supervisor,
         "total": sum(workers.values()) + supervisor,
         "est_worker": (planned - memory.SUPERVISOR_BYTES) // count,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput of capsd serving CapsWriter file clients, measured side by side in one run.
+"""Throughput and responsiveness of capsd serving CapsWriter clients, measured side by side in one run.
 
 (a) Scaling: 4 files of 90 s sent at once on 4 connections, as CapsWriter's file client sends
     them (60 s frames, seg_duration 25, seg_overlap 2), to a capsd with 1 worker and to one with
@@ -10,28 +10,56 @@
     process, one after the other; same model, same threads (target capsd/raw <= 1.10x).
 (c) The machine's own ceiling for (a), no capsd at all: the segments of (b) decoded by two
     sherpa-onnx processes at once, against one process in (b).
+(d) Mic latency, 2 workers: --dictations dictations of 2-6 s, half routed to each slot, sent as
+    CapsWriter's mic client does (0.1 s frames paced at real time, seg_duration 15, seg_overlap 2,
+    then an empty is_final frame), one after another on one connection per slot; the latency is
+    from that empty final frame to the final result. Idle, then under load: on each slot a file
+    client re-sends a 10 min file (60 s frames, 25/2) as soon as it is answered, for the whole
+    measurement. A mic segment is taken before any waiting file segment, but a decode is never
+    interrupted, so the target is: loaded p95 <= idle p95 + one file segment's decode (27 s of
+    audio, decoded in this process).
+(e) Time to ready with 1 and 2 workers: from starting capsd's process until its control socket
+    reports state ready.
+(f) RSS of the supervisor and of each worker, idle after start, and with 2 workers after (d).
 
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
-built into a temporary directory, over loopback. Both daemons run for the whole benchmark, idle
-when not measured, and the runs alternate between the sides, so drift and other load on the
-machine hit every side alike; the best of --repeat runs is compared. Every final result is
-checked digit by digit, so a fast wrong answer fails the benchmark instead of winning it.
+built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d)
+and run for the whole benchmark, idle when not measured; in (a)-(c) and (e) the runs alternate
+between the sides, so drift and other load on the machine hit every side alike, and the best of
+--repeat runs is compared. Every final result is checked digit by digit, so a fast wrong answer
+fails the benchmark instead of winning it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
-from common import FILE_SEG, check_exact, file_frames, machine, models, task_ids, tone_file, transcribe
+from common import (
+    FILE_SEG,
+    check_exact,
+    dictate,
+    file_frames,
+    keep_busy,
+    machine,
+    models,
+    rss,
+    start_capsd,
+    task_ids,
+    tone_file,
+    transcribe,
+)
 
 from capsd import models as model_types
 from capsd.merge import PartialResult
@@ -41,6 +69,8 @@ from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import token_digits
 
 THREADS = 1
+LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
+MIB = 2**20
 _recognizer: Any = None  # one per process of the reference pool
 
 
@@ -77,16 +107,92 @@ def decode_raw(segments: list[Segment]) -> tuple[float, str]:
     return elapsed, token_digits(merged.tokens)
 
 
-def serve(daemon: Capsd, tasks: dict[str, list[str]], digits: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds for capsd to answer every task exactly, and where the CPU went meanwhile."""
+def cpu_meter(daemon: Capsd) -> Callable[[], str]:
+    """From now on, count the CPU of the supervisor and of each worker; the returned function says
+    where it went until it is called."""
     processes = [psutil.Process(daemon.proc.pid), *(psutil.Process(s["pid"]) for s in daemon.status()["slots"])]
     before = [sum(p.cpu_times()[:2]) for p in processes]
+    start = time.perf_counter()
+
+    def where() -> str:
+        elapsed = time.perf_counter() - start
+        cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(processes, before)]
+        busy = " ".join(f"{c / elapsed:.0%}" for c in cpu[1:])
+        return f"worker CPU / wall {busy}, supervisor CPU {cpu[0]:.2f} s"
+
+    return where
+
+
+def serve(daemon: Capsd, tasks: dict[str, list[str]], digits: dict[str, str]) -> tuple[float, str]:
+    """Wall seconds for capsd to answer every task exactly, and where the CPU went meanwhile."""
+    where = cpu_meter(daemon)
     elapsed, finals = transcribe(daemon.url, tasks)
-    cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(processes, before)]
+    note = where()
     for task_id, final in finals.items():
         check_exact(final, digits[task_id])
-    busy = " ".join(f"{c / elapsed:.0%}" for c in cpu[1:])
-    return elapsed, f"worker CPU / wall {busy}, supervisor CPU {cpu[0]:.2f} s"
+    return elapsed, note
+
+
+def segment_decode(repeat: int) -> list[float]:
+    """Seconds for sherpa-onnx in this process to decode one file segment (25 + 2 s), `repeat` times."""
+    samples, digits = tone_file(sum(FILE_SEG), 3)
+    times = []
+    for _ in range(repeat):
+        elapsed, decoded = decode_raw([Segment(0, 0.0, 0.0, samples, True)])
+        if decoded != digits:
+            raise SystemExit("wrong result from sherpa-onnx without capsd")
+        times.append(elapsed)
+    return times
+
+
+def wait_idle(daemon: Capsd) -> None:
+    """Until the segments of the clients that left are decoded or dropped."""
+    for _ in range(300):  # 30 s
+        if all(s["state"] == "ready" and not s["queue_depth"] for s in daemon.status()["slots"]):
+            return
+        time.sleep(0.1)
+    raise SystemExit("capsd still busy 30 s after its clients left")
+
+
+def mic_latency(daemon: Capsd, count: int) -> dict[str, Any]:
+    """(d) on a capsd with 2 workers: `count` dictations idle, then the same under load."""
+    rng = np.random.default_rng(7)
+    ids = task_ids([n % 2 for n in range(count)] + [0, 1], 2)
+    dictations = [(task_id, *tone_file(rng.uniform(2, 6), 1000 + n)) for n, task_id in enumerate(ids[:count])]
+    load = []
+    for slot, task_id in enumerate(ids[count:]):
+        samples, digits = tone_file(LOAD_FILE_S, 2000 + slot)
+        load.append((task_id, file_frames(task_id, samples), digits))
+
+    async def both_slots() -> list[float]:
+        per_slot = await asyncio.gather(*(dictate(daemon.url, dictations[slot::2]) for slot in (0, 1)))
+        return per_slot[0] + per_slot[1]
+
+    async def loaded() -> tuple[list[float], str, int]:
+        answered: list[str] = []
+        busy = [asyncio.create_task(keep_busy(daemon.url, *file, answered)) for file in load]
+        await asyncio.sleep(1)  # both workers are decoding file segments
+        where = cpu_meter(daemon)
+        latencies = await both_slots()
+        note = where()
+        for task in busy:
+            if task.done():
+                task.result()  # raises what ended it
+                raise SystemExit("the load ended before the dictations")
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        return latencies, note, len(answered)
+
+    idle = asyncio.run(both_slots())
+    under_load, where, answered = asyncio.run(loaded())
+    wait_idle(daemon)
+    return {
+        "idle": idle,
+        "loaded": under_load,
+        "cpu": where,
+        "answered": answered,
+        "seconds": [len(samples) / 16000 for _, samples, _ in dictations],
+    }
 
 
 def runs(label: str, times: list[float]) -> str:
@@ -98,14 +204,13 @@ def verdict(ratio: float, ok: bool, target: str) -> str:
     return f"{ratio:.2f}x   target {target}   {'met' if ok else 'NOT MET'}"
 
 
-def measure(model_dir: Path, daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -> dict[str, Any]:
+def measure(daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -> dict[str, Any]:
     files = [tone_file(90, seed) for seed in range(4)]
     ids = task_ids([0, 0, 1, 1], 2)
     four = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
     long_samples, long_digits = tone_file(180, 99)
     long_frames = file_frames("long", long_samples)
     segments = cut_segments(long_frames)
-    load_recognizer(model_dir)
     four_digits = {task_id: digits for task_id, (_, digits) in zip(ids, files)}
     times: dict[str, list[float]] = {"1w": [], "2w": [], "capsd": [], "raw": [], "raw2": []}
     cpu: dict[str, list[str]] = {"1w": [], "2w": [], "capsd": []}
@@ -152,29 +257,69 @@ def report(m: dict[str, Any], repeat: int) -> None:
     print(f"  capsd / raw                           {verdict(overhead, overhead <= 1.10, '<= 1.10x')}\n")
     print("(c) the machine's ceiling for (a), no capsd: the segments of (b) decoded in 2 processes at once")
     print(runs("2 x sherpa-onnx, twice the work of (b)", times["raw2"]))
-    print(f"  speedup vs 1 process in (b)           {2 * min(times['raw']) / min(times['raw2']):.2f}x")
+    print(f"  speedup vs 1 process in (b)           {2 * min(times['raw']) / min(times['raw2']):.2f}x\n")
+
+    mic, segment = m["mic"], statistics.median(m["segment"])
+    idle, loaded = (np.percentile(mic[side], [50, 95]) for side in ("idle", "loaded"))
+    print(
+        f"(d) mic latency, 2 workers: {len(mic['idle'])} dictations of {min(mic['seconds']):.1f}-"
+        f"{max(mic['seconds']):.1f} s, half on each slot, 0.1 s frames at real time, seg_duration 15, seg_overlap 2;"
+        " from the empty final frame to the final result"
+    )
+    for label, side, (p50, p95) in (("idle", "idle", idle), ("under load", "loaded", loaded)):
+        print(f"  {label:<38} p50 {p50:5.2f} s   p95 {p95:5.2f} s   max {max(mic[side]):5.2f} s")
+    print(
+        f"  the load: a file client per slot re-sending {LOAD_FILE_S // 60} min files;"
+        f" {mic['answered']} files answered exactly during it; {mic['cpu']}"
+    )
+    listed = " ".join(f"{t:.2f}" for t in m["segment"])
+    print(f"  one file segment (27 s) decoded in this process {segment:.2f} s median   runs: {listed}")
+    print(
+        f"  loaded p95 - idle p95                 {loaded[1] - idle[1]:.2f} s   target <= {segment:.2f} s"
+        f"   {'met' if loaded[1] <= idle[1] + segment else 'NOT MET'}\n"
+    )
+
+    print("(e) time to ready: from starting capsd's process to state ready on the control socket (polled every 20 ms)")
+    for count, seconds in m["ready"].items():
+        print(runs(f"{count} worker{'s' if count > 1 else ''}", seconds))
+    print()
+
+    print("(f) RSS in MiB: supervisor (its process and multiprocessing's resource tracker), each worker")
+    for label, (supervisor, workers) in m["rss"].items():
+        print(
+            f"  {label:<38} supervisor {supervisor / MIB:6.1f}   workers {' '.join(f'{w / MIB:6.1f}' for w in workers)}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best is compared (default 3)")
+    parser.add_argument("--dictations", type=int, default=30, help="dictations idle and under load in (d) (default 30)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="capsd-bench-") as tmp:
         model_dir = models(Path(tmp))["heavy"]
+        load_recognizer(model_dir)
         daemons: dict[int, Capsd] = {}
+        m: dict[str, Any] = {"ready": {1: [], 2: []}}
         spawn = multiprocessing.get_context("spawn")
         try:
-            for count in (1, 2):
-                (Path(tmp) / f"w{count}").mkdir()
-                config = {"workers": {"count": count, "threads": THREADS}, "model": {"dir": str(model_dir)}}
-                daemons[count] = Capsd(Path(tmp) / f"w{count}", config)
+            for _ in range(args.repeat):
+                for count in (1, 2):
+                    if count in daemons:
+                        daemons.pop(count).stop()
+                    daemons[count], seconds = start_capsd(Path(tmp), model_dir, count, THREADS)
+                    m["ready"][count].append(seconds)
+            m["rss"] = {f"{c} worker{'s' if c > 1 else ''}, idle after start": rss(d) for c, d in daemons.items()}
+            m["segment"] = segment_decode(args.repeat)
+            m["mic"] = mic_latency(daemons[2], args.dictations)
+            m["rss"]["2 workers, idle after (d)"] = rss(daemons[2])
             with ProcessPoolExecutor(2, spawn, initializer=load_recognizer, initargs=(model_dir,)) as pool:
-                measured = measure(model_dir, daemons, pool, args.repeat)
+                m |= measure(daemons, pool, args.repeat)
         finally:
             for daemon in daemons.values():
                 daemon.stop()
-    report(measured, args.repeat)
+    report(m, args.repeat)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
