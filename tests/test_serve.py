@@ -346,3 +346,26 @@ def test_one_digit_repeated_across_every_boundary_is_kept_exactly(start_capsd: A
     samples, starts = synth(digits)
     frames = asyncio.run(run_client(capsd.url, [("sevens", source, samples, seg)]))
     assert_exact(frames["sevens"], digits, starts)
+
+
+def test_audio_buffered_on_one_connection_is_bounded(start_capsd: Any) -> None:
+    """front.MAX_BUFFERED_AUDIO_BYTES (64 MiB): the task that would pass it fails, the others go on."""
+    capsd = start_capsd()
+    digits = "1234567890" * 34
+    samples, starts = synth(digits)  # 170 s: below the 178 s a 60/59 segment needs, so all of it waits
+    ids = [f"hoard-{i}" for i in range(7)]  # 7 x 10.9 MB of float32
+
+    async def hoard() -> dict[str, Any]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            for task_id in ids:
+                await ws.send(frame(task_id, samples, False, "file", (60, 59)))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            for task_id in ids:
+                await ws.send(frame(task_id, samples[:0], True, "file", (60, 59)))
+            frames = await receive(ws, set(ids) - {refused["task_id"]})
+            return frames | {refused["task_id"]: [refused]}
+
+    frames = asyncio.run(hoard())
+    assert frames["hoard-6"][-1]["error"]["code"] == "overloaded"
+    for task_id in ids[:6]:
+        assert_exact(frames[task_id], digits, starts)
