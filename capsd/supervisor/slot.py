@@ -9,6 +9,7 @@ knows which tasks have a partial result in the worker: exactly those fail when i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -55,9 +56,6 @@ class LastExit:
     reason: str
     exitcode: int | None
     at: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"reason": self.reason, "exitcode": self.exitcode, "at": self.at}
 
 
 class Incarnation:
@@ -349,6 +347,6 @@ class Slot:
             "tasks_done": self.tasks_done,
             "tasks_failed": self.tasks_failed,
             "restarts": self.restarts,
-            "last_exit": self.last_exit.as_dict() if self.last_exit else None,
+            "last_exit": dataclasses.asdict(self.last_exit) if self.last_exit else None,
             "uptime_s": round(time.monotonic() - inc.started, 1) if inc else 0.0,
         }
