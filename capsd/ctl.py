@@ -60,19 +60,25 @@ def default_socket() -> Path:
 
 def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
+    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8}  {}"
     lines = [
         f"capsd {status['version']} pid {status['pid']} {status['state']}, up {status['uptime_s']:.0f} s, "
         f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
-        f"{'SLOT':>4} {'PID':>7} {'STATE':<10} {'RSS_MB':>7} {'QUEUE':>5} {'TASKS':>5} {'DONE':>6} {'FAILED':>6} "
-        f"{'RESTARTS':>8}  LAST_EXIT",
+        row.format("SLOT", "PID", "STATE", "RSS_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "LAST_EXIT"),
     ]
     for s in status["slots"]:
         last = s["last_exit"]
         last_text = f"{last['reason']} ({last['exitcode']}) at {last['at']}" if last else "-"
         lines.append(
-            f"{s['slot']:>4} {s['pid'] or '-':>7} {s['state']:<10} {s['rss_bytes'] // mib:>7} {s['queue_depth']:>5} "
-            f"{s['tasks_in_progress']:>5} {s['tasks_done']:>6} {s['tasks_failed']:>6} {s['restarts']:>8}  {last_text}"
-        )
+            row.format(s["slot"], s["pid"] or "-", s["state"], s["rss_bytes"] // mib, s["queue_depth"],
+                       s["tasks_in_progress"], s["tasks_done"], s["tasks_failed"], s["restarts"], last_text)
+        )  # fmt: skip
+    total = {key: sum(s[key] for s in status["slots"]) for key in ("rss_bytes", "queue_depth", "tasks_in_progress",
+                                                                  "tasks_done", "tasks_failed", "restarts")}  # fmt: skip
+    lines.append(
+        row.format("total", "", "", total["rss_bytes"] // mib, total["queue_depth"], total["tasks_in_progress"],
+                   total["tasks_done"], total["tasks_failed"], total["restarts"], "")
+    )  # fmt: skip
     return "\n".join(lines)
 
 
