@@ -15,7 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # CONTRACT.md section 2, copied by hand so a changed default in config.py fails here.
 CONTRACT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "server": {"addr": "127.0.0.1", "port": 6016, "max_connections": 64, "max_message_bytes": 16777216},
+    # stop_timeout_s is capsd's one extension, documented in the README.
+    "server": {
+        "addr": "127.0.0.1",
+        "port": 6016,
+        "max_connections": 64,
+        "max_message_bytes": 16777216,
+        "stop_timeout_s": 20.0,
+    },
     "workers": {
         "count": 1,
         "threads": 1,
@@ -34,7 +41,13 @@ CONTRACT_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # One valid, non-default value for every key of the contract.
 VALID: dict[str, dict[str, Any]] = {
-    "server": {"addr": "0.0.0.0", "port": 6017, "max_connections": 2, "max_message_bytes": 1 << 20},
+    "server": {
+        "addr": "0.0.0.0",
+        "port": 6017,
+        "max_connections": 2,
+        "max_message_bytes": 1 << 20,
+        "stop_timeout_s": 5,
+    },
     "workers": {
         "count": 3,
         "threads": 2,
@@ -393,3 +406,10 @@ def test_repo_config_file_is_the_defaults(monkeypatch: pytest.MonkeyPatch) -> No
     cfg = config.load(str(path))
     assert dataclasses.replace(cfg, source=Config().source) == Config()
     assert as_dict(cfg) == CONTRACT_DEFAULTS
+
+
+def test_stop_timeout_is_a_documented_extension() -> None:
+    assert Config().server.stop_timeout_s == 20.0
+    assert config.from_dict({"server": {"stop_timeout_s": 0}}).server.stop_timeout_s == 0.0
+    with pytest.raises(ConfigError, match=r"\[server\] stop_timeout_s = -1\.0 .*>= 0"):
+        config.from_dict({"server": {"stop_timeout_s": -1}})

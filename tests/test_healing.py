@@ -182,13 +182,13 @@ def test_restart_intensity_exceeded_exits_70(start_capsd: Any) -> None:
 
 
 def test_worker_over_max_rss_is_recycled_without_failing_a_task(start_capsd: Any) -> None:
-    # An idle worker of the self-test model is ~60 MB; decoding a 57 s segment grows its
-    # onnxruntime arena by ~20 MB, which it never gives back (pitfalls 10).
-    capsd = start_capsd({"workers": {"max_rss_mb": 75}})
+    # An idle worker of the self-test model is ~62 MB; decoding a 120 s segment grows its
+    # onnxruntime arena to ~81 MB, which it never gives back (pitfalls 10).
+    capsd = start_capsd({"workers": {"max_rss_mb": 72}})
     old = capsd.worker_pid(0)
-    digits = "1234567890" * 11
+    digits = "1234567890" * 24
     samples, starts = synth(digits)
-    frames = asyncio.run(run_client(capsd.url, [("big", "file", samples, (55, 2))]))
+    frames = asyncio.run(run_client(capsd.url, [("big", "file", samples, (60, 59.9))]))
     assert_exact(frames["big"], digits, starts)
     new_ready_pid(capsd, 0, old)
     slot = capsd.status()["slots"][0]
@@ -230,3 +230,21 @@ def test_sigterm_lets_tasks_in_progress_finish_refuses_new_ones_and_exits_0(
     assert frames["too-late"][-1]["error"]["code"] == "shutting_down"
     assert capsd.proc.wait(30) == 0
     assert not psutil.pid_exists(worker)
+
+
+def test_sigterm_with_no_stop_timeout_fails_tasks_in_progress_with_shutting_down(
+    start_capsd: Any, heavy_model: Path
+) -> None:
+    capsd = start_capsd({"server": {"stop_timeout_s": 0}, "model": {"dir": str(heavy_model)}})
+    samples, _ = synth("1234567890" * 8)
+
+    async def scenario() -> dict[str, Any]:
+        async with websockets.connect(capsd.url, max_size=None) as ws:
+            await send_file(ws, "cut-short", samples, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
+            capsd.proc.send_signal(signal.SIGTERM)
+            return await receive(ws, {"cut-short"})
+
+    frames = asyncio.run(scenario())
+    assert frames["cut-short"][-1]["error"]["code"] == "shutting_down"
+    assert capsd.proc.wait(30) == 0

@@ -28,10 +28,9 @@ log = structlog.get_logger("capsd.supervisor")
 
 EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
 WATCH_INTERVAL_S = 0.5
-STOP_TIMEOUT_S = 20.0  # tasks in progress get this long to finish on SIGTERM; below TimeoutStopSec
 # What SIGHUP can change in a running daemon; anything else needs a restart.
 RELOADABLE = {
-    "server": {"max_connections"},
+    "server": {"max_connections", "stop_timeout_s"},
     "workers": {"max_rss_mb", "heartbeat_timeout_s", "restart_intensity", "restart_period_s", "queue_limit"},
     "log": {"level", "format"},
 }
@@ -201,7 +200,7 @@ class Daemon:
         notify.notify(stopping=1, status="stopping")
         self.front.stop_accepting()
         self.control.stop()
-        deadline = time.monotonic() + (STOP_TIMEOUT_S if code == EX_OK else 0)
+        deadline = time.monotonic() + (self.cfg.server.stop_timeout_s if code == EX_OK else 0)
         while any(slot.open_tasks for slot in self.slots) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for slot in self.slots:
