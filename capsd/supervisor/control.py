@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +94,7 @@ class ControlServer:
         return {"slot": index, "old_pid": old.pid, "new_pid": slot.incarnation.pid}
 
 
-async def _until(condition: Any, timeout: float) -> bool:
+async def _until(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

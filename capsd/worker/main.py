@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsd import models
+from capsd import models, textformat
 from capsd.merge import PartialResult
 from capsd.protocol import RATE
 from capsd.segment import Segment
@@ -57,12 +57,9 @@ class Decoded:
 
 class Recognizer:
     def __init__(self, spec: WorkerSpec) -> None:
-        from capsd import textformat
-
         self.spec = spec
         self.recognizer = models.create_recognizer(spec.model_type, spec.files, spec.threads)
         self.punctuator = textformat.Punctuator(Path(spec.punctuation), spec.threads) if spec.punctuation else None
-        self.format = textformat.format_final
 
     def decode(self, samples: np.ndarray) -> tuple[list[str], list[float]]:
         if len(samples) < MIN_DECODE_SAMPLES:
@@ -83,7 +80,9 @@ class Recognizer:
         return tokens, timestamps
 
     def finish(self, partial: PartialResult) -> str:
-        return self.format(partial.text, num=self.spec.num, spell=self.spec.spell, punctuator=self.punctuator)
+        return textformat.format_final(
+            partial.text, num=self.spec.num, spell=self.spec.spell, punctuator=self.punctuator
+        )
 
 
 def main(conn: Connection, spec: WorkerSpec) -> None:
