@@ -156,10 +156,19 @@ def start_capsd(tmp: Path, model_dir: Path, count: int, threads: int) -> tuple[C
     raise AssertionError(f"capsd not ready (exit code {daemon.proc.returncode}):\n{daemon.logs()}")
 
 
-def rss(daemon: Capsd) -> tuple[int, list[int]]:
+def rss(daemon: Capsd, peak: bool = False) -> tuple[int, list[int]]:
     """RSS of the supervisor (the daemon's process and its children that are not workers, such as
-    multiprocessing's resource tracker) and of each worker, in slot order."""
-    workers = {slot["pid"]: slot["rss_bytes"] for slot in daemon.status()["slots"]}
+    multiprocessing's resource tracker) and of each worker, in slot order; with `peak`, the most
+    each process has had resident since it started (VmHWM)."""
+    workers = [slot["pid"] for slot in daemon.status()["slots"]]
     process = psutil.Process(daemon.proc.pid)
-    supervisor = sum(p.memory_info().rss for p in [process, *process.children(True)] if p.pid not in workers)
-    return supervisor, list(workers.values())
+    supervisor = [p.pid for p in [process, *process.children(True)] if p.pid not in workers]
+    measure = _peak_rss if peak else lambda pid: psutil.Process(pid).memory_info().rss
+    return sum(map(measure, supervisor)), [measure(pid) for pid in workers]
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmHWM for pid {pid}")

@@ -5,15 +5,16 @@ For the self-test model and the CPU-heavy one, a real capsd with 1, 2 and 3 work
 worker with 2 threads) is sent, on every slot at once, a task cut into one segment of the
 longest length the contract allows: seg_duration 60, seg_overlap 59.99, so 119.99 s, against
 LONGEST_SEGMENT_S = 120 in the plan (onnxruntime's arena keeps the peak of the longest input,
-pitfalls.md item 10). This is repeated --decodes times, since the RSS of a worker still creeps up
-over the first few long decodes. Then worker RSS comes from `capsctl status --json`
-(rss_bytes), and the supervisor's is that of the daemon's own process plus its children that are
-not workers (multiprocessing's resource tracker), via psutil.
+pitfalls.md item 10). This is repeated --decodes times, since a worker's RSS may still creep
+up over the first few long decodes.
 
-Printed: capsd's own estimate (its plan at startup) against the measured RSS, per worker (the
-largest worker), for the supervisor, and in total, and the ratio estimate / measured, which
-should stay in 1.0..1.3. RSS counts shared library pages in every process, so the measured total
-is an upper bound of what the cgroup is charged.
+Measured is the peak RSS (VmHWM) of every process, which is what an OOM kill or a cgroup limit
+meets: each worker's, and the supervisor's (the daemon's process plus multiprocessing's resource
+tracker). "loaded" is a worker's RSS when ready, before any decode, and "now" after the last.
+The estimate is capsd's own plan for that config (capsd.preflight.check). Printed: estimate vs
+measured per worker (the largest), for the supervisor and in total, and the ratio estimate /
+measured, which must stay in 1.0..1.3. The total adds peaks that need not coincide and counts
+shared library pages in every process: an upper bound of what the cgroup is charged.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from common import check_exact, file_frames, machine, models, rss, task_ids, tone_file, transcribe
 
-from capsd import memory
+from capsd import config, preflight
 from capsd.preflight import LONGEST_SEGMENT_S
 from capsd.selftest.daemon import Capsd
 
@@ -37,9 +38,9 @@ LOW, HIGH = 1.0, 1.3
 def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, exact: bool) -> dict[str, Any]:
     """Start capsd, decode the longest segment `decodes` times on every slot, read RSS and the plan."""
     seconds = sum(LONGEST_SEG)
-    config = {"workers": {"count": count, "threads": threads}, "model": {"dir": str(model_dir)}}
-    capsd = Capsd(tmp, config)
+    capsd = Capsd(tmp, {"workers": {"count": count, "threads": threads}, "model": {"dir": str(model_dir)}})
     try:
+        loaded = max(rss(capsd)[1])
         for n in range(decodes):
             tasks = {}
             for slot, task_id in enumerate(task_ids(list(range(count)), count)):
@@ -49,17 +50,21 @@ def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, 
             for task_id, (_, digits) in tasks.items():
                 if exact:
                     check_exact(finals[task_id], digits)
-        status = capsd.status()
-        supervisor, workers = rss(capsd)
+        now = max(rss(capsd)[1])
+        supervisor, workers = rss(capsd, peak=True)
+        planned = capsd.status()["memory"]["planned_bytes"]
     finally:
         capsd.stop()
-    planned = status["memory"]["planned_bytes"]
+    plan = preflight.check(config.load(capsd.config_path)).plan
+    assert plan.total_bytes == planned, "the bench's plan differs from the daemon's"
     return {
-        "worker": max(workers),
-        "supervisor": supervisor,
-        "total": sum(workers.values()) + supervisor,
-        "est_worker": (planned - memory.SUPERVISOR_BYTES) // count,
-        "est_total": planned,
+        "loaded": loaded,
+        "now": now,
+        "parts": {  # estimate, measured
+            "worker": (plan.worker_bytes, max(workers)),
+            "supervisor": (plan.supervisor_bytes, supervisor),
+            "total": (plan.total_bytes, sum(workers) + supervisor),
+        },
     }
 
 
@@ -76,8 +81,8 @@ def main() -> None:
         f"each worker decoded a {sum(LONGEST_SEG):g} s segment {args.decodes} times (seg {LONGEST_SEG[0]:g}/"
         f"{LONGEST_SEG[1]:g}); plan uses LONGEST_SEGMENT_S = {LONGEST_SEGMENT_S:g}; RSS in MiB\n"
     )
-    print(f"{'model':<12} {'workers':>7} {'threads':>7} | {'per worker: est':>15} {'measured':>8} {'ratio':>5}"
-          f" | {'supervisor: est':>15} {'measured':>8} | {'total: est':>10} {'measured':>8} {'ratio':>5}")  # fmt: skip
+    print(f"{'model':<10} {'workers':>7} {'threads':>7} | {'worker: loaded':>14} {'now':>6} {'peak':>6} {'est':>6} {'ratio':>5}"
+          f" | {'supervisor: peak':>16} {'est':>6} {'ratio':>5} | {'total: peak':>11} {'est':>6} {'ratio':>5}")  # fmt: skip
     below: list[str] = []
     above: list[str] = []
     with tempfile.TemporaryDirectory(prefix="capsd-memory-") as tmp:
@@ -87,17 +92,22 @@ def main() -> None:
                 run = Path(tmp) / f"{name}-{count}-{threads}"
                 run.mkdir()
                 m = measure(run, model_dir, count, threads, args.decodes, exact=name in own)
-                ratios = m["est_worker"] / m["worker"], m["est_total"] / m["total"]
+                ratios = {part: est / measured for part, (est, measured) in m["parts"].items()}
                 row = f"{name} {count}x{threads}"
-                below += [row] if min(ratios) < LOW else []
-                above += [row] if max(ratios) > HIGH else []
+                below += [row] if min(ratios.values()) < LOW else []
+                above += [row] if max(ratios.values()) > HIGH else []
+                cells = " | ".join(
+                    f"{m['parts'][part][1] / MIB:>{width}.1f} {m['parts'][part][0] / MIB:>6.1f} {ratios[part]:>5.2f}"
+                    for part, width in (("worker", 6), ("supervisor", 16), ("total", 11))
+                )
                 print(
-                    f"{name[:12]:<12} {count:>7} {threads:>7} | {m['est_worker'] / MIB:>15.1f} {m['worker'] / MIB:>8.1f}"
-                    f" {ratios[0]:>5.2f} | {memory.SUPERVISOR_BYTES / MIB:>15.1f} {m['supervisor'] / MIB:>8.1f}"
-                    f" | {m['est_total'] / MIB:>10.1f} {m['total'] / MIB:>8.1f} {ratios[1]:>5.2f}",
+                    f"{name[:10]:<10} {count:>7} {threads:>7} | {m['loaded'] / MIB:>14.1f} {m['now'] / MIB:>6.1f} {cells}",
                     flush=True,
                 )
-    print(f"\nnever below measured ({LOW}x): " + (", ".join(below) + " BELOW" if below else "met in every row"))
+    print(
+        f"\nnever below measured ({LOW}x) per worker, supervisor and total: "
+        + (", ".join(below) + " BELOW" if below else "met in every row")
+    )
     print(f"at most {HIGH}x measured: " + (", ".join(above) + " ABOVE" if above else "met in every row"))
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from capsd import config, log, preflight
+from capsd import config, log, memory, preflight
 from capsd.config import ConfigError
 
 EX_USAGE, EX_CONFIG = 64, 78
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(checked.plan.message())
         return 0
     log.setup(cfg.log.level, cfg.log.format)
+    memory.hand_back_freed_memory()
     from capsd.supervisor.daemon import Daemon
 
     async def run() -> int:

@@ -7,6 +7,8 @@ being OOM-killed later. Reading never fails: a source that cannot be read gives 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,31 +17,35 @@ import psutil
 
 MIB = 2**20
 
-# The constants below are calibrated by bench/memory_calibration.py (a real capsd, workers that
-# have decoded 119.99 s segments 4 times, RSS from `capsctl status --json`), with sherpa-onnx
-# 2.0.1 on a 2-core x86_64 box, each worker a spawn-started process.
+# The constants below are calibrated by bench/memory_calibration.py against the peak RSS (VmHWM)
+# of a real capsd whose workers decoded a 119.99 s segment 4 times each, 1-3 workers, with
+# sherpa-onnx 2.0.1 on a 2-core x86_64 box, each worker a spawn-started process, glibc's mmap
+# threshold fixed (hand_back_freed_memory). Figures in README.md, "Memory plan".
 
 # Python + numpy + structlog + sherpa-onnx/onnxruntime + a few-KB model, loaded, not yet
-# decoding: 62 MiB RSS (python 13, numpy +14, sherpa_onnx +8, recognizer +27).
+# decoding: 62 MiB (python 13, numpy +14, sherpa_onnx +8, recognizer +27).
 WORKER_BASELINE_BYTES = 64 * MIB
-# RSS per byte of model files once loaded: 1.0 (fp32 MatMul, 76 MB) to 1.28 (fp32 attention,
-# 77 MB; int8 MatMulInteger measured 1.30). Loading peaks briefly near 1.9, so start workers
-# one at a time.
+# RSS per byte of model file once loaded: 1.08 for the heavy self-test model (6.2 MiB of fp32
+# MatMul weights), 1.0-1.28 for 76-77 MB fp32 stand-ins, 1.30 for int8 MatMulInteger.
 MODEL_FACTOR = 1.3
-# 2 intra-op threads instead of 1 made no difference above the 10 MiB noise between runs.
+# 2 intra-op threads instead of 1 made no difference above 0.1 MiB.
 THREAD_BYTES = 2 * MIB
-# onnxruntime's arena keeps the peak of the longest segment decoded (pitfalls.md item 10), and
-# glibc's heap creeps up over the first few long decodes. Per second of the longest segment,
-# after 4 decodes of 120 s: 2.1 MiB/s on an attention stand-in shaped like Paraformer-large's
-# encoder (6 layers of d 512, 4 heads, FFN 2048: its T x T scores are what grow; planned at
-# 1.02-1.12x), 1.35 on a 4096-wide MatMul chain, 1.0 on the heavy self-test model and 0.5 on
-# the embedded one. Real models have attention, so the self-test models are planned 2-3x high.
-SEGMENT_BYTES_PER_S = int(2.5 * MIB)
-# The supervisor and multiprocessing's resource tracker: 40 + 12 MiB idle, 81 MiB after one
-# client's 120 s file, 110-142 MiB after 2 such clients at once, 152-180 MiB after 3 (client
-# frames and queued segments live here). Planned for a few long file clients at once; the
-# per-connection bounds in supervisor/front.py keep one client from growing it without limit.
-SUPERVISOR_BYTES = 128 * MIB
+# The working memory of a decode grows with the length of the segment, and onnxruntime's arena
+# keeps its peak (pitfalls.md item 10). Two parts, per second of the longest segment:
+# - the audio and its features in the worker (pickled, as an array, in sherpa-onnx, fbank and
+#   LFR frames): 48 MiB for 120 s with the light self-test model, whose graph is tiny;
+SEGMENT_BYTES_PER_S = int(0.45 * MIB)
+# - the model's activations, which scale with its width; the file's size is the proxy capsd
+#   has before loading anything. The heavy self-test model (1024 wide, 6.2 MiB) added 30 MiB for
+#   120 s, 4.9x its size; planned at 5.5x. File size is only a proxy: an attention model's
+#   score matrices grow with the square of the segment's length (sherpa-onnx#1571: GBs for
+#   30-60 s inputs), so check a real model with `bench/memory_calibration.py --model DIR`.
+ACTIVATION_PER_MODEL_BYTE_PER_S = 5.5 / 120
+# The supervisor and multiprocessing's resource tracker: 66 MiB peak with no traffic, and per
+# worker busy with one client's longest segment (its 60 s frames as JSON, base64, samples and
+# the segment pickled for the worker) 20.5 MiB more: 85.7, 103, 127.5 MiB for 1-3 workers.
+SUPERVISOR_BASELINE_BYTES = 72 * MIB
+SUPERVISOR_BYTES_PER_WORKER_S = int(0.2 * MIB)
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712).
 _V1_UNLIMITED = 2**62
@@ -88,35 +94,58 @@ class Plan:
         return f"memory plan does not fit: {sums}, available {format_bytes(self.available_bytes)} ({where}); {advice}"
 
 
-def estimate_worker_bytes(model_bytes: int, threads: int, longest_segment_s: float) -> int:
-    """Steady-state RSS of one worker that has decoded a segment of `longest_segment_s`."""
+def estimate_worker_bytes(model_bytes: int, threads: int, longest_segment_s: float, punctuation_bytes: int = 0) -> int:
+    """Peak RSS of one worker that decodes a segment of `longest_segment_s`.
+
+    `model_bytes` is the recognizer's files; the punctuation model's are loaded too, but it
+    reads text, so its working memory does not grow with the audio.
+    """
+    activations = model_bytes * ACTIVATION_PER_MODEL_BYTE_PER_S
     return int(
         WORKER_BASELINE_BYTES
-        + model_bytes * MODEL_FACTOR
+        + (model_bytes + punctuation_bytes) * MODEL_FACTOR
         + threads * THREAD_BYTES
-        + longest_segment_s * SEGMENT_BYTES_PER_S
+        + longest_segment_s * (SEGMENT_BYTES_PER_S + activations)
     )
 
 
-def plan(
-    count: int,
-    worker_bytes: int,
-    available: Available,
-    reserve_bytes: int,
-    supervisor_bytes: int = SUPERVISOR_BYTES,
-) -> Plan:
+def estimate_supervisor_bytes(count: int, longest_segment_s: float) -> int:
+    """Peak RSS of the supervisor with each of `count` workers busy with a longest segment."""
+    return SUPERVISOR_BASELINE_BYTES + count * int(longest_segment_s * SUPERVISOR_BYTES_PER_WORKER_S)
+
+
+def hand_back_freed_memory() -> None:
+    """Have glibc return freed blocks over 128 KiB to the system (mallopt M_MMAP_THRESHOLD).
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB),
+    so every long client frame and decode afterwards is carved from a heap that keeps it:
+    the supervisor stayed near 175 MiB after a load instead of 58, and a worker crept up
+    40-60 MiB over its first long decodes (bench/memory_calibration.py). Called by the
+    supervisor and each worker at start; a libc without mallopt is left as it is.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def plan(count: int, worker_bytes: int, available: Available, reserve_bytes: int, longest_segment_s: float) -> Plan:
     usable = max(0, available.bytes - reserve_bytes)
-    total = count * worker_bytes + supervisor_bytes
+    supervisor = estimate_supervisor_bytes(count, longest_segment_s)
+    total = count * worker_bytes + supervisor
+    # The supervisor's estimate is affine in the count, so the largest count that fits is exact.
+    base = estimate_supervisor_bytes(0, longest_segment_s)
+    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s) - base
     return Plan(
         count=count,
         worker_bytes=worker_bytes,
-        supervisor_bytes=supervisor_bytes,
+        supervisor_bytes=supervisor,
         total_bytes=total,
         available_bytes=usable,
         reserve_bytes=reserve_bytes,
         source=available,
         fits=total <= usable,
-        max_count=max(0, (usable - supervisor_bytes) // worker_bytes),
+        max_count=max(0, (usable - base) // per_worker),
     )
 
 

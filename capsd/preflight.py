@@ -41,13 +41,18 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         raise ConfigError(
             f"config: [model] type = {cfg.model.type!r}, dir = {str(model_dir(cfg))!r}: " + "; ".join(problems)
         )
-    model_bytes = sum(p.stat().st_size for p in [*files.values(), *punctuation_files])
-    worker_bytes = memory.estimate_worker_bytes(model_bytes, cfg.workers.threads, LONGEST_SEGMENT_S)
+    worker_bytes = memory.estimate_worker_bytes(
+        sum(p.stat().st_size for p in files.values()),
+        cfg.workers.threads,
+        LONGEST_SEGMENT_S,
+        punctuation_bytes=sum(p.stat().st_size for p in punctuation_files),
+    )
     plan = memory.plan(
         cfg.workers.count,
         worker_bytes,
         available or memory.read_available(),
         cfg.workers.memory_reserve_mb * memory.MIB,
+        LONGEST_SEGMENT_S,
     )
     if not plan.fits:
         raise ConfigError(plan.message())

@@ -5,9 +5,10 @@ import pytest
 
 from capsd.memory import (
     MIB,
-    SUPERVISOR_BYTES,
+    SUPERVISOR_BASELINE_BYTES,
     WORKER_BASELINE_BYTES,
     Available,
+    estimate_supervisor_bytes,
     estimate_worker_bytes,
     plan,
     read_available,
@@ -210,38 +211,59 @@ def test_estimate_grows_with_each_input() -> None:
     assert estimate_worker_bytes(0, 1, 60) > estimate_worker_bytes(0, 1, 17)
 
 
+def test_a_bigger_model_needs_more_per_second_of_audio() -> None:
+    def per_second(model_bytes: int) -> int:
+        return estimate_worker_bytes(model_bytes, 1, 61) - estimate_worker_bytes(model_bytes, 1, 60)
+
+    assert per_second(230 * 10**6) > per_second(6 * 10**6) > per_second(0) > 0
+
+
+def test_a_punctuation_model_is_loaded_but_does_not_read_audio() -> None:
+    with_punctuation = estimate_worker_bytes(0, 1, 120, punctuation_bytes=70 * 10**6)
+    assert estimate_worker_bytes(0, 1, 120) + 70 * 10**6 <= with_punctuation < estimate_worker_bytes(70 * 10**6, 1, 120)
+
+
+def test_supervisor_grows_with_each_busy_worker() -> None:
+    assert estimate_supervisor_bytes(0, 120) == SUPERVISOR_BASELINE_BYTES
+    step = estimate_supervisor_bytes(1, 120) - estimate_supervisor_bytes(0, 120)
+    assert step > 0
+    assert estimate_supervisor_bytes(3, 120) == SUPERVISOR_BASELINE_BYTES + 3 * step
+
+
 CGROUP = Available(900 * MIB + 512 * MIB, "cgroup", "cgroup limit 1.5 GiB minus 600 MiB in use")
+SUPERVISOR = SUPERVISOR_BASELINE_BYTES  # the supervisor's estimate when segments are 0 s long
 
 
 def test_plan_does_not_fit() -> None:
-    p = plan(3, 410 * MIB, CGROUP, 512 * MIB, supervisor_bytes=60 * MIB)
+    p = plan(3, 410 * MIB, CGROUP, 512 * MIB, 0)
     assert not p.fits
-    assert p.total_bytes == 3 * 410 * MIB + 60 * MIB
+    assert p.total_bytes == 3 * 410 * MIB + SUPERVISOR
     assert p.available_bytes == 900 * MIB
     assert p.max_count == 2
     assert p.message() == (
-        "memory plan does not fit: 3 workers x 410 MiB + supervisor 60 MiB = 1.3 GiB,"
+        f"memory plan does not fit: 3 workers x 410 MiB + supervisor {SUPERVISOR // MIB} MiB = 1.3 GiB,"
         " available 900 MiB (cgroup limit 1.5 GiB minus 600 MiB in use,"
         " minus memory_reserve_mb 512); at most 2 workers fit; set [workers] count = 2"
     )
 
 
-def test_plan_max_count_is_exact() -> None:
-    available = Available(2 * 100 * MIB + SUPERVISOR_BYTES, "machine", "MemAvailable")
-    assert plan(2, 100 * MIB, available, 0).fits
-    assert plan(3, 100 * MIB, available, 0).max_count == 2
-    short = Available(available.bytes - 1, "machine", "MemAvailable")
-    assert not plan(2, 100 * MIB, short, 0).fits
-    assert plan(2, 100 * MIB, short, 0).max_count == 1
-    assert "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0).message()
+@pytest.mark.parametrize("seconds", [0, 120])
+def test_plan_max_count_is_exact(seconds: float) -> None:
+    fits = Available(2 * 100 * MIB + estimate_supervisor_bytes(2, seconds), "machine", "MemAvailable")
+    assert plan(2, 100 * MIB, fits, 0, seconds).fits
+    assert plan(3, 100 * MIB, fits, 0, seconds).max_count == 2
+    short = Available(fits.bytes - 1, "machine", "MemAvailable")
+    assert not plan(2, 100 * MIB, short, 0, seconds).fits
+    assert plan(2, 100 * MIB, short, 0, seconds).max_count == 1
+    assert "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0, seconds).message()
 
 
 def test_plan_fits() -> None:
-    p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB)
+    p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB, 0)
     assert p.fits
-    assert p.max_count == (8 * GIB - 512 * MIB - SUPERVISOR_BYTES) // (410 * MIB)
+    assert p.max_count == (8 * GIB - 512 * MIB - SUPERVISOR) // (410 * MIB)
     assert p.message() == (
-        "memory plan fits: 2 workers x 410 MiB + supervisor 128 MiB = 948 MiB of 7.5 GiB available"
+        f"memory plan fits: 2 workers x 410 MiB + supervisor {SUPERVISOR // MIB} MiB = 892 MiB of 7.5 GiB available"
         f" (MemAvailable 8.0 GiB, minus memory_reserve_mb 512); at most {p.max_count} workers"
         " would fit"
     )
@@ -249,7 +271,7 @@ def test_plan_fits() -> None:
 
 @pytest.mark.parametrize("free", [0, 100 * MIB, 600 * MIB])
 def test_plan_not_even_one(free: int) -> None:
-    p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB)
+    p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB, 120)
     assert not p.fits
     assert p.max_count == 0
     assert p.available_bytes == max(0, free - 512 * MIB)

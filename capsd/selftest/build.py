@@ -116,16 +116,17 @@ def _frame_scores(g: _Graph, frames: str, blank_offset: str | None = None) -> st
 def _heavy_zero(g: _Graph, speech: str) -> str:
     """A chain of large MatMul+Tanh layers whose mean is multiplied by 0.
 
-    The weights come from Sin(Range), folded once when the session loads, so
-    the file stays small. Tanh keeps every value finite, so the product is an
-    exact 0 and the scores do not change.
+    The weights are stored in the file like a real model's, so the file's size says
+    what loading it costs (the memory plan reads it). They come from a multiplicative
+    hash of the index: integer arithmetic, so the bytes are the same on every machine.
+    Tanh keeps every value finite, so the product is an exact 0 and the scores do
+    not change.
     """
 
     def weights(rows: int) -> str:
-        count = g.const(float(rows * HEAVY_WIDTH), np.float32)
-        flat = g.op("Range", g.const(0.0, np.float32), count, g.const(1.0, np.float32))
-        scaled = g.op("Mul", g.op("Sin", flat), g.const(1 / math.sqrt(rows), np.float32))
-        return g.op("Reshape", scaled, g.const([rows, HEAVY_WIDTH]))
+        index = np.arange(rows * HEAVY_WIDTH, dtype=np.uint64)
+        uniform = ((index * np.uint64(2654435761)) % np.uint64(2**32)).astype(np.float64) / 2**32 - 0.5
+        return g.const((uniform * math.sqrt(12 / rows)).reshape(rows, HEAVY_WIDTH), np.float32)
 
     hidden = g.op("Tanh", g.op("MatMul", speech, weights(LFR_WINDOW * NUM_MEL)))
     square = weights(HEAVY_WIDTH)

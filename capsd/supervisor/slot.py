@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing
-import os
 import threading
 import time
 from collections import deque
@@ -152,9 +151,6 @@ class Slot:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        # glibc otherwise keeps the heap of each long decode and a worker creeps up by 40-60 MiB
-        # (measured by bench/memory_calibration.py); a fixed mmap threshold hands it back.
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         self.incarnation = Incarnation(self, self.spec)
         log.info("worker started", slot=self.index, pid=self.incarnation.pid)
 

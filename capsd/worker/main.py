@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsd import models, textformat
+from capsd import memory, models, textformat
 from capsd.merge import PartialResult
 from capsd.protocol import RATE
 from capsd.segment import Segment
@@ -89,6 +89,7 @@ def main(conn: Connection, spec: WorkerSpec) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the supervisor alone decides
     # when a worker stops, so a worker ignores SIGINT and ends when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    memory.hand_back_freed_memory()
     recognizer = Recognizer(spec)
     conn.send(Ready(os.getpid()))
     partials: dict[int, PartialResult] = {}
