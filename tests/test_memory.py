@@ -1,4 +1,7 @@
+import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -13,6 +16,11 @@ from capsd.memory import (
     plan,
     read_available,
 )
+from capsd.preflight import LONGEST_SEGMENT_S
+from capsd.selftest.build import build_paraformer
+from capsd.selftest.tones import synth
+from tests.test_healing import wait_for
+from tests.test_serve import run_client
 
 GIB = 2**30
 V1_UNLIMITED = "9223372036854771712"
@@ -277,3 +285,21 @@ def test_plan_not_even_one(free: int) -> None:
     assert p.available_bytes == max(0, free - 512 * MIB)
     assert "not even 1 worker fits" in p.message()
     assert "set [workers] count" not in p.message()
+
+
+def test_a_worker_above_its_estimate_is_reported_once(start_capsd: Any, tmp_path: Path) -> None:
+    # 96 MiB of weights made when the model loads: the few-KB file hides them from the plan.
+    model = tmp_path / "unseen"
+    build_paraformer(model, unseen_mib=96)
+    capsd = start_capsd({"model": {"dir": str(model)}})
+    samples, _ = synth("123")
+    for n in range(2):
+        asyncio.run(run_client(capsd.url, [(f"t{n}", "mic", samples, (15, 2))]))
+    wait_for(lambda: "worker above its memory estimate" in capsd.logs(), what="the warning")
+    time.sleep(1)  # two more checks, which must not repeat it
+    [line] = [line for line in capsd.logs().splitlines() if "worker above its memory estimate" in line]
+    fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+    status = capsd.status()
+    assert fields["pid"] == str(status["slots"][0]["pid"])
+    estimate = status["memory"]["planned_bytes"] - estimate_supervisor_bytes(1, LONGEST_SEGMENT_S)
+    assert int(fields["estimate_mb"]) == estimate // MIB < int(fields["rss_mb"])
