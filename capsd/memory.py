@@ -34,7 +34,7 @@ THREAD_BYTES = 2 * MIB
 # keeps its peak (pitfalls.md item 10). Two parts, per second of the longest segment:
 # - the audio and its features in the worker (pickled, as an array, in sherpa-onnx, fbank and
 #   LFR frames): 48 MiB for 120 s with the light self-test model, whose graph is tiny;
-SEGMENT_BYTES_PER_S = int(0.45 * MIB)
+SEGMENT_BYTES_PER_S = 0.45 * MIB
 # - the model's activations, which scale with its width; the file's size is the proxy capsd
 #   has before loading anything. The heavy self-test model (1024 wide, 6.2 MiB) added 30 MiB for
 #   120 s, 4.9x its size; planned at 5.5x. File size is only a proxy: an attention model's
@@ -45,7 +45,7 @@ ACTIVATION_PER_MODEL_BYTE_PER_S = 5.5 / 120
 # worker busy with one client's longest segment (its 60 s frames as JSON, base64, samples and
 # the segment pickled for the worker) 20.5 MiB more: 85.7, 103, 127.5 MiB for 1-3 workers.
 SUPERVISOR_BASELINE_BYTES = 72 * MIB
-SUPERVISOR_BYTES_PER_WORKER_S = int(0.2 * MIB)
+SUPERVISOR_BYTES_PER_WORKER_S = 0.2 * MIB
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712).
 _V1_UNLIMITED = 2**62
@@ -166,7 +166,7 @@ def read_available(proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/s
 def format_bytes(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
-    return f"{n // MIB} MiB"
+    return f"{round(n / MIB)} MiB"
 
 
 def _workers(n: int) -> str:
