@@ -18,12 +18,11 @@ import websockets
 from capsd.protocol import route
 from capsd.selftest import EMBEDDED_MODEL_DIR
 from capsd.selftest.build import build_paraformer
-from capsd.selftest.client import receive, send_file, send_mic
+from capsd.selftest.client import receive, send_mic
 from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth, token_digits
 
 SLOT_S = 0.5  # synth: one digit per 0.3 s tone + 0.2 s gap, after 0.2 s of silence
-FILE_SEG = (25.0, 2.0)  # CapsWriter's file client: file_seg_duration = 25, file_seg_overlap = 2
 MIC_FRAME_S = 0.1  # CapsWriter's mic client: small frames, seg_duration 15, seg_overlap 2 (send_mic's defaults)
 
 
@@ -67,23 +66,6 @@ def task_ids(slots: list[int], count: int) -> list[str]:
         ids.append(f"task-{n}")
         n += 1
     return ids
-
-
-class Recorder:
-    """Stands in for a websocket to capture a client's frames, so they are encoded before the clock starts."""
-
-    def __init__(self) -> None:
-        self.frames: list[str] = []
-
-    async def send(self, frame: str) -> None:
-        self.frames.append(frame)
-
-
-def file_frames(task_id: str, samples: np.ndarray, seg: tuple[float, float] = FILE_SEG) -> list[str]:
-    """The frames CapsWriter's file client would send for `samples` (60 s each, is_final on the last)."""
-    recorder = Recorder()
-    asyncio.run(send_file(recorder, task_id, samples, seg=seg))
-    return recorder.frames
 
 
 async def _one_connection(url: str, task_id: str, frames: list[str]) -> dict[str, Any]:

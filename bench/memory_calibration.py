@@ -24,10 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import check_exact, file_frames, machine, models, rss, task_ids, tone_file, transcribe
+from common import check_exact, machine, models, rss, task_ids, tone_file, transcribe
 
 from capsd import config, preflight
 from capsd.preflight import LONGEST_SEGMENT_S
+from capsd.selftest.client import file_frames
 from capsd.selftest.daemon import Capsd
 
 MIB = 2**20
@@ -45,7 +46,7 @@ def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, 
             tasks = {}
             for slot, task_id in enumerate(task_ids(list(range(count)), count)):
                 samples, digits = tone_file(seconds, seed=100 * n + slot)
-                tasks[task_id] = (file_frames(task_id, samples, LONGEST_SEG), digits)
+                tasks[task_id] = (file_frames(task_id, samples, seg=LONGEST_SEG), digits)
             _, finals = transcribe(capsd.url, {t: frames for t, (frames, _) in tasks.items()})
             for task_id, (_, digits) in tasks.items():
                 if exact:

@@ -47,10 +47,8 @@ from typing import Any
 import numpy as np
 import psutil
 from common import (
-    FILE_SEG,
     check_exact,
     dictate,
-    file_frames,
     keep_busy,
     machine,
     models,
@@ -65,6 +63,7 @@ from capsd import models as model_types
 from capsd.merge import PartialResult
 from capsd.protocol import parse_frame
 from capsd.segment import Segment, Segmenter
+from capsd.selftest.client import FILE_SEG, file_frames
 from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import token_digits
 

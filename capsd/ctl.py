@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import socket
 import sys
-import time
 import uuid
 import wave
 from pathlib import Path
@@ -18,10 +16,9 @@ import numpy as np
 from capsd.cli import Parser
 from capsd.config import control_socket
 from capsd.protocol import RATE
+from capsd.selftest.client import file_frames
 
 EX_OK, EX_FAILED, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_NOPERM = 0, 1, 64, 65, 69, 77
-FILE_FRAME_S = 60  # CapsWriter's file client sends 60 s per frame
-FILE_SEG_DURATION, FILE_SEG_OVERLAP = 25, 2
 SYSTEM_SOCKET = Path("/run/capsd/control.sock")  # RuntimeDirectory=capsd of systemd/capsd.service
 
 
@@ -58,9 +55,17 @@ def default_socket() -> Path:
     return path if path.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
 
 
+# The per-slot figures that also make the totals row.
+COUNTED = ("rss_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks_failed", "restarts")
+
+
 def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
     row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8}  {}"
+
+    def counted(figures: dict[str, int]) -> list[int]:
+        return [figures["rss_bytes"] // mib, *(figures[key] for key in COUNTED[1:])]
+
     lines = [
         f"capsd {status['version']} pid {status['pid']} {status['state']}, up {status['uptime_s']:.0f} s, "
         f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
@@ -69,16 +74,9 @@ def status_table(status: dict[str, Any]) -> str:
     for s in status["slots"]:
         last = s["last_exit"]
         last_text = f"{last['reason']} ({last['exitcode']}) at {last['at']}" if last else "-"
-        lines.append(
-            row.format(s["slot"], s["pid"] or "-", s["state"], s["rss_bytes"] // mib, s["queue_depth"],
-                       s["tasks_in_progress"], s["tasks_done"], s["tasks_failed"], s["restarts"], last_text)
-        )  # fmt: skip
-    total = {key: sum(s[key] for s in status["slots"]) for key in ("rss_bytes", "queue_depth", "tasks_in_progress",
-                                                                  "tasks_done", "tasks_failed", "restarts")}  # fmt: skip
-    lines.append(
-        row.format("total", "", "", total["rss_bytes"] // mib, total["queue_depth"], total["tasks_in_progress"],
-                   total["tasks_done"], total["tasks_failed"], total["restarts"], "")
-    )  # fmt: skip
+        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), last_text))
+    total = {key: sum(s[key] for s in status["slots"]) for key in COUNTED}
+    lines.append(row.format("total", "", "", *counted(total), ""))
     return "\n".join(lines)
 
 
@@ -109,23 +107,12 @@ def transcribe(url: str, path: Path, timeout: float) -> tuple[int, str]:
     from websockets.exceptions import WebSocketException
     from websockets.sync.client import connect
 
-    samples = read_wav(path)
     task_id = str(uuid.uuid4())
-    step = FILE_FRAME_S * RATE
-    starts = list(range(0, len(samples), step)) or [0]
+    frames = file_frames(task_id, read_wav(path))
     try:
         with connect(url, max_size=None, open_timeout=timeout) as ws:
-            for start in starts:
-                frame = {
-                    "task_id": task_id,
-                    "source": "file",
-                    "data": base64.b64encode(samples[start : start + step].tobytes()).decode(),
-                    "is_final": start == starts[-1],
-                    "time_start": time.time(),
-                    "seg_duration": FILE_SEG_DURATION,
-                    "seg_overlap": FILE_SEG_OVERLAP,
-                }
-                ws.send(json.dumps(frame))
+            for message in frames:
+                ws.send(message)
             while True:
                 result = json.loads(ws.recv(timeout=timeout))
                 if result.get("task_id") in (task_id, None) and result["is_final"]:

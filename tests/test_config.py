@@ -373,12 +373,6 @@ def test_control_socket_under_systemd(runtime_env: pytest.MonkeyPatch, euid: int
     assert config.control_socket("") == Path("/run/capsd/control.sock")
 
 
-def test_control_socket_as_root(runtime_env: pytest.MonkeyPatch) -> None:
-    runtime_env.setattr(config.os, "geteuid", lambda: 0)
-    runtime_env.setenv("XDG_RUNTIME_DIR", "/run/user/0")
-    assert config.control_socket("") == Path("/run/capsd/control.sock")
-
-
 def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
     import os
 
@@ -387,15 +381,22 @@ def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
     assert config.control_socket("") == Path("/run/capsd/control.sock")
 
 
-def test_control_socket_as_user(runtime_env: pytest.MonkeyPatch) -> None:
-    runtime_env.setattr(config.os, "geteuid", lambda: 1000)
-    runtime_env.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.control_socket("") == Path("/run/user/1000/capsd/control.sock")
-
-
-def test_control_socket_as_user_without_xdg(runtime_env: pytest.MonkeyPatch) -> None:
-    runtime_env.setattr(config.os, "geteuid", lambda: 1000)
-    assert config.control_socket("") == Path("/tmp/capsd-1000/capsd/control.sock")
+@pytest.mark.parametrize(
+    ("euid", "xdg", "expected"),
+    [
+        (0, "/run/user/0", "/run/capsd/control.sock"),
+        (1000, "/run/user/1000", "/run/user/1000/capsd/control.sock"),
+        (1000, None, "/tmp/capsd-1000/capsd/control.sock"),
+    ],
+    ids=["as root", "as user", "as user without XDG_RUNTIME_DIR"],
+)
+def test_control_socket_outside_systemd(
+    runtime_env: pytest.MonkeyPatch, euid: int, xdg: str | None, expected: str
+) -> None:
+    runtime_env.setattr(config.os, "geteuid", lambda: euid)
+    if xdg:
+        runtime_env.setenv("XDG_RUNTIME_DIR", xdg)
+    assert config.control_socket("") == Path(expected)
 
 
 def test_repo_config_file_is_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

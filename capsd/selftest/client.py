@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
-RATE = 16000
+from capsd.protocol import RATE
+
+FILE_FRAME_S = 60.0  # CapsWriter's file client sends 60 s per frame ...
+FILE_SEG = (25.0, 2.0)  # ... with file_seg_duration = 25, file_seg_overlap = 2
 
 
 def frame(task_id: str, samples: np.ndarray, is_final: bool, source: str, seg: tuple[float, float]) -> str:
@@ -33,13 +36,20 @@ def frame(task_id: str, samples: np.ndarray, is_final: bool, source: str, seg: t
     )
 
 
-async def send_file(
-    ws: Any, task_id: str, samples: np.ndarray, frame_s: float = 60, seg: tuple[float, float] = (25, 2)
-) -> None:
+def file_frames(
+    task_id: str, samples: np.ndarray, frame_s: float = FILE_FRAME_S, seg: tuple[float, float] = FILE_SEG
+) -> list[str]:
+    """The frames CapsWriter's file client sends for `samples`: `is_final` on the last, with audio."""
     step = round(frame_s * RATE)
     starts = list(range(0, len(samples), step)) or [0]
-    for start in starts:
-        await ws.send(frame(task_id, samples[start : start + step], start == starts[-1], "file", seg))
+    return [frame(task_id, samples[start : start + step], start == starts[-1], "file", seg) for start in starts]
+
+
+async def send_file(
+    ws: Any, task_id: str, samples: np.ndarray, frame_s: float = FILE_FRAME_S, seg: tuple[float, float] = FILE_SEG
+) -> None:
+    for message in file_frames(task_id, samples, frame_s, seg):
+        await ws.send(message)
 
 
 async def send_mic(

@@ -309,9 +309,8 @@ class Slot:
         task.deliver(decoded, submitted)
 
     async def _replace(self, inc: Incarnation) -> None:
-        reason, self.drain_reason = self.drain_reason, None
-        self.exit_reason = reason
-        log.info("worker recycling", slot=self.index, pid=inc.pid, reason=reason)
+        self.exit_reason, self.drain_reason = self.drain_reason, None
+        log.info("worker recycling", slot=self.index, pid=inc.pid, reason=self.exit_reason)
         try:
             await inc.send(("stop", 0, None))
         except WorkerGone:
