@@ -41,7 +41,7 @@ import websockets
 from common import machine
 
 from capsd.selftest.build import build_paraformer
-from capsd.selftest.client import send_file, send_mic
+from capsd.selftest.client import connect, send_file, send_mic
 from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth, token_digits
 
@@ -81,7 +81,7 @@ async def read(ws: Any, run: Run) -> None:
 
 
 async def client(n: int, url: str, rng: random.Random, deadline: float, run: Run) -> None:
-    async with websockets.connect(url, max_size=None) as ws:
+    async with connect(url) as ws:
         reader = asyncio.create_task(read(ws, run))
         for k in range(10**6):
             if time.monotonic() >= deadline:

@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import psutil
-import websockets
 
 from capsd.protocol import route
 from capsd.selftest import EMBEDDED_MODEL_DIR
 from capsd.selftest.build import build_paraformer
-from capsd.selftest.client import receive, send_mic
+from capsd.selftest.client import connect, receive, send_mic
 from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth, token_digits
 
@@ -69,7 +68,7 @@ def task_ids(slots: list[int], count: int) -> list[str]:
 
 
 async def _one_connection(url: str, task_id: str, frames: list[str]) -> dict[str, Any]:
-    async with websockets.connect(url, max_size=None) as ws:
+    async with connect(url) as ws:
         for frame in frames:
             await ws.send(frame)
         return (await receive(ws, {task_id}, timeout=600))[task_id][-1]
@@ -96,7 +95,7 @@ async def dictate(url: str, dictations: list[tuple[str, np.ndarray, str]]) -> li
     """CapsWriter's mic client on one connection, one dictation after another, each paced at real
     time and ended by the empty final frame: seconds from that frame to the final result, each exact."""
     latencies = []
-    async with websockets.connect(url, max_size=None) as ws:
+    async with connect(url) as ws:
         for task_id, samples, digits in dictations:
             await send_mic(ws, task_id, samples, frame_s=MIC_FRAME_S, pace=MIC_FRAME_S)
             sent = time.perf_counter()
@@ -111,7 +110,7 @@ async def keep_busy(
 ) -> None:
     """A file client sending the same file again each time it is answered (so, with the same task
     id, encoded once) until cancelled; each answer is checked and appended to `answered`."""
-    async with websockets.connect(url, max_size=None) as ws:
+    async with connect(url) as ws:
         for _ in range(limit):
             for frame in frames:
                 await ws.send(frame)

@@ -17,6 +17,18 @@ from typing import Any
 import numpy as np
 
 RATE = 16000
+# Segment parameters a client may ask for. The floor keeps one frame from being cut into a flood
+# of tiny segments (CapsWriter sends 15 and 25); the ceiling bounds a worker's memory.
+MIN_SEG_DURATION_S = 1.0
+MAX_SEG_DURATION_S = 60.0
+# The longest segment a worker can be handed: seg_duration + seg_overlap, overlap < duration.
+LONGEST_SEGMENT_S = 2 * MAX_SEG_DURATION_S
+MAX_TASK_ID_CHARS = 256
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """A client-supplied string as it may appear in a message or a log line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class BadRequest(Exception):
@@ -73,6 +85,8 @@ def parse_frame(raw: str | bytes) -> AudioFrame:
     task_id = obj.get("task_id")
     if not isinstance(task_id, str) or not task_id:
         raise BadRequest("field 'task_id' must be a non-empty string")
+    if len(task_id) > MAX_TASK_ID_CHARS:
+        raise BadRequest(f"field 'task_id' is {len(task_id)} characters long: at most {MAX_TASK_ID_CHARS}")
     try:
         return _parse_task_frame(obj, task_id)
     except BadRequest as e:
@@ -82,13 +96,15 @@ def parse_frame(raw: str | bytes) -> AudioFrame:
 def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:
     source = _field(obj, "source", str)
     if source not in ("mic", "file"):
-        raise BadRequest(f"field 'source' must be 'mic' or 'file', not {source!r}")
+        raise BadRequest(f"field 'source' must be 'mic' or 'file', not {clip(source)!r}")
     is_final = _field(obj, "is_final", bool)
     time_start = _number(obj, "time_start")
     seg_duration = _number(obj, "seg_duration", 15)
     seg_overlap = _number(obj, "seg_overlap", 2)
-    if not 0 < seg_duration <= 60:
-        raise BadRequest(f"seg_duration {seg_duration:g} out of range: must be > 0 and <= 60")
+    if not MIN_SEG_DURATION_S <= seg_duration <= MAX_SEG_DURATION_S:
+        raise BadRequest(
+            f"seg_duration {seg_duration:g} out of range: must be >= {MIN_SEG_DURATION_S:g} and <= {MAX_SEG_DURATION_S:g}"
+        )
     if not 0 <= seg_overlap < seg_duration:
         raise BadRequest(f"seg_overlap {seg_overlap:g} out of range: must be >= 0 and < seg_duration")
     context = _field(obj, "context", str, "")

@@ -30,32 +30,42 @@ class Segment:
 
 
 class Segmenter:
+    """One task's audio not yet cut, kept as the frames it came in: a frame costs its own size."""
+
     def __init__(self, seg_duration: float, seg_overlap: float) -> None:
         self.length = round((seg_duration + seg_overlap) * RATE)
         self.stride = round(seg_duration * RATE)
         self.threshold = round((seg_duration + 2 * seg_overlap) * RATE)
         self.overlap = seg_overlap
-        self.buffer = np.zeros(0, dtype=np.float32)
-        self.start = 0  # sample index of buffer[0] within the task
+        self.chunks: list[np.ndarray] = []
+        self.buffered = 0  # samples in chunks
+        self.start = 0  # sample index of the first buffered sample within the task
         self.count = 0
 
     @property
     def buffered_bytes(self) -> int:
-        return self.buffer.nbytes
+        return self.buffered * 4
 
     def clear(self) -> None:
-        self.buffer = self.buffer[:0]
+        self.chunks, self.buffered = [], 0
 
     def feed(self, samples: np.ndarray, is_final: bool) -> list[Segment]:
-        self.buffer = np.concatenate([self.buffer, samples]) if len(self.buffer) else samples.copy()
+        if len(samples):
+            self.chunks.append(samples)
+            self.buffered += len(samples)
+        if self.buffered < self.threshold and not is_final:
+            return []
+        buffer = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.float32)
         out = []
-        while len(self.buffer) >= self.threshold or (is_final and len(self.buffer) > self.length):
-            out.append(self._cut(self.buffer[: self.length], is_last=False))
-            self.buffer = self.buffer[self.stride :]
+        while len(buffer) >= self.threshold or (is_final and len(buffer) > self.length):
+            out.append(self._cut(buffer[: self.length], is_last=False))
+            buffer = buffer[self.stride :]
             self.start += self.stride
         if is_final:
-            out.append(self._cut(self.buffer, is_last=True))
-            self.buffer = np.zeros(0, dtype=np.float32)
+            out.append(self._cut(buffer, is_last=True))
+            buffer = buffer[:0]
+        self.chunks = [buffer.copy()] if len(buffer) else []
+        self.buffered = len(buffer)
         return out
 
     def _cut(self, samples: np.ndarray, is_last: bool) -> Segment:

@@ -15,10 +15,10 @@ from capsd.selftest.daemon import Capsd
 def start_capsd(tmp_path: Path) -> Iterator[Any]:
     started: list[Capsd] = []
 
-    def start(config: dict[str, dict[str, Any]] | None = None, wait: bool = True) -> Capsd:
+    def start(config: dict[str, dict[str, Any]] | None = None, wait: bool = True, **options: Any) -> Capsd:
         d = tmp_path / f"capsd{len(started)}"
         d.mkdir()
-        capsd = Capsd(d, config or {}, wait)
+        capsd = Capsd(d, config or {}, wait, **options)
         started.append(capsd)
         return capsd
 

@@ -16,7 +16,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from capsd.selftest.tones import synth, token_digits
 from tests.conftest import Capsd
-from tests.test_serve import FRAME_FIELDS
+from tests.support.checks import FRAME_FIELDS
 
 KEYS = ["task_id", "source", "data", "is_final", "time_start", "seg_duration", "seg_overlap", "context", "language"]
 json_values = st.recursive(
@@ -65,7 +65,7 @@ def capsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Capsd]:
 
 @pytest.fixture(scope="module")
 def ws(capsd: Capsd) -> Iterator[ClientConnection]:
-    with connect(capsd.url, max_size=None) as conn:
+    with connect(capsd.url, max_size=None, ping_interval=None) as conn:
         yield conn
 
 

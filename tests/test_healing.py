@@ -13,22 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import websockets
 
 from capsd.protocol import route
-from capsd.selftest.client import receive, send_file, send_mic
+from capsd.selftest.client import connect, receive, send_file, send_mic
 from capsd.selftest.tones import synth, token_digits
-from tests.test_serve import assert_exact, run_client, task_ids_for_slots
-
-
-def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.checks import assert_exact, run_client, task_ids_for_slots, wait_for
 
 
 def new_ready_pid(capsd: Any, slot: int, old: int) -> int:
@@ -61,7 +50,7 @@ def test_kill_mid_decode_fails_only_the_task_in_the_worker(start_capsd: Any, hea
     short, short_starts = synth("31337")
 
     async def scenario() -> tuple[dict[str, Any], float, float]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, on1, long_audio, seg=(15, 2))
             queued = next(f"{on1}-{i}" for i in range(100) if route(f"{on1}-{i}", 2) == 1)
             await send_file(ws, queued, short)
@@ -90,7 +79,7 @@ def test_error_frame_arrives_within_3_s_of_the_kill(start_capsd: Any, heavy_mode
     long_audio, _ = synth("1234567890" * 8)
 
     async def scenario() -> tuple[dict[str, Any], float]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, "victim", long_audio, seg=(15, 2))
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
             os.kill(capsd.worker_pid(0), signal.SIGKILL)
@@ -108,7 +97,7 @@ def test_stopped_worker_is_hung_killed_and_replaced(start_capsd: Any, heavy_mode
     long_audio, _ = synth("1234567890" * 8)
 
     async def scenario() -> tuple[dict[str, Any], float, int]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, "stuck", long_audio, seg=(15, 2))
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
             pid = capsd.worker_pid(0)
@@ -136,7 +125,7 @@ def test_restart_worker_while_a_mic_task_streams_loses_nothing(start_capsd: Any)
     ctl = [sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), "restart-worker", "1"]
 
     async def scenario() -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             streaming = asyncio.create_task(send_mic(ws, task_id, samples, frame_s=0.1, pace=0.025))
             first = json.loads(await ws.recv())  # a partial result: the task now lives in the worker
             assert not first["is_final"]
@@ -159,7 +148,7 @@ def test_forced_restart_fails_the_task_with_worker_restarted(start_capsd: Any, h
     long_audio, _ = synth("1234567890" * 8)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, "forced", long_audio, seg=(15, 2))
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
             reply = await asyncio.to_thread(capsd.control, cmd="restart-worker", slot=0, force=True)
@@ -217,7 +206,7 @@ def test_sigterm_lets_tasks_in_progress_finish_refuses_new_ones_and_exits_0(
     samples, starts = synth(digits)  # 40 s: ~2 s of decoding on the heavy model
 
     async def scenario() -> dict[str, Any]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, "finishing", samples, seg=(15, 2))
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
             capsd.proc.send_signal(signal.SIGTERM)
@@ -239,7 +228,7 @@ def test_sigterm_with_no_stop_timeout_fails_tasks_in_progress_with_shutting_down
     samples, _ = synth("1234567890" * 8)
 
     async def scenario() -> dict[str, Any]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, "cut-short", samples, seg=(15, 2))
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
             capsd.proc.send_signal(signal.SIGTERM)

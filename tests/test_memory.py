@@ -19,8 +19,7 @@ from capsd.memory import (
 from capsd.preflight import LONGEST_SEGMENT_S
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth
-from tests.test_healing import wait_for
-from tests.test_serve import run_client
+from tests.support.checks import run_client, wait_for
 
 GIB = 2**30
 V1_UNLIMITED = "9223372036854771712"

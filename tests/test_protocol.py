@@ -86,8 +86,28 @@ def test_optional_fields_default() -> None:
 def test_float_segment_values() -> None:
     f = parse_frame(frame(seg_duration=60, seg_overlap=0))
     assert (f.seg_duration, f.seg_overlap) == (60.0, 0.0)
-    f = parse_frame(frame(seg_duration=0.5, seg_overlap=0.25))
-    assert (f.seg_duration, f.seg_overlap) == (0.5, 0.25)
+    f = parse_frame(frame(seg_duration=1.5, seg_overlap=0.25))
+    assert (f.seg_duration, f.seg_overlap) == (1.5, 0.25)
+    f = parse_frame(frame(seg_duration=1, seg_overlap=0.999))
+    assert (f.seg_duration, f.seg_overlap) == (1.0, 0.999)
+
+
+@pytest.mark.parametrize("seg_duration", [1e-05, 0.001, 0.5, 0.999])
+def test_seg_duration_below_one_second_is_refused(seg_duration: float) -> None:
+    """A stride of a few samples would cut one frame into thousands of segments."""
+    e = bad(frame(seg_duration=seg_duration, seg_overlap=0, data="", is_final=True))
+    assert "seg_duration" in str(e) and e.task_id == "3f2a-task" and e.is_final
+
+
+def test_task_id_of_256_characters_is_the_longest() -> None:
+    assert parse_frame(frame(task_id="x" * 256)).task_id == "x" * 256
+    e = bad(frame(task_id="x" * 4096, is_final=True))
+    assert e.task_id is None and "4096 characters" in str(e) and len(str(e)) < 100
+
+
+def test_client_strings_in_error_messages_are_clipped() -> None:
+    e = bad(frame(source="r" * 10_000_000))
+    assert len(str(e)) < 200 and "10000000 characters" in str(e)
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,13 @@ def test_segments_do_not_alias_the_input() -> None:
     segments = Segmenter(15, 2).feed(frame, is_final=True)
     for s in segments:
         assert not np.shares_memory(s.samples, frame)
+
+def test_buffered_audio_is_counted_as_it_comes_and_goes() -> None:
     segmenter = Segmenter(15, 2)
-    segmenter.feed(frame[:100], is_final=False)
-    assert not np.shares_memory(segmenter.buffer, frame)
+    for _ in range(3):
+        assert segmenter.feed(audio(5), is_final=False) == []
+    assert segmenter.buffered_bytes == 15 * 16000 * 4
+    assert len(segmenter.feed(audio(5), is_final=False)) == 1  # 20 s >= 15 + 2 * 2
+    assert segmenter.buffered_bytes == 5 * 16000 * 4  # the stride of 15 s went on
+    segmenter.feed(audio(0), is_final=True)
+    assert segmenter.buffered_bytes == 0

@@ -5,61 +5,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
-import websockets
 from websockets.exceptions import InvalidStatus
 
-from capsd.protocol import route
-from capsd.selftest.client import frame, receive, send_file, send_mic
+from capsd.selftest.client import connect, frame, receive, send_file, send_mic
 from capsd.selftest.tones import synth, token_digits, write_wav
+from tests.support.checks import FRAME_FIELDS, assert_exact, run_client, task_ids_for_slots, wait_for
 
-FRAME_FIELDS = {"task_id", "is_final", "duration", "time_start", "time_submit", "time_complete", "text", "text_accu",
-                "tokens", "timestamps"}  # fmt: skip
 # Equal digits straddle many segment boundaries: every slot of 0.5 s holds a tone, so both
 # copies of a repeated digit lie around each overlap's cut.
 DIGITS = "1122334455667788990012" * 6  # 132 digits, 66 s
-
-
-def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float]) -> None:
-    final = frames[-1]
-    assert FRAME_FIELDS <= final.keys()
-    assert final["is_final"] and "error" not in final, final.get("error")
-    assert [f["is_final"] for f in frames].count(True) == 1
-    assert token_digits(final["tokens"]) == digits
-    assert final["text"] == digits  # Chinese numerals formatted to Arabic digits
-    assert max(abs(a - b) for a, b in zip(final["timestamps"], starts)) < 0.1
-    assert final["timestamps"] == sorted(final["timestamps"])
-    partial_lengths = [len(f["tokens"]) for f in frames[:-1]]
-    assert partial_lengths == sorted(partial_lengths)  # partials arrive in order, growing
-
-
-def task_ids_for_slots(count: int) -> list[str]:
-    """One task id per slot, so tests choose where work lands."""
-    ids: dict[int, str] = {}
-    n = 0
-    while len(ids) < count:
-        ids.setdefault(route(f"task-{n}", count), f"task-{n}")
-        n += 1
-    return [ids[i] for i in range(count)]
-
-
-async def run_client(url: str, jobs: list[tuple[str, str, np.ndarray, tuple[float, float]]]) -> dict[str, Any]:
-    async with websockets.connect(url, max_size=None) as ws:
-        for task_id, source, samples, seg in jobs:
-            if source == "file":
-                await send_file(ws, task_id, samples, seg=seg)
-            else:
-                await send_mic(ws, task_id, samples, seg=seg)
-        return await receive(ws, {job[0] for job in jobs})
 
 
 def test_file_and_mic_clients_long_tasks_exact(start_capsd: Any) -> None:
@@ -79,7 +42,7 @@ def test_interleaved_tasks_on_one_connection_keep_their_audio_apart(start_capsd:
     b, b_starts = synth("9876543210" * 4)
 
     async def interleave() -> dict[str, Any]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             step = 1600
             for i in range(0, max(len(a), len(b)), step):
                 await ws.send(frame("a", a[i : i + step], False, "mic", (15, 2)))
@@ -143,7 +106,7 @@ def test_every_malformed_frame_gets_a_complete_error_and_the_connection_goes_on(
 
     async def session() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         errors = []
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             for raw, _ in bad_frames():
                 await ws.send(raw)
                 errors.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
@@ -163,7 +126,7 @@ def test_seg_duration_zero_cannot_stall_the_server(start_capsd: Any) -> None:
     samples, starts = synth("2718")
 
     async def session() -> dict[str, Any]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             for seg in [(0, 0), (-1, 2), (0.0, 0.0)]:
                 await ws.send(frame("zero", np.ones(16000, np.float32), False, "mic", seg))
             await send_file(ws, "after", samples)
@@ -186,9 +149,9 @@ def test_closed_connection_cancels_its_tasks_and_frees_worker_state(start_capsd:
     samples, starts = synth("5" * 100)
 
     async def abandon() -> None:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_mic(ws, "gone", samples[: 40 * 16000])  # ends with the final frame; close at once
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             step = 16000
             for i in range(0, 40 * 16000, step):
                 await ws.send(frame("open", samples[i : i + step], False, "mic", (15, 2)))
@@ -239,62 +202,40 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(start_capsd: 
     text = capsd.config_path.read_text().replace("queue_limit = 10", "queue_limit = 20\ncount = 2")
     capsd.config_path.write_text(text)
     capsd.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "config changes need a restart" in capsd.logs())
+    wait_for(lambda: "config changes need a restart" in capsd.logs())
     assert "[workers] queue_limit" in capsd.logs() and "[workers] count" in capsd.logs()
     assert len(capsd.status()["slots"]) == 1
     capsd.config_path.write_text(text.replace("queue_limit = 20", "queue_limit = 0"))
     capsd.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reload refused" in capsd.logs())
+    wait_for(lambda: "reload refused" in capsd.logs())
     samples, starts = synth("777")
     assert_exact(asyncio.run(run_client(capsd.url, [("still", "mic", samples, (15, 2))]))["still"], "777", starts)
 
 
-def wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def test_a_client_that_never_reads_is_closed_not_buffered(start_capsd: Any) -> None:
-    """Unread results are bounded by front.MAX_OUTBOX_BYTES (32 MiB); then the client is dropped."""
-    capsd = start_capsd({"workers": {"queue_limit": 100000}})
-    before = psutil.Process(capsd.proc.pid).memory_info().rss
-    samples, _ = synth("1234567890" * 120)  # 10 min; 1 s segments: 600 partials of up to 1200 tokens
-
-    async def flood() -> None:
-        async with websockets.connect(capsd.url, max_size=None, max_queue=1) as ws:
-            for i in range(8):  # ~5 MB of partial frames each, never read
-                await send_file(ws, f"unread-{i}", samples, seg=(1, 0))
-                # One task's audio queued at a time (38 MB), so what grows beyond is the outbox.
-                await asyncio.to_thread(wait_until, lambda: capsd.status()["slots"][0]["queue_depth"] == 0, 60)
-            await asyncio.to_thread(wait_until, lambda: "client not reading" in capsd.logs(), 60)
-
-    asyncio.run(flood())
-    grown = psutil.Process(capsd.proc.pid).memory_info().rss - before
-    assert grown < 128 * 2**20, grown >> 20  # 38 MB queued audio + 32 MiB outbox + slack
-    wait_until(lambda: capsd.status()["slots"][0]["tasks_in_progress"] == 0, 60)
-    frames = asyncio.run(run_client(capsd.url, [("after", "mic", synth("55")[0], (15, 2))]))
-    assert token_digits(frames["after"][-1]["tokens"]) == "55"
-
-
 def test_full_queue_refuses_new_tasks_with_overloaded_and_loses_nothing_accepted(start_capsd: Any) -> None:
+    """A full slot refuses new tasks; the connection filling it is not read until there is room."""
     capsd = start_capsd({"workers": {"queue_limit": 4}})
     digits = "1234567890" * 12
     samples, starts = synth(digits)  # 60 s: 4 segments of 15/2
-    jobs = [(f"long-{i}", "file", samples, (15, 2)) for i in range(8)]
-    frames = asyncio.run(run_client(capsd.url, jobs))
-    outcomes = []
-    for task_id, _, _, _ in jobs:
-        assert [f["is_final"] for f in frames[task_id]].count(True) == 1
-        final = frames[task_id][-1]
-        if "error" in final:
-            assert final["error"]["code"] == "overloaded" and FRAME_FIELDS <= final.keys()
-            outcomes.append("overloaded")
-        else:
-            assert_exact(frames[task_id], digits, starts)
-            outcomes.append("done")
-    assert "overloaded" in outcomes and "done" in outcomes
+    worker = capsd.worker_pid(0)
+    os.kill(worker, signal.SIGSTOP)  # nothing drains: the queue fills for certain
+    try:
+
+        async def fill() -> dict[str, Any]:
+            async with connect(capsd.url) as ws:
+                await send_file(ws, "long-0", samples, seg=(15, 2))
+                await send_file(ws, "long-1", samples, seg=(15, 2))
+                await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["queue_depth"] >= 4, 30)
+                refused = await run_client(capsd.url, [("refused", "mic", samples[:32000], (15, 2))])
+                os.kill(worker, signal.SIGCONT)
+                return await receive(ws, {"long-0", "long-1"}) | refused
+
+        frames = asyncio.run(fill())
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert frames["refused"][-1]["error"]["code"] == "overloaded" and FRAME_FIELDS <= frames["refused"][-1].keys()
+    for task_id in ("long-0", "long-1"):
+        assert_exact(frames[task_id], digits, starts)
     assert capsd.status()["slots"][0]["restarts"] == 0 and capsd.proc.poll() is None
 
 
@@ -304,7 +245,7 @@ def test_max_connections_refuses_the_rest_with_503(start_capsd: Any) -> None:
     async def crowd() -> list[Any]:
         async def one() -> Any:
             try:
-                return await websockets.connect(capsd.url)
+                return await connect(capsd.url)
             except InvalidStatus as e:
                 return e.response.status_code
 
@@ -326,7 +267,7 @@ def test_dictation_is_served_before_waiting_file_segments(start_capsd: Any, heav
     mic_audio, mic_starts = synth(mic_digits)
 
     async def session() -> dict[str, Any]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             await send_file(ws, "batch", file_audio, seg=(15, 2))
             await send_mic(ws, "dictation", mic_audio)
             return await receive(ws, {"batch", "dictation"})
@@ -349,23 +290,23 @@ def test_one_digit_repeated_across_every_boundary_is_kept_exactly(start_capsd: A
 
 
 def test_audio_buffered_on_one_connection_is_bounded(start_capsd: Any) -> None:
-    """front.MAX_BUFFERED_AUDIO_BYTES (64 MiB): the task that would pass it fails, the others go on."""
+    """front.MAX_BUFFERED_AUDIO_BYTES (32 MiB): a task that would pass it fails, the others go on."""
     capsd = start_capsd()
     digits = "1234567890" * 34
     samples, starts = synth(digits)  # 170 s: below the 178 s a 60/59 segment needs, so all of it waits
-    ids = [f"hoard-{i}" for i in range(7)]  # 7 x 10.9 MB of float32
+    ids = [f"hoard-{i}" for i in range(5)]  # 5 x 10.9 MB of float32: the fourth and fifth do not fit
 
     async def hoard() -> dict[str, Any]:
-        async with websockets.connect(capsd.url, max_size=None) as ws:
+        async with connect(capsd.url) as ws:
             for task_id in ids:
                 await ws.send(frame(task_id, samples, False, "file", (60, 59)))
-            refused = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            refused = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(2)]
             for task_id in ids:
                 await ws.send(frame(task_id, samples[:0], True, "file", (60, 59)))
-            frames = await receive(ws, set(ids) - {refused["task_id"]})
-            return frames | {refused["task_id"]: [refused]}
+            return await receive(ws, set(ids[:3])) | {f["task_id"]: [f] for f in refused}
 
     frames = asyncio.run(hoard())
-    assert frames["hoard-6"][-1]["error"]["code"] == "overloaded"
-    for task_id in ids[:6]:
+    for task_id in ids[3:]:
+        assert frames[task_id][-1]["error"]["code"] == "overloaded"
+    for task_id in ids[:3]:
         assert_exact(frames[task_id], digits, starts)

@@ -13,11 +13,18 @@ import time
 from typing import Any
 
 import numpy as np
+import websockets
 
 from capsd.protocol import RATE
 
 FILE_FRAME_S = 60.0  # CapsWriter's file client sends 60 s per frame ...
 FILE_SEG = (25.0, 2.0)  # ... with file_seg_duration = 25, file_seg_overlap = 2
+
+
+def connect(url: str, **options: Any) -> Any:
+    """A client connection as CapsWriter's: no frame size limit, and no keepalive pings, so a
+    test client never gives up on its own before capsd has acted."""
+    return websockets.connect(url, max_size=None, ping_interval=None, **options)
 
 
 def frame(task_id: str, samples: np.ndarray, is_final: bool, source: str, seg: tuple[float, float]) -> str:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,13 @@ def toml_value(value: Any) -> str:
 class Capsd:
     """A capsd process started from a config dict; `stop()` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, tmp: Path, config: dict[str, dict[str, Any]], wait: bool = True) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict[str, dict[str, Any]],
+        wait: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.port = free_port()
         self.socket = tmp / "control.sock"
         config = {
@@ -50,6 +57,7 @@ class Capsd:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec_fn,
         )
         self.url = f"ws://127.0.0.1:{self.port}"
         if wait:
@@ -91,3 +99,8 @@ class Capsd:
 
     def logs(self) -> str:
         return self.log_path.read_text()
+
+    def peak_rss(self) -> int:
+        """The supervisor process's peak resident memory so far (VmHWM), in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024

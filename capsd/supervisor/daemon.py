@@ -44,6 +44,7 @@ class Daemon:
         self.started = time.monotonic()
         self.state = "starting"
         self.crashes: deque[float] = deque()
+        self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.slots = [
             Slot(i, preflight.spec, cfg.workers.queue_limit, self.count_crash, self.startup_failed)
@@ -63,6 +64,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.handle_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_sighup)
+        loop.set_exception_handler(self.handle_loop_error)
         code = await self.start_slots()
         if code is not None:
             await self.stop_workers()
@@ -150,6 +152,10 @@ class Daemon:
             log.warning("worker hung", slot=slot.index, pid=inc.pid, busy_s=round(now - slot.busy_since, 1))
             slot.kill("hung")
             return
+        if slot.drain_reason and now > slot.drain_deadline:
+            log.warning("drain timed out: forcing the restart", slot=slot.index, pid=inc.pid, reason=slot.drain_reason)
+            slot.kill(slot.drain_reason)
+            return
         if not inc.decoded:  # a fresh worker is as small as it gets: recycling it would loop
             return
         rss = inc.rss()
@@ -160,6 +166,16 @@ class Daemon:
         if workers.max_rss_mb and not slot.drain_reason and rss > workers.max_rss_mb * 2**20:
             log.warning("worker over max_rss_mb", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20)
             slot.drain("rss")
+
+    def handle_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        """Errors the event loop cannot hand to anyone (a failed accept() when descriptors run
+        out, which asyncio retries every second): logged at most once a second, with a count."""
+        self.loop_errors += 1
+        now = time.monotonic()
+        if now - self.loop_error_logged >= 1.0:
+            log.error("event loop error", message=context.get("message"), error=repr(context.get("exception")),
+                      count=self.loop_errors)  # fmt: skip
+            self.loop_errors, self.loop_error_logged = 0, now
 
     def handle_stop(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
@@ -188,7 +204,7 @@ class Daemon:
         self.cfg = dataclasses.replace(self.cfg, **sections)
         self.front.cfg = self.cfg.server
         for slot in self.slots:
-            slot.queue_limit = self.cfg.workers.queue_limit
+            slot.set_queue_limit(self.cfg.workers.queue_limit)
         logs.setup(self.cfg.log.level, self.cfg.log.format)
         log.info("config reloaded", applied=applied or "nothing changed")
         if kept:
@@ -206,8 +222,8 @@ class Daemon:
         for slot in self.slots:
             for task in list(slot.open_tasks):
                 task.fail("shutting_down", "capsd is stopping")
-        await self.front.close()
-        await self.stop_workers()
+        # Nothing needs the workers now: they stop while the connections close.
+        await asyncio.gather(self.front.close(), self.stop_workers())
         log.info("capsd stopped", exit_code=code)
 
     async def stop_workers(self) -> None:

@@ -1,14 +1,18 @@
 """The WebSocket front: CapsWriter clients in, segments to slots, result frames out.
 
-Audio is buffered per (connection, task_id), never per connection (pitfalls 4). Each
-connection has an outbox drained by its own writer, so a slow client never stalls a slot.
+Audio is buffered per (connection, task_id), never per connection (docs/design.md#audio-per-task).
+Each connection has an outbox drained by its own writer, so a slow client never stalls a slot.
+Everything a client can make grow has a bound here, with an answer at the bound (README, Limits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import http
-from collections.abc import Sequence
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -16,48 +20,138 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from capsd.config import ServerConfig
-from capsd.protocol import AudioFrame, BadRequest, Result, parse_frame, route
+from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame, route
 from capsd.segment import Segmenter
 from capsd.supervisor.slot import Slot
 from capsd.supervisor.task import Task
 
 log = structlog.get_logger("capsd.front")
 
-# Per-connection bounds, so one client cannot grow capsd's memory without limit:
-MAX_BUFFERED_AUDIO_BYTES = 64 * 2**20  # audio waiting to be cut into segments (~17 min of float32)
-MAX_OUTBOX_BYTES = 32 * 2**20  # result frames the client has not read yet
-INCOMING_QUEUE = 4  # frames websockets may hold before it stops reading the socket
+# Per-connection bounds, so one client cannot grow capsd's memory or work without limit:
+MAX_WAITING_AUDIO_BYTES = 16 * 2**20  # audio buffered + queued (~4.4 min): beyond it, not read
+MAX_WAITING_SEGMENTS = 32  # segments queued: beyond it, not read (one client cannot fill a slot)
+MAX_BUFFERED_AUDIO_BYTES = 32 * 2**20  # audio not yet cut (~8.7 min), or one frame: its task fails
+MAX_OUTBOX_BYTES = 8 * 2**20  # result frames not yet read by the client: closed with 1008
+MAX_OPEN_TASKS = 32  # tasks whose is_final has not arrived: a new one fails with overloaded
+MAX_REFUSED_IDS = 1024  # task ids whose frames are dropped until their is_final
+INCOMING_QUEUE = 1  # frames websockets holds before it stops reading the socket
+CLOSE_TIMEOUT_S = 3.0  # a client that does not answer a close is cut off after this
+FLUSH_TIMEOUT_S = 2.0  # at stop: time to parse what has arrived and send what is owed
+BAD_FRAME_LOG_S = 1.0  # bad frames are logged at most once a second, with a count
 
 
 class Client:
-    """One connection's tasks and its outbox."""
+    """One connection: its tasks, what it holds of capsd's memory, and its outbox."""
 
-    def __init__(self, ws: ServerConnection) -> None:
+    def __init__(self, ws: ServerConnection, max_buffered: int) -> None:
         self.ws = ws
-        self.tasks: dict[str, Task] = {}  # open tasks, and failed ones until their final frame
-        self.dropped: set[str] = set()  # task ids refused before they had a task
+        self.max_buffered = max_buffered
+        self.receiving: dict[str, Task] = {}  # tasks whose is_final has not arrived
+        self.open: set[Task] = set()  # tasks not yet answered with their final frame
+        self.refused: OrderedDict[str, None] = OrderedDict()  # ids dropped until is_final, oldest first
+        self.buffered_bytes = 0  # audio in the tasks' segmenters
+        self.queued_bytes = 0  # audio in segments waiting in the slots' queues
+        self.queued_per_slot: Counter[Slot] = Counter()  # segments waiting
+        self.drained = asyncio.Event()  # set when queued audio went below its bound
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
+        self.reading = False  # waiting for the next frame, none half-received
+        self.closed = False
+        self.closing: asyncio.Task[None] | None = None
+
+    # -- what the tasks report (task.Owner) ------------------------------------------------------
 
     def send(self, frame: str) -> None:
-        if self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
-            if not self.ws.close_code:
-                log.warning(
-                    "client not reading: closing", peer=str(self.ws.remote_address), unread_bytes=self.outbox_bytes
-                )
-                asyncio.get_running_loop().create_task(self.ws.close(1008, "capsd: results not read"))
+        if self.closed:
+            return
+        if self.outbox_bytes and self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
+            log.warning("client not reading: closing", peer=str(self.ws.remote_address), unread_bytes=self.outbox_bytes)
+            self.close(1008, "capsd: results not read")
             return
         self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
 
-    async def write(self) -> None:
-        while True:
-            frame = await self.outbox.get()
-            await self.ws.send(frame)
-            self.outbox_bytes -= len(frame)
+    def queued(self, slot: Slot, nbytes: int) -> None:
+        self.queued_bytes += nbytes
+        self.queued_per_slot[slot] += 1
 
-    def buffered_audio_bytes(self) -> int:
-        return sum(task.segmenter.buffered_bytes for task in self.tasks.values())
+    def unqueued(self, slot: Slot, nbytes: int) -> None:
+        self.queued_bytes -= nbytes
+        self.queued_per_slot[slot] -= 1
+        if not self._over_waiting_bound():
+            self.drained.set()
+
+    def ended(self, task: Task) -> None:
+        self.open.discard(task)
+        self.buffered_bytes -= task.segmenter.buffered_bytes
+        task.segmenter.clear()
+        if self.receiving.get(task.task_id) is task:
+            del self.receiving[task.task_id]
+            self.refuse_id(task.task_id)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def refuse_id(self, task_id: str) -> None:
+        """Drop this id's frames until its is_final; the oldest id is forgotten beyond the bound."""
+        self.refused[task_id] = None
+        self.refused.move_to_end(task_id)
+        if len(self.refused) > MAX_REFUSED_IDS:
+            self.refused.popitem(last=False)
+
+    def _over_waiting_bound(self) -> bool:
+        # Audio only buffered (not cut) cannot drain by waiting: it has its own bound.
+        queued = self.queued_per_slot.total()
+        return queued > 0 and (
+            queued > MAX_WAITING_SEGMENTS or self.queued_bytes + self.buffered_bytes > MAX_WAITING_AUDIO_BYTES
+        )
+
+    def _blocked_on(self) -> asyncio.Event | None:
+        """What reading this connection waits for: its queued audio to drain, or room in a slot
+        where its segments wait."""
+        if self._over_waiting_bound():
+            self.drained.clear()
+            return self.drained
+        return next((slot.room for slot, n in self.queued_per_slot.items() if n and slot.full), None)
+
+    async def wait_for_room(self) -> None:
+        while not self.closed and (event := self._blocked_on()) is not None:
+            waiting = asyncio.ensure_future(event.wait())
+            await asyncio.wait([waiting, self.ws.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if self.ws.connection_lost_waiter.done():
+                return
+
+    async def write(self) -> None:
+        try:
+            while True:
+                frame = await self.outbox.get()
+                await self.ws.send(frame)
+                self.outbox_bytes -= len(frame)
+        except ConnectionClosed:
+            pass
+
+    def settled(self) -> bool:
+        """Nothing half-received, nothing owed: the connection may close without losing a frame."""
+        partial_frame = len(self.ws.protocol.reader.buffer)  # bytes of a frame still arriving
+        return self.reading and not partial_frame and not self.outbox_bytes
+
+    def cancel_tasks(self) -> None:
+        for task in list(self.open):
+            task.cancel()
+
+    def close(self, code: int, reason: str) -> asyncio.Task[None]:
+        """Cancel every task and close; a client that does not answer is cut off."""
+        self.closed = True
+        self.cancel_tasks()
+        if self.closing is None:
+            self.closing = asyncio.get_running_loop().create_task(self._close(code, reason))
+        return self.closing
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.ws.transport.abort()
 
 
 class Front:
@@ -68,18 +162,27 @@ class Front:
         self.clients: set[Client] = set()
         self.server: Server | None = None
         self.accepting = True  # False while stopping: new tasks are refused with shutting_down
+        self.background: set[asyncio.Task[Any]] = set()
+        self.bad_frames = 0  # since the last one logged
+        self.bad_frame_logged = 0.0
 
     async def start(self) -> None:
         self.server = await serve(
             self.handle,
             self.cfg.addr,
             self.cfg.port,
-            max_size=self.cfg.max_message_bytes,  # websockets' 1 MiB default refuses a CapsWriter file frame (pitfalls 7)
+            max_size=self.cfg.max_message_bytes,  # a CapsWriter file frame is ~5.1 MB (docs/design.md#frame-size)
             process_request=self.admit,
             max_queue=INCOMING_QUEUE,
             compression=None,
+            close_timeout=CLOSE_TIMEOUT_S,
         )
         log.info("listening", addr=self.cfg.addr, port=self.cfg.port)
+
+    def keep(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
         # Counted at the handshake, not in the handler, so a burst of handshakes cannot overshoot.
@@ -87,76 +190,104 @@ class Front:
             log.warning("connection refused", reason="max_connections", limit=self.cfg.max_connections)
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "capsd: too many connections\n")
         self.admitted.add(connection)
-        asyncio.get_running_loop().create_task(self._release(connection))
+        self.keep(self._release(connection))
         return None
 
     async def _release(self, connection: ServerConnection) -> None:
         await connection.wait_closed()
         self.admitted.discard(connection)
 
+    @property
+    def max_buffered(self) -> int:
+        # One whole frame of audio always fits (a v1.x client sends a file as one frame).
+        return max(MAX_BUFFERED_AUDIO_BYTES, self.cfg.max_message_bytes * 3 // 4)
+
     async def handle(self, ws: ServerConnection) -> None:
-        client = Client(ws)
+        client = Client(ws, self.max_buffered)
         self.clients.add(client)
         writer = asyncio.create_task(client.write())
         try:
-            async for raw in ws:
+            while not client.closed:
+                await client.wait_for_room()
+                client.reading = True
+                raw = await ws.recv()
+                client.reading = False
                 self.receive(client, raw)
         except ConnectionClosed:
             pass
         finally:
+            client.closed = True
             self.clients.discard(client)
-            for task in client.tasks.values():
-                if not task.done:
-                    task.slot.cancel(task)
+            client.cancel_tasks()
             writer.cancel()
 
     def receive(self, client: Client, raw: str | bytes) -> None:
         try:
             frame = parse_frame(raw)
         except BadRequest as e:
-            self.refuse(client, e)
+            self.refuse_frame(client, e)
             return
-        if frame.task_id in client.dropped:
+        if frame.task_id in client.refused:
             if frame.is_final:
-                client.dropped.discard(frame.task_id)
+                del client.refused[frame.task_id]
             return
-        task = client.tasks.get(frame.task_id)
+        task = client.receiving.get(frame.task_id) or self.open_task(client, frame)
         if task is None:
-            task = self.open_task(client, frame)
-            if not self.accepting:  # tasks in progress may finish; new ones cannot
-                task.fail("shutting_down", "capsd is stopping")
-        if not task.done and client.buffered_audio_bytes() + frame.samples.nbytes > MAX_BUFFERED_AUDIO_BYTES:
-            task.fail(
-                "overloaded", f"more than {MAX_BUFFERED_AUDIO_BYTES >> 20} MiB of audio buffered on this connection"
-            )
-        if not task.done:
-            for segment in task.segmenter.feed(frame.samples, frame.is_final):
-                if segment.index == 0 and not task.slot.accepts_new_task():
-                    task.fail("overloaded", f"slot {task.slot.index} has {len(task.slot.queue)} segments waiting")
-                    break
-                task.slot.submit(task, segment)
+            return
         if frame.is_final:
-            del client.tasks[frame.task_id]
+            del client.receiving[task.task_id]
+        if client.buffered_bytes + frame.samples.nbytes > client.max_buffered:
+            task.fail("overloaded", f"more than {client.max_buffered >> 20} MiB of audio buffered on this connection")
+            return
+        before = task.segmenter.buffered_bytes
+        segments = task.segmenter.feed(frame.samples, frame.is_final)
+        client.buffered_bytes += task.segmenter.buffered_bytes - before
+        for segment in segments:
+            task.slot.submit(task, segment)
 
-    def open_task(self, client: Client, frame: AudioFrame) -> Task:
+    def open_task(self, client: Client, frame: AudioFrame) -> Task | None:
+        """A new task, or None when it is refused (with its final frame)."""
         slot = self.slots[route(frame.task_id, len(self.slots))]
-        segmenter = Segmenter(frame.seg_duration, frame.seg_overlap)
-        task = Task(frame.task_id, frame.source, frame.time_start, slot, segmenter, client.send)
-        client.tasks[frame.task_id] = task
-        return task
+        if not self.accepting:  # tasks in progress may finish; new ones cannot
+            refusal = ("shutting_down", "capsd is stopping")
+        elif len(client.receiving) >= MAX_OPEN_TASKS:
+            refusal = ("overloaded", f"{MAX_OPEN_TASKS} tasks are already open on this connection")
+        elif slot.full:
+            refusal = ("overloaded", f"slot {slot.index} has {len(slot.queue)} segments waiting")
+        else:
+            segmenter = Segmenter(frame.seg_duration, frame.seg_overlap)
+            task = Task(frame.task_id, frame.source, frame.time_start, slot, segmenter, client)
+            client.receiving[frame.task_id] = task
+            client.open.add(task)
+            slot.accept(task)
+            return task
+        now = time.time()
+        client.send(Result(frame.task_id, frame.time_start, now, now).to_json(error=refusal))
+        log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=refusal[0], reason=refusal[1])
+        if not frame.is_final:
+            client.refuse_id(frame.task_id)
+        return None
 
-    def refuse(self, client: Client, e: BadRequest) -> None:
+    def refuse_frame(self, client: Client, e: BadRequest) -> None:
         """A malformed frame: one complete error frame; the connection and other tasks go on."""
-        log.info("bad frame", task=e.task_id, reason=str(e))
-        task = client.tasks.get(e.task_id) if e.task_id else None
+        self.log_bad_frame(client, e)
+        task = client.receiving.get(e.task_id) if e.task_id else None
         if task is not None:
-            task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
             if e.is_final:
-                del client.tasks[task.task_id]
+                del client.receiving[task.task_id]
+            task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
             return
         client.send(Result(e.task_id).to_json(error=("bad_request", str(e))))
         if e.task_id and not e.is_final:
-            client.dropped.add(e.task_id)
+            client.refuse_id(e.task_id)
+
+    def log_bad_frame(self, client: Client, e: BadRequest) -> None:
+        self.bad_frames += 1
+        now = time.monotonic()
+        if now - self.bad_frame_logged >= BAD_FRAME_LOG_S:
+            log.info("bad frame", peer=str(client.ws.remote_address), task=e.task_id and clip(e.task_id),
+                     reason=str(e), bad_frames=self.bad_frames)  # fmt: skip
+            self.bad_frames, self.bad_frame_logged = 0, now
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -164,12 +295,14 @@ class Front:
             self.server.close(close_connections=False)
 
     async def close(self) -> None:
-        """Close every connection once its outbox is flushed, then the server."""
-        for client in list(self.clients):
-            for _ in range(40):
-                if client.outbox.empty():
-                    break
-                await asyncio.sleep(0.05)
-            await client.ws.close(1001, "capsd is stopping")
+        """Close every connection at once, each when what it sent is parsed and what it is owed
+        is written (at most FLUSH_TIMEOUT_S), a client that does not answer cut off."""
+        await asyncio.gather(*(self._close_client(client) for client in list(self.clients)))
         if self.server:
-            await self.server.wait_closed()
+            await asyncio.wait([asyncio.ensure_future(self.server.wait_closed())], timeout=CLOSE_TIMEOUT_S)
+
+    async def _close_client(self, client: Client) -> None:
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while not client.settled() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await client.close(1001, "capsd is stopping")

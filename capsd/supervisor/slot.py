@@ -24,6 +24,7 @@ import psutil
 import structlog
 
 from capsd.segment import Segment
+from capsd.supervisor.queue import SegmentQueue, Waiting
 from capsd.supervisor.task import Task
 from capsd.worker import main as worker
 from capsd.worker.main import Decoded, Ready, WorkerSpec
@@ -41,6 +42,10 @@ EXIT_CODES = {
     "rss": "worker_restarted",
 }
 PLANNED = {"requested", "rss"}  # graceful recycles: not counted against restart intensity
+DRAIN_TIMEOUT_S = 30.0  # a graceful recycle waits this long for the tasks in its worker, then forces
+# A replacement that cannot be spawned (no descriptors, no memory) is tried again after
+# 0.5, 1, 2 ... s, at most 30 s apart, each failure counted against restart intensity.
+SPAWN_RETRY_S, SPAWN_RETRY_MAX_S = 0.5, 30.0
 
 
 class WorkerGone(Exception):
@@ -64,8 +69,13 @@ class Incarnation:
         self.loop = asyncio.get_running_loop()
         self.conn, child = _mp.Pipe(duplex=True)
         self.process = _mp.Process(target=worker.main, args=(child, spec), name=f"capsd-slot-{slot.index}", daemon=True)
-        self.process.start()
-        child.close()  # else our copy keeps the pipe open and we never see the worker's death
+        try:
+            self.process.start()
+        except BaseException:
+            self.conn.close()
+            raise
+        finally:
+            child.close()  # else our copy keeps the pipe open and we never see the worker's death
         self.pid: int = self.process.pid  # type: ignore[assignment]
         self.started = time.monotonic()
         self.ready = False
@@ -131,7 +141,9 @@ class Slot:
         self.queue_limit = queue_limit
         self.on_crash = on_crash
         self.on_startup_failure = on_startup_failure
-        self.queue: deque[tuple[Task, Segment, float]] = deque()
+        self.queue = SegmentQueue()
+        self.room = asyncio.Event()  # set while the queue is below queue_limit
+        self.room.set()
         self.cancels: deque[int] = deque()  # task keys whose partial results the worker may free
         self.open_tasks: set[Task] = set()  # accepted and not finished
         self.in_worker: set[Task] = set()  # partial result lives in the current incarnation
@@ -140,6 +152,8 @@ class Slot:
         self.incarnation: Incarnation | None = None
         self.exit_reason: str | None = None  # set just before we end an incarnation on purpose
         self.drain_reason: str | None = None
+        self.drain_deadline = 0.0  # time.monotonic() when a drain is forced
+        self.spawn_failures = 0  # in a row
         self.ever_ready = False
         self.failed = False
         self.tasks_done = self.tasks_failed = self.restarts = 0
@@ -151,7 +165,23 @@ class Slot:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.incarnation = Incarnation(self, self.spec)
+        if self.stopping:
+            return
+        try:
+            self.incarnation = Incarnation(self, self.spec)
+        except OSError as e:  # out of descriptors, processes or memory: try again later
+            self.incarnation = None
+            if not self.ever_ready:
+                self.failed = True
+                self.on_startup_failure(self, f"cannot start the worker of slot {self.index}: {e}")
+                return
+            delay = min(SPAWN_RETRY_MAX_S, SPAWN_RETRY_S * 2**self.spawn_failures)
+            self.spawn_failures += 1
+            log.error("cannot start worker", slot=self.index, error=str(e), retry_in_s=delay)
+            self.on_crash(self)
+            asyncio.get_running_loop().call_later(delay, self.start)
+            return
+        self.spawn_failures = 0
         log.info("worker started", slot=self.index, pid=self.incarnation.pid)
 
     def on_message(self, inc: Incarnation, message: Any) -> None:
@@ -200,9 +230,13 @@ class Slot:
             self.exit_reason = reason
             inc.process.kill()
 
-    def drain(self, reason: str) -> None:
-        """Let tasks in progress finish, start no new one, then replace the process."""
+    def drain(self, reason: str, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Let tasks in progress finish, start no new one, then replace the process.
+
+        The daemon forces the restart once `drain_deadline` has passed.
+        """
         self.drain_reason = reason
+        self.drain_deadline = time.monotonic() + timeout
         self.wakeup.set()
 
     async def stop(self, timeout: float) -> None:
@@ -220,18 +254,38 @@ class Slot:
 
     # -- work ---------------------------------------------------------------------------------
 
-    def accepts_new_task(self) -> bool:
-        return len(self.queue) < self.queue_limit
+    def set_queue_limit(self, limit: int) -> None:
+        self.queue_limit = limit
+        if self.full:
+            self.room.clear()
+        else:
+            self.room.set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.queue) >= self.queue_limit
+
+    def accept(self, task: Task) -> None:
+        """A new task homed here: it counts in status, and a stop waits for it or fails it."""
+        self.open_tasks.add(task)
 
     def submit(self, task: Task, segment: Segment) -> None:
-        self.open_tasks.add(task)
+        """Queue a segment. Beyond queue_limit new tasks are refused and the connections with
+        segments here are not read, so the queue stays near its limit (flow control)."""
         task.time_submit = time.time()
-        self.queue.append((task, segment, task.time_submit))
+        self.queue.push(Waiting(task, segment, task.time_submit))
+        task.owner.queued(self, segment.samples.nbytes)
+        if self.full:
+            self.room.clear()
         self.wakeup.set()
+
+    def _left_queue(self, item: Waiting) -> None:
+        item.task.owner.unqueued(self, item.nbytes)
+        if not self.full:
+            self.room.set()
 
     def cancel(self, task: Task) -> None:
         """The client went away: drop the task's queued segments and free its partial result."""
-        task.done = True
         self._forget(task)
 
     def finished(self, task: Task, failed: bool) -> None:
@@ -243,32 +297,20 @@ class Slot:
 
     def _forget(self, task: Task) -> None:
         self.open_tasks.discard(task)
-        self.queue = deque(item for item in self.queue if item[0] is not task)
+        for item in self.queue.drop(task):
+            self._left_queue(item)
         if task in self.in_worker:
             self.in_worker.discard(task)
             self.cancels.append(task.key)  # a no-op in the worker if this was its last segment
             self.wakeup.set()
 
-    def _next_item(self) -> tuple[Task, Segment, float] | int | None:
-        """Cancels first, then dictation before files: someone is waiting for each mic task.
-
-        A task's own segments stay in order: only the first waiting segment of each kind is taken.
-        """
+    def _next_item(self) -> Waiting | int | None:
+        """Cancels first, then the next segment (draining: only of tasks already in the worker)."""
         if self.cancels:
             return self.cancels.popleft()
-        pick = None
-        for i, (task, _, _) in enumerate(self.queue):
-            if self.drain_reason and task not in self.in_worker:
-                continue  # draining: only tasks already in the worker go on
-            if task.source == "mic":
-                pick = i
-                break
-            if pick is None:
-                pick = i
-        if pick is None:
-            return None
-        item = self.queue[pick]
-        del self.queue[pick]
+        item = self.queue.pop(self.in_worker if self.drain_reason else None)
+        if item is not None:
+            self._left_queue(item)
         return item
 
     async def run(self) -> None:
@@ -290,7 +332,7 @@ class Slot:
                 except WorkerGone:
                     pass
                 continue
-            await self._decode(inc, *item)
+            await self._decode(inc, item.task, item.segment, item.submitted)
 
     async def _decode(self, inc: Incarnation, task: Task, segment: Segment, submitted: float) -> None:
         if task.done:

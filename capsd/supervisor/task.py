@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from capsd.protocol import Result
+from capsd.protocol import Result, clip
 from capsd.segment import Segmenter
 from capsd.worker.main import Decoded
 
@@ -21,6 +20,18 @@ log = structlog.get_logger("capsd.task")
 _keys = itertools.count(1)
 
 
+class Owner(Protocol):
+    """The connection a task belongs to: it sends the task's frames and counts what it holds."""
+
+    def send(self, frame: str) -> None: ...
+
+    def queued(self, slot: Slot, nbytes: int) -> None: ...
+
+    def unqueued(self, slot: Slot, nbytes: int) -> None: ...
+
+    def ended(self, task: Task) -> None: ...
+
+
 @dataclass(eq=False)
 class Task:
     task_id: str
@@ -28,11 +39,11 @@ class Task:
     time_start: float
     slot: Slot
     segmenter: Segmenter
-    send: Callable[[str], None]  # queues a frame for the task's client
+    owner: Owner
     key: int = field(default_factory=lambda: next(_keys))
     time_submit: float = 0.0
     duration: float = 0.0
-    done: bool = False
+    done: bool = False  # its final frame is sent, or it was cancelled
 
     def deliver(self, decoded: Decoded, time_submit: float) -> None:
         if self.done:
@@ -50,18 +61,30 @@ class Task:
             decoded.timestamps,
             decoded.is_final,
         )
-        self.send(result.to_json())
         if decoded.is_final:
-            self.done = True
+            self._end()
+        self.owner.send(result.to_json())
+        if decoded.is_final:
             self.slot.finished(self, failed=False)
 
     def fail(self, code: str, message: str) -> None:
         """Tell the client once, with a complete final frame, and forget the task."""
         if self.done:
             return
-        self.done = True
-        self.segmenter.clear()
-        result = Result(self.task_id, self.time_start, self.time_submit, time.time(), self.duration)
-        self.send(result.to_json(error=(code, message)))
-        log.warning("task failed", slot=self.slot.index, task=self.task_id, code=code, reason=message)
+        self._end()
+        now = time.time()
+        result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.duration)
+        self.owner.send(result.to_json(error=(code, message)))
+        log.warning("task failed", slot=self.slot.index, task=clip(self.task_id), code=code, reason=message)
         self.slot.finished(self, failed=True)
+
+    def cancel(self) -> None:
+        """The client went away: nobody to tell; the slot drops what it holds of the task."""
+        if self.done:
+            return
+        self._end()
+        self.slot.cancel(self)
+
+    def _end(self) -> None:
+        self.done = True
+        self.owner.ended(self)

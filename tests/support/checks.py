@@ -1,0 +1,58 @@
+"""What integration tests share: exactness checks, clients, task ids per slot, waiting."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from capsd.protocol import route
+from capsd.selftest.client import connect, receive, send_file, send_mic
+from capsd.selftest.tones import token_digits
+
+FRAME_FIELDS = {"task_id", "is_final", "duration", "time_start", "time_submit", "time_complete", "text", "text_accu",
+                "tokens", "timestamps"}  # fmt: skip
+
+
+def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float]) -> None:
+    final = frames[-1]
+    assert FRAME_FIELDS <= final.keys()
+    assert final["is_final"] and "error" not in final, final.get("error")
+    assert [f["is_final"] for f in frames].count(True) == 1
+    assert token_digits(final["tokens"]) == digits
+    assert final["text"] == digits  # Chinese numerals formatted to Arabic digits
+    assert max(abs(a - b) for a, b in zip(final["timestamps"], starts)) < 0.1
+    assert final["timestamps"] == sorted(final["timestamps"])
+    partial_lengths = [len(f["tokens"]) for f in frames[:-1]]
+    assert partial_lengths == sorted(partial_lengths)  # partials arrive in order, growing
+
+
+def task_ids_for_slots(count: int, prefix: str = "task") -> list[str]:
+    """One task id per slot, so tests choose where work lands."""
+    ids: dict[int, str] = {}
+    n = 0
+    while len(ids) < count:
+        ids.setdefault(route(f"{prefix}-{n}", count), f"{prefix}-{n}")
+        n += 1
+    return [ids[i] for i in range(count)]
+
+
+async def run_client(url: str, jobs: list[tuple[str, str, np.ndarray, tuple[float, float]]]) -> dict[str, Any]:
+    async with connect(url) as ws:
+        for task_id, source, samples, seg in jobs:
+            if source == "file":
+                await send_file(ws, task_id, samples, seg=seg)
+            else:
+                await send_mic(ws, task_id, samples, seg=seg)
+        return await receive(ws, {job[0] for job in jobs})
+
+
+def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or condition}")

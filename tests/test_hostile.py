@@ -1,0 +1,339 @@
+"""Hostile clients against a real capsd: valid frames with hostile values, clients that walk away
+or stop reading, descriptors running out, stops with unresponsive clients.
+
+Each test runs a well-behaved dictation on the abused slot alongside and checks that it stays
+exact and is answered promptly, and, where a client floods, that the supervisor's peak memory
+stays within what the memory plan reserves for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from capsd import config, preflight
+from capsd.protocol import route
+from capsd.selftest.client import connect, file_frames, frame, receive, send_file, send_mic
+from capsd.selftest.daemon import Capsd
+from capsd.selftest.tones import synth
+from tests.support.checks import assert_exact, wait_for
+
+GOOD_DIGITS = "4711"
+# A dictation on an abused slot waits at most for the segment in progress: a few seconds on a
+# busy machine, never the minutes the abuse would cost without its bound.
+PROMPT_S = 15
+
+
+def same_slot(task_id: str, count: int, prefix: str = "good") -> str:
+    return next(f"{prefix}-{n}" for n in range(10_000) if route(f"{prefix}-{n}", count) == route(task_id, count))
+
+
+async def dictate(url: str, task_id: str, within: float = PROMPT_S) -> None:
+    """A CapsWriter dictation: exact, and answered within `within` s of its final frame."""
+    samples, starts = synth(GOOD_DIGITS)
+    async with connect(url) as ws:
+        await send_mic(ws, task_id, samples)
+        sent = time.monotonic()
+        frames = await receive(ws, {task_id}, timeout=120)
+        waited = time.monotonic() - sent
+    assert_exact(frames[task_id], GOOD_DIGITS, starts)
+    assert waited < within, waited
+
+
+def supervisor_budget(capsd: Capsd) -> int:
+    return preflight.check(config.load(str(capsd.config_path))).plan.supervisor_bytes
+
+
+def slot_status(capsd: Capsd, task_id: str) -> dict[str, Any]:
+    slots = capsd.status()["slots"]
+    return slots[route(task_id, len(slots))]
+
+
+def test_a_stride_of_nothing_is_refused_and_the_loop_keeps_serving(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    hostile = "stride"
+    minute, _ = synth("1234567890" * 12)
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with connect(capsd.url) as ws:
+            await ws.send(frame(hostile, minute[:0], True, "mic", (1e-05, 0)))  # one 108-byte frame
+            await ws.send(frame(hostile, minute, True, "file", (0.001, 0)))  # 60,000 segments
+            answers = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(2)]
+            await dictate(capsd.url, same_slot(hostile, 2))
+            return answers
+
+    for answer in asyncio.run(scenario()):
+        assert answer["task_id"] == hostile and answer["error"]["code"] == "bad_request"
+        assert "seg_duration" in answer["error"]["message"]
+    assert capsd.stop() == 0  # SIGTERM is heard
+
+
+def test_the_smallest_stride_cannot_flood_a_slot(start_capsd: Any) -> None:
+    """1 s segments from 60 s frames: 60 segments a frame, never final. The connection is not
+    read while more than front.MAX_WAITING_SEGMENTS (32) of its segments wait, so it cannot fill
+    its slot's queue (256) and refuse others; the slot's dictation goes first."""
+    capsd = start_capsd({"workers": {"count": 2}})
+    hostile = "flood"
+    minute, _ = synth("1234567890" * 12)
+    depths = []
+
+    async def flood(ws: Any) -> None:
+        for _ in range(30):
+            await ws.send(frame(hostile, minute, False, "file", (1, 0)))
+
+    async def scenario() -> None:
+        async with connect(capsd.url) as ws:
+            flooding = asyncio.create_task(flood(ws))
+            for _ in range(3):
+                await asyncio.sleep(2)
+                depths.append(slot_status(capsd, hostile)["queue_depth"])
+                await dictate(capsd.url, same_slot(hostile, 2))
+            assert not flooding.done()  # flow control holds the client back
+            flooding.cancel()
+
+    asyncio.run(scenario())
+    assert max(depths) <= 32 + 60, depths  # the bound, plus at most one frame's segments
+    wait_for(lambda: slot_status(capsd, hostile)["queue_depth"] == 0, 30, "the closed connection's segments dropped")
+    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+
+
+def test_closing_the_connection_cancels_tasks_past_their_final_frame(start_capsd: Any, heavy_model: Path) -> None:
+    """A user closes CapsWriter's file window after the whole file was sent: nothing of it is
+    decoded any more (4 min of audio would keep the worker busy for ~10 s)."""
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    samples, _ = synth("1234567890" * 48)  # 240 s
+
+    async def walk_away() -> None:
+        async with connect(capsd.url) as ws:
+            await send_file(ws, "walked-away", samples)  # is_final on the last frame
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["queue_depth"] > 2, 30, "queued")
+
+    asyncio.run(walk_away())
+    wait_for(lambda: capsd.status()["slots"][0]["tasks_in_progress"] == 0, 30, "the task cancelled")
+    slot = capsd.status()["slots"][0]
+    assert slot["queue_depth"] == 0 and slot["tasks_done"] == 0 and slot["tasks_failed"] == 0
+    asyncio.run(dictate(capsd.url, "after"))
+
+
+def test_a_task_that_never_ends_is_held_back_not_queued(start_capsd: Any, heavy_model: Path) -> None:
+    """60 s frames, never is_final, faster than the heavy model decodes them: the connection is
+    not read while more than front.MAX_WAITING_AUDIO_BYTES of its audio waits."""
+    capsd = start_capsd({"workers": {"count": 2}, "model": {"dir": str(heavy_model)}})
+    hostile = "endless"
+    minute, _ = synth("1234567890" * 12)
+    sent, depths = [0], []
+
+    async def stream(ws: Any) -> None:
+        for _ in range(40):
+            await ws.send(frame(hostile, minute, False, "file", (25, 2)))
+            sent[0] += 1
+
+    async def scenario() -> None:
+        async with connect(capsd.url) as ws:
+            streaming = asyncio.create_task(stream(ws))
+            for _ in range(3):
+                await asyncio.sleep(3)
+                depths.append(slot_status(capsd, hostile)["queue_depth"])
+            await dictate(capsd.url, same_slot(hostile, 2))
+            streaming.cancel()
+
+    asyncio.run(scenario())
+    # 16 MiB is ~4.4 min of audio: ~10 segments of 27 s, plus the frame being parsed.
+    assert max(depths) <= 16, depths
+    assert sent[0] < 20, sent  # the rest waits in the client: TCP backpressure
+    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+
+
+def test_an_rss_recycle_waits_for_an_open_task_at_most_the_drain_limit(start_capsd: Any) -> None:
+    """The drain after max_rss_mb has slot.DRAIN_TIMEOUT_S (30 s); then the task in the worker
+    fails with worker_restarted and the dictation waiting behind it is served."""
+    capsd = start_capsd({"workers": {"max_rss_mb": 72}})
+    samples, _ = synth("1234567890" * 36)  # 180 s: one 119.9 s segment grows the worker past 72 MB
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url) as ws:
+            for chunk in file_frames("open", samples, seg=(60, 59.9))[:-1]:  # never final
+                await ws.send(chunk)
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "draining", 60, "drain")
+            await dictate(capsd.url, "waiting", within=30 + PROMPT_S)  # waits for the drain
+            return (await receive(ws, {"open"}, timeout=60))["open"][-1]
+
+    failed = asyncio.run(scenario())
+    assert failed["error"]["code"] == "worker_restarted"
+    assert "drain timed out" in capsd.logs()
+    assert capsd.status()["slots"][0]["last_exit"]["reason"] == "rss"
+
+
+def test_thousands_of_task_ids_on_one_connection_are_refused_beyond_the_bound(start_capsd: Any) -> None:
+    """front.MAX_OPEN_TASKS (32) tasks may wait for their is_final on one connection; each
+    further one gets overloaded, and its later frames are dropped silently."""
+    capsd = start_capsd({"workers": {"count": 2}})
+    blip = synth("1")[0][:1600]
+    ids = [f"many-{i}" for i in range(2000)]
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        async with connect(capsd.url) as ws:
+            for task_id in ids:
+                await ws.send(frame(task_id, blip, False, "mic", (15, 2)))
+            for task_id in ids[32:]:  # refused: dropped without a second answer
+                await ws.send(frame(task_id, blip, False, "mic", (15, 2)))
+            refused = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in ids[32:]]
+            await dictate(capsd.url, same_slot(ids[0], 2))
+            for task_id in ids[:32]:
+                await ws.send(frame(task_id, blip[:0], True, "mic", (15, 2)))
+            frames = await receive(ws, set(ids[:32]))
+            await send_mic(ws, "then-more", synth(GOOD_DIGITS)[0])  # room again on this connection
+            frames |= await receive(ws, {"then-more"})
+            return frames | {f["task_id"]: [f] for f in refused}
+
+    frames = asyncio.run(scenario())
+    assert all(frames[t][-1]["error"]["code"] == "overloaded" for t in ids[32:])
+    assert all(len(frames[t]) == 1 for t in ids[32:])
+    assert all("error" not in frames[t][-1] for t in ids[:32])
+    assert frames["then-more"][-1]["text"] == GOOD_DIGITS
+
+
+def test_long_task_ids_are_refused_and_neither_kept_nor_logged_whole(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    log_before = len(capsd.logs())
+    blip = synth("1")[0][:1600]
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with connect(capsd.url) as ws:
+            sent = 0
+            for i in range(200):
+                await ws.send(frame(f"{i:04d}" * 1024, blip, False, "mic", (15, 2)))  # 4 KB ids
+                sent += 1
+            for i in range(2):
+                await ws.send(frame(f"{i}" * 10_000_000, blip, False, "mic", (15, 2)))  # 10 MB ids
+                sent += 1
+            for i in range(3000):  # bad frames with ids of the longest length: remembered, bounded
+                await ws.send(frame(f"{i:08d}" * 32, blip, False, "radio", (15, 2)))
+                sent += 1
+            answers = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in range(sent)]
+            await dictate(capsd.url, "good-0")
+            return answers
+
+    answers = asyncio.run(scenario())
+    assert all(a["error"]["code"] == "bad_request" for a in answers)
+    assert all(a["task_id"] is None for a in answers[:202])
+    assert "characters long: at most 256" in answers[0]["error"]["message"]
+    assert len(capsd.logs()) - log_before < 64 * 1024  # not the 10 MB ids, nor a line per frame
+    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+
+
+def test_a_client_that_never_reads_is_closed_and_its_tasks_cancelled(start_capsd: Any) -> None:
+    """Unread results are bounded by front.MAX_OUTBOX_BYTES (8 MiB); then the client is closed
+    with 1008 and its tasks are cancelled, queued segments dropped."""
+    capsd = start_capsd({"workers": {"count": 2}})
+    hostile = "unread-0"
+    samples, _ = synth("1234567890" * 120)  # 10 min; 1 s segments: 600 partials of up to 1200 tokens
+
+    async def flood() -> None:
+        async with connect(capsd.url, max_queue=1) as ws:
+            ws.transport.pause_reading()  # reads nothing, answers nothing
+            try:
+                for i in range(16):  # partial frames of ~6 MB per file, never read
+                    await send_file(ws, f"unread-{i}", samples, seg=(1, 0))
+            except ConnectionClosed:
+                pass
+
+    async def scenario() -> None:
+        flooding = asyncio.create_task(flood())
+        await asyncio.to_thread(wait_for, lambda: "client not reading" in capsd.logs(), 120, "the 1008 close")
+        await dictate(capsd.url, same_slot(hostile, 2))
+        await flooding
+
+    asyncio.run(scenario())
+    wait_for(lambda: all(s["tasks_in_progress"] == s["queue_depth"] == 0 for s in capsd.status()["slots"]), 30)
+    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+
+
+def test_a_sigterm_just_after_a_whole_file_still_answers_it(start_capsd: Any) -> None:
+    """The frames are still being parsed when the stop begins: the task is answered (its result
+    or shutting_down) before the connection closes, three times out of three."""
+    samples, starts = synth("1234567890" * 12 + "1")  # 60.5 s: two frames
+
+    async def scenario(capsd: Capsd, task_id: str) -> tuple[list[dict[str, Any]], int | None]:
+        frames = []
+        async with connect(capsd.url) as ws:
+            await send_file(ws, task_id, samples)
+            capsd.proc.send_signal(signal.SIGTERM)
+            try:
+                while True:
+                    frames.append(json.loads(await ws.recv()))
+            except ConnectionClosed as e:
+                return frames, e.rcvd.code if e.rcvd else None
+
+    for run in range(3):
+        capsd = start_capsd()
+        frames, code = asyncio.run(scenario(capsd, f"last-{run}"))
+        assert [f["is_final"] for f in frames].count(True) == 1, frames
+        final = frames[-1]
+        if "error" in final:
+            assert final["error"]["code"] == "shutting_down"
+        else:
+            assert_exact(frames, "1234567890" * 12 + "1", starts)
+        assert code == 1001
+        assert capsd.proc.wait(30) == 0
+
+
+def test_sigterm_with_clients_that_stopped_responding_stops_on_time(start_capsd: Any) -> None:
+    """Connections close at once, each unresponsive one cut off after front.CLOSE_TIMEOUT_S."""
+    capsd = start_capsd({"server": {"stop_timeout_s": 2}})
+    blip = synth("1")[0][:1600]
+
+    async def scenario() -> float:
+        clients = [await connect(capsd.url) for _ in range(8)]
+        for i, ws in enumerate(clients):
+            await ws.send(frame(f"open-{i}", blip, False, "mic", (15, 2)))  # a task in progress
+            ws.transport.pause_reading()  # then nothing: no reads, no close handshake
+        await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["tasks_in_progress"] == 8, 30)
+        stopping = time.monotonic()
+        capsd.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(capsd.proc.wait, 60)
+        return time.monotonic() - stopping
+
+    took = asyncio.run(scenario())
+    assert capsd.proc.returncode == 0
+    # 2 s for the tasks + 2 s to flush + 3 s to close, concurrently; one after another was 8 x 5 s.
+    assert took < 2 + 2 + 3 + 8, took
+    assert "capsd stopped" in capsd.logs()
+
+
+def test_running_out_of_descriptors_delays_a_replacement_but_loses_nothing(start_capsd: Any) -> None:
+    """Silent TCP connects use up capsd's descriptors; a worker dies meanwhile. Its replacement
+    is retried with backoff until descriptors are free again; accept errors are logged at most
+    once a second."""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    capsd = start_capsd({"workers": {"restart_intensity": 50}}, preexec_fn=low_limit)
+    silent = []
+    started, worker = time.monotonic(), capsd.worker_pid(0)
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", capsd.port))
+            silent.append(sock)
+        wait_for(lambda: "event loop error" in capsd.logs(), 30, "accept to fail")
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "cannot start worker" in capsd.logs(), 30, "the replacement to fail")
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_for(lambda: capsd.status()["slots"][0]["state"] == "ready", 60, "the replacement")
+    asyncio.run(dictate(capsd.url, "after"))
+    seconds = time.monotonic() - started
+    assert capsd.logs().count("event loop error") <= seconds + 1
+    slot = capsd.status()["slots"][0]
+    assert slot["last_exit"]["reason"] == "crashed" and slot["restarts"] >= 1
