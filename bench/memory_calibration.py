@@ -5,7 +5,7 @@ For the self-test model and the CPU-heavy one, a real capsd with 1, 2 and 3 work
 worker with 2 threads) is sent, on every slot at once, a task cut into one segment of the
 longest length the contract allows: seg_duration 60, seg_overlap 59.99, so 119.99 s, against
 LONGEST_SEGMENT_S = 120 in the plan (onnxruntime's arena keeps the peak of the longest input,
-pitfalls.md item 10). This is repeated --decodes times, since a worker's RSS may still creep
+docs/design.md#the-arena-keeps-its-peak). This is repeated --decodes times, since a worker's RSS may still creep
 up over the first few long decodes.
 
 Measured is the peak RSS (VmHWM) of every process, which is what an OOM kill or a cgroup limit
@@ -32,7 +32,7 @@ from capsd.selftest.client import file_frames
 from capsd.selftest.daemon import Capsd
 
 MIB = 2**20
-LONGEST_SEG = (60.0, 59.99)  # seg_duration <= 60, seg_overlap < seg_duration (CONTRACT.md section 3)
+LONGEST_SEG = (60.0, 59.99)  # seg_duration <= 60, seg_overlap < seg_duration (docs/design.md#the-protocol)
 LOW, HIGH = 1.0, 1.3
 
 

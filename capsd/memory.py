@@ -31,7 +31,7 @@ MODEL_FACTOR = 1.3
 # 2 intra-op threads instead of 1 made no difference above 0.1 MiB.
 THREAD_BYTES = 2 * MIB
 # The working memory of a decode grows with the length of the segment, and onnxruntime's arena
-# keeps its peak (pitfalls.md item 10). Two parts, per second of the longest segment:
+# keeps its peak (docs/design.md#the-arena-keeps-its-peak). Two parts, per second of the longest segment:
 # - the audio and its features in the worker (pickled, as an array, in sherpa-onnx, fbank and
 #   LFR frames): 48 MiB for 120 s with the light self-test model, whose graph is tiny;
 SEGMENT_BYTES_PER_S = 0.45 * MIB

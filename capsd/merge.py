@@ -1,7 +1,7 @@
 """Merging the tokens of overlapping segments into one task result, by timestamps.
 
 CapsWriter drops new tokens equal to the last one or two merged tokens, which deletes real
-repeats at a boundary ("...1 1..."; pitfalls 6). capsd instead cuts each overlap in the
+repeats at a boundary ("...1 1..."; docs/design.md#boundary-de-duplication-deletes-repeats). capsd instead cuts each overlap in the
 middle: tokens of the earlier segment before the cut, tokens of the later one from the cut on,
 both away from the segment edges where recognition is weakest. A token near the cut may be
 seen by both segments with slightly different timestamps; two equal tokens closer than

@@ -1,6 +1,6 @@
 """CapsWriter-Offline's WebSocket protocol, sans I/O: parse client frames, build result frames.
 
-CONTRACT.md section 3. Every malformed frame raises `BadRequest`, carrying the task id when it
+See docs/design.md#the-protocol. Every malformed frame raises `BadRequest`, carrying the task id when it
 could be read, so the caller can answer with a complete error frame and keep the connection.
 """
 
@@ -125,7 +125,7 @@ def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:
 
 
 def route(task_id: str, count: int) -> int:
-    """The slot owning a task: the same in every process and every run (pitfalls 3)."""
+    """The slot owning a task: the same in every process and every run (docs/design.md#routing-is-crc32)."""
     return zlib.crc32(task_id.encode("utf-8")) % count
 
 

@@ -172,7 +172,7 @@ def test_restart_intensity_exceeded_exits_70(start_capsd: Any) -> None:
 
 def test_worker_over_max_rss_is_recycled_without_failing_a_task(start_capsd: Any) -> None:
     # An idle worker of the self-test model is ~62 MB; decoding a 120 s segment grows its
-    # onnxruntime arena to ~81 MB, which it never gives back (pitfalls 10).
+    # onnxruntime arena to ~81 MB, which it never gives back (docs/design.md#the-arena-keeps-its-peak).
     capsd = start_capsd({"workers": {"max_rss_mb": 72}})
     old = capsd.worker_pid(0)
     digits = "1234567890" * 24

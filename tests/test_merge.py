@@ -1,4 +1,4 @@
-"""capsd/merge.py: one task result from overlapping segments, by timestamps (pitfalls 6)."""
+"""capsd/merge.py: one task result from overlapping segments, by timestamps (docs/design.md#boundary-de-duplication-deletes-repeats)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_earlier_segment_owns_before_the_cut_later_one_after() -> None:
 )
 @pytest.mark.parametrize("jitter", [0.0, -0.06, 0.06])
 def test_repeated_digit_at_the_boundary_is_kept_twice(first_at: float, second_at: float, jitter: float) -> None:
-    """'...1 1...' with the two 1s 0.5 s apart around the cut: two tokens, not one (pitfalls 6)."""
+    """'...1 1...' with the two 1s 0.5 s apart around the cut: two tokens, not one (docs/design.md#boundary-de-duplication-deletes-repeats)."""
     first = [("3", CUT - 1.0), ("1", CUT + first_at), ("1", CUT + second_at)]
     second = [("1", CUT + first_at + jitter), ("1", CUT + second_at + jitter), ("2", CUT + 1.0)]
     p = merged(first, second)

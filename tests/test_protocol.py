@@ -1,4 +1,4 @@
-"""capsd/protocol.py: CapsWriter frames in, result frames out (CONTRACT.md section 3)."""
+"""capsd/protocol.py: CapsWriter frames in, result frames out (docs/design.md#the-protocol)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from capsd.protocol import BadRequest, Result, parse_frame, route
 
-# Every key a CapsWriter client reads from a final frame without .get() (pitfalls 11).
+# Every key a CapsWriter client reads from a final frame without .get() (docs/design.md#old-clients-read-every-key).
 CLIENT_KEYS = (
     "task_id",
     "is_final",

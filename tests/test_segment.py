@@ -1,4 +1,4 @@
-"""capsd/segment.py: cutting a task's audio as CapsWriter does, tail included (CONTRACT.md section 3)."""
+"""capsd/segment.py: cutting a task's audio as CapsWriter does, tail included (docs/design.md#the-protocol)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 def stream(samples: np.ndarray, frame_s: float, seg: tuple[float, float], final_carries_audio: bool) -> list[Segment]:
     """Feed `samples` in frames of `frame_s` seconds: a mic client ends with an empty final frame,
-    a file client marks its last frame, which carries audio, final (pitfalls 12)."""
+    a file client marks its last frame, which carries audio, final (docs/design.md#how-clients-end-a-task)."""
     segmenter = Segmenter(*seg)
     step = round(frame_s * RATE)
     frames = [samples[i : i + step] for i in range(0, len(samples), step)]

@@ -72,7 +72,7 @@ def test_concurrent_tasks_on_both_slots(start_capsd: Any) -> None:
 
 
 def bad_frames() -> list[tuple[str, str | None]]:
-    """Each malformed kind of CONTRACT.md section 3, with the task_id its error frame carries."""
+    """Each malformed kind of docs/design.md#the-protocol, with the task_id its error frame carries."""
     good = json.loads(frame("bad", np.zeros(160, np.float32), True, "mic", (15, 2)))
 
     def mutate(**changes: Any) -> str:
@@ -281,7 +281,7 @@ def test_dictation_is_served_before_waiting_file_segments(start_capsd: Any, heav
 
 @pytest.mark.parametrize(("source", "seg"), [("mic", (15, 2)), ("file", (25, 2)), ("mic", (4, 1))])
 def test_one_digit_repeated_across_every_boundary_is_kept_exactly(start_capsd: Any, source: str, seg: Any) -> None:
-    """Every overlap of this task is cut between two equal tokens (pitfalls 6)."""
+    """Every overlap of this task is cut between two equal tokens (docs/design.md#boundary-de-duplication-deletes-repeats)."""
     capsd = start_capsd()
     digits = "7" * 100
     samples, starts = synth(digits)

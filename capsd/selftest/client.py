@@ -1,7 +1,7 @@
 """Clients that speak to capsd as CapsWriter-Offline's do, for tests and benchmarks.
 
 The file client sends 60 s frames, `is_final` on the last one (which still carries audio); the
-mic client sends small frames and ends with an empty final frame (pitfalls 12).
+mic client sends small frames and ends with an empty final frame (docs/design.md#how-clients-end-a-task).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The queue lives here, in the supervisor, for the life of the daemon. Each incarnation gets a
 pipe of its own, so a process killed at any instant (idle in recv, mid-decode, mid-send) takes
-nothing shared down with it (pitfalls 1). The slot sends one segment at a time, so it always
+nothing shared down with it (docs/design.md#queues-wedged-by-a-killed-process). The slot sends one segment at a time, so it always
 knows which tasks have a partial result in the worker: exactly those fail when it dies.
 """
 
@@ -31,7 +31,7 @@ from capsd.worker.main import Decoded, Ready, WorkerSpec
 
 log = structlog.get_logger("capsd.slot")
 
-# spawn, not fork: the supervisor runs an event loop and threads (pitfalls 9).
+# spawn, not fork: the supervisor runs an event loop and threads (docs/design.md#fork-with-a-running-loop).
 _mp = multiprocessing.get_context("spawn")
 
 # Why an incarnation ended -> the error code for the tasks that lived in it.

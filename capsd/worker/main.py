@@ -1,6 +1,6 @@
 """A worker process: load the recognizer, then decode segments and keep each task's partial result.
 
-One incarnation talks to its slot over one duplex pipe made for it alone (pitfalls 1: nothing a
+One incarnation talks to its slot over one duplex pipe made for it alone (docs/design.md#queues-wedged-by-a-killed-process: nothing a
 dying process can wedge is shared with its replacement). The supervisor sends one segment at a
 time and owns the queue; the worker keeps only what dies with it: the partial results.
 """
