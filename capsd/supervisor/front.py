@@ -218,7 +218,9 @@ class Front:
         finally:
             client.closed = True
             self.clients.discard(client)
-            client.cancel_tasks()
+            if client.open:
+                log.info("connection closed: tasks cancelled", peer=str(ws.remote_address), tasks=len(client.open))
+                client.cancel_tasks()
             writer.cancel()
 
     def receive(self, client: Client, raw: str | bytes) -> None:
