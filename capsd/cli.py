@@ -1,21 +1,22 @@
-"""`capsd [--config PATH]` and `capsd check-config [--config PATH]` (CONTRACT.md section 1)."""
+"""`capsd [--config PATH]` and `capsd check-config [--config PATH]`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import sys
+
+import structlog
 
 from capsd import config, log, memory, preflight
 from capsd.config import ConfigError
 
-EX_USAGE, EX_CONFIG = 64, 78
-
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # sysexits: a bad command line is 64, not argparse's 2
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:  # sysexits: a bad command line is 64, not argparse's 2; one line
+        self.exit(os.EX_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,20 +26,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def raise_open_files_limit() -> None:
+    """Every client connection is a descriptor, and a soft limit of 1024 is common: take the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        structlog.get_logger("capsd").warning("cannot raise the open files limit", soft=soft, hard=hard, error=str(e))
+        return
+    structlog.get_logger("capsd").info("open files limit raised", soft=soft, to=hard)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_config = args.command == "check-config"
     try:
         cfg = config.load(args.config)
+        socket_path = preflight.check_listen(cfg, beside_running=check_config)
         checked = preflight.check(cfg)
     except ConfigError as e:
         print(f"capsd: {e}", file=sys.stderr)
-        return EX_CONFIG
-    if args.command == "check-config":
+        return os.EX_CONFIG
+    if check_config:
         print(f"config {cfg.source}: ok")
         print(f"model: {cfg.model.type} in {preflight.model_dir(cfg)}")
+        print(f"control socket: {socket_path}")
         print(checked.plan.message())
-        return 0
+        return os.EX_OK
     log.setup(cfg.log.level, cfg.log.format)
+    raise_open_files_limit()
     memory.hand_back_freed_memory()
     from capsd.supervisor.daemon import Daemon
 

@@ -2,7 +2,7 @@
 
 Everything else receives a typed, frozen `Config`, never raw TOML. Each key's type comes from
 its dataclass annotation and its range from a `Rule` in the field's metadata, so a refusal can
-always name the key, the value and what is allowed (CONTRACT.md section 2).
+always name the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_PATH = Path("/etc/capsd/capsd.toml")
+# A config file is a few KiB; the bound keeps a wrong --config (a disk image, a log) from being read whole.
+MAX_CONFIG_BYTES = 1 << 20
+FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class ConfigError(Exception):
@@ -54,8 +64,8 @@ class ServerConfig:
     port: int = _key(6016, "1..65535", lambda v: 1 <= v <= 65535)
     max_connections: int = _key(64, **_at_least(1))
     max_message_bytes: int = _key(16 * 1024 * 1024, **_at_least(1024))
-    # Not in CONTRACT.md: how long SIGTERM lets tasks in progress finish. Keep it below the
-    # unit's TimeoutStopSec (30 s) minus the ~5 s workers get to stop.
+    # capsd's own key, beyond the contract's: how long SIGTERM lets tasks in progress finish.
+    # Keep it below the unit's TimeoutStopSec (30 s) minus the ~5 s workers get to stop.
     stop_timeout_s: float = _key(20.0, ">= 0", lambda v: v >= 0)
 
 
@@ -166,12 +176,48 @@ def from_dict(data: Mapping[str, Any], source: str = "built-in defaults") -> Con
 
 
 def find_path(arg: str | None) -> Path | None:
-    """The lookup order of CONTRACT.md section 1: --config, $CAPSD_CONFIG, /etc/capsd/capsd.toml."""
+    """The lookup order: --config, $CAPSD_CONFIG, /etc/capsd/capsd.toml if it exists, else None (defaults)."""
     if arg:
         return Path(arg)
     if os.environ.get("CAPSD_CONFIG"):
         return Path(os.environ["CAPSD_CONFIG"])
-    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+    return DEFAULT_PATH if _present(DEFAULT_PATH) else None
+
+
+def _present(path: Path) -> bool:
+    """Whether something is at `path`, counting what we may not look at (load then says so)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def read_text(path: Path) -> str:
+    """A regular file of at most MAX_CONFIG_BYTES of UTF-8, else a ConfigError naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise ConfigError(f"config: cannot read {path}: it is {FILE_KINDS.get(kind, 'not a regular file')}")
+    try:
+        with open(fd, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config: cannot read {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, the limit for a config"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {path} is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}") from None
 
 
 def load(arg: str | None = None) -> Config:
@@ -179,22 +225,24 @@ def load(arg: str | None = None) -> Config:
     if path is None:
         return Config()
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from None
+        data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     return from_dict(data, source=str(path))
 
 
+def fallback_runtime_dir() -> Path:
+    """Where a user without $XDG_RUNTIME_DIR keeps the control socket: in /tmp, so it must be private."""
+    return Path(f"/tmp/capsd-{os.geteuid()}")
+
+
 def control_socket(cfg_socket: str) -> Path:
-    """The control socket path; capsd and capsctl resolve the same default (CONTRACT.md section 2)."""
+    """The control socket path; capsd and capsctl resolve the same default."""
     if cfg_socket:
         return Path(cfg_socket)
     if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=capsd
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
     if os.geteuid() == 0:
         return Path("/run/capsd/control.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/capsd-{os.geteuid()}"
-    return Path(runtime) / "capsd" / "control.sock"
+    runtime = Path(os.environ["XDG_RUNTIME_DIR"]) if os.environ.get("XDG_RUNTIME_DIR") else fallback_runtime_dir()
+    return runtime / "capsd" / "control.sock"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import socket
 import sys
 import uuid
@@ -17,9 +19,13 @@ from capsd.cli import Parser
 from capsd.config import control_socket
 from capsd.protocol import RATE
 from capsd.selftest.client import file_frames
+from capsd.supervisor.control import READY_TIMEOUT_S, RESTART_TIMEOUT_S
 
-EX_OK, EX_FAILED, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_NOPERM = 0, 1, 64, 65, 69, 77
+EX_FAILED = 1  # the transcription got an error frame (no sysexits name for it)
 SYSTEM_SOCKET = Path("/run/capsd/control.sock")  # RuntimeDirectory=capsd of systemd/capsd.service
+DEFAULT_URL = "ws://127.0.0.1:6016"
+STATUS_TIMEOUT_S, TRANSCRIBE_TIMEOUT_S = 10.0, 300.0  # without --timeout
+MAX_TIMEOUT_S = 86400  # a day; a socket timeout must fit in a C timeval
 
 
 class CtlError(Exception):
@@ -34,18 +40,25 @@ def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, An
         try:
             sock.connect(str(path))
         except FileNotFoundError:
-            raise CtlError(f"capsd is not running: no control socket at {path}", EX_UNAVAILABLE) from None
+            raise CtlError(f"capsd is not running: no control socket at {path}", os.EX_UNAVAILABLE) from None
         except PermissionError:
-            raise CtlError(f"permission denied on {path}: run as root or a member of its group", EX_NOPERM) from None
+            raise CtlError(f"permission denied on {path}: run as root or a member of its group", os.EX_NOPERM) from None
         except ConnectionRefusedError:
-            raise CtlError(f"capsd is not running: nothing listens on {path}", EX_UNAVAILABLE) from None
-        sock.sendall(json.dumps(payload).encode() + b"\n")
+            raise CtlError(f"capsd is not running: nothing listens on {path}", os.EX_UNAVAILABLE) from None
+        except OSError as e:
+            raise CtlError(f"cannot connect to {path}: {e.strerror or e}", os.EX_UNAVAILABLE) from None
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise CtlError("capsd closed the control connection without a reply", EX_UNAVAILABLE)
-            data += chunk
+        try:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise CtlError("capsd closed the control connection without a reply", os.EX_UNAVAILABLE)
+                data += chunk
+        except TimeoutError:
+            raise CtlError(f"capsd did not answer on {path} within {timeout:g} s", os.EX_UNAVAILABLE) from None
+        except OSError as e:
+            raise CtlError(f"the control connection to {path} failed: {e.strerror or e}", os.EX_UNAVAILABLE) from None
     return json.loads(data)
 
 
@@ -86,15 +99,17 @@ def read_wav(path: Path) -> np.ndarray:
         with wave.open(str(path), "rb") as w:
             width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
             raw = w.readframes(w.getnframes())
+    except PermissionError:
+        raise CtlError(f"permission denied on {path}", os.EX_NOPERM) from None
     except (OSError, EOFError, wave.Error) as e:
-        raise CtlError(f"cannot read {path} as PCM WAV: {e}", EX_DATAERR) from None
+        raise CtlError(f"cannot read {path} as PCM WAV: {e}", os.EX_DATAERR) from None
     if width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width in (2, 4):
         kind = np.int16 if width == 2 else np.int32
         samples = np.frombuffer(raw, kind).astype(np.float32) / np.iinfo(kind).max
     else:
-        raise CtlError(f"{path}: {8 * width}-bit samples are not supported (use 8, 16 or 32-bit PCM)", EX_DATAERR)
+        raise CtlError(f"{path}: {8 * width}-bit samples are not supported (use 8, 16 or 32-bit PCM)", os.EX_DATAERR)
     samples = samples.reshape(-1, channels).mean(axis=1)
     if rate != RATE:
         n = round(len(samples) * RATE / rate)
@@ -118,50 +133,73 @@ def transcribe(url: str, path: Path, timeout: float) -> tuple[int, str]:
                 if result.get("task_id") in (task_id, None) and result["is_final"]:
                     break
     except (OSError, TimeoutError, WebSocketException) as e:
-        raise CtlError(f"cannot transcribe through {url}: {e}", EX_UNAVAILABLE) from None
+        raise CtlError(f"cannot transcribe through {url}: {e}", os.EX_UNAVAILABLE) from None
     if "error" in result:
         return EX_FAILED, f"{result['error']['code']}: {result['error']['message']}"
-    return EX_OK, result["text"]
+    return os.EX_OK, result["text"]
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT_S:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed is a positive number of seconds, at most {MAX_TIMEOUT_S}")
+    return value
+
+
+def global_options(parser: argparse.ArgumentParser) -> None:
+    """Options every subcommand takes, before or after its name (the last one given wins)."""
+    # SUPPRESS: a subcommand not given an option leaves alone the one given before its name.
+    timeout_help = (
+        f"how long to wait for capsd (default: status {STATUS_TIMEOUT_S:g} s, transcribe {TRANSCRIBE_TIMEOUT_S:g} s);"
+        f" restart-worker: how long the drain may take before the restart is forced (default {RESTART_TIMEOUT_S:g} s)"
+    )
+    parser.add_argument(
+        "--socket", metavar="PATH", default=argparse.SUPPRESS, help="control socket (default: as capsd resolves it)"
+    )
+    parser.add_argument(
+        "--url", default=argparse.SUPPRESS, help=f"capsd's WebSocket, for transcribe (default: {DEFAULT_URL})"
+    )
+    parser.add_argument("--timeout", metavar="S", type=seconds, default=argparse.SUPPRESS, help=timeout_help)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(prog="capsctl", description="Control a running capsd.")
-    parser.add_argument("--socket", metavar="PATH", help="control socket (default: as capsd resolves it)")
-    parser.add_argument("--url", default="ws://127.0.0.1:6016", help="capsd's WebSocket (transcribe)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait (default: 300)")
+    global_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     status = commands.add_parser("status", help="one row per slot, plus daemon totals")
-    status.add_argument("--json", action="store_true", help="the status JSON of CONTRACT.md section 4")
+    status.add_argument("--json", action="store_true", help="the status as JSON")
     restart = commands.add_parser("restart-worker", help="restart slot N (graceful unless --force)")
     restart.add_argument("slot", metavar="N", type=int)
     restart.add_argument("--force", action="store_true", help="kill at once; its tasks fail with worker_restarted")
-    restart.add_argument("--timeout", type=float, default=None, help="drain at most this long, then force (default 30)")
     file = commands.add_parser("transcribe", help="send a WAV file as CapsWriter does; print the text")
     file.add_argument("file", metavar="FILE.wav", type=Path)
-    file.add_argument("--url", default=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    for command in (status, restart, file):
+        global_options(command)
+    return parser.parse_args(argv, argparse.Namespace(socket=None, url=DEFAULT_URL, timeout=None))
 
 
 def run(args: argparse.Namespace) -> int:
-    timeout = args.timeout or 300.0
     if args.command == "transcribe":
-        code, text = transcribe(args.url, args.file, timeout)
-        print(text, file=sys.stdout if code == EX_OK else sys.stderr)
+        code, text = transcribe(args.url, args.file, args.timeout or TRANSCRIBE_TIMEOUT_S)
+        print(text, file=sys.stdout if code == os.EX_OK else sys.stderr)
         return code
     path = Path(args.socket) if args.socket else default_socket()
     if args.command == "status":
-        reply = request(path, {"cmd": "status"}, 10)
+        reply = request(path, {"cmd": "status"}, args.timeout or STATUS_TIMEOUT_S)
         reply.pop("ok")
         print(json.dumps(reply, indent=2) if args.json else status_table(reply))
-        return EX_OK
-    reply = request(
-        path, {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}, timeout + 150
-    )
+        return os.EX_OK
+    payload = {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}
+    # The drain, then the new worker loading the model, then a margin.
+    reply = request(path, payload, (args.timeout or RESTART_TIMEOUT_S) + READY_TIMEOUT_S + 30)
     if not reply["ok"]:
-        code = EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
+        code = os.EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
         raise CtlError(reply["error"], code)
     print(f"slot {reply['slot']}: old pid {reply['old_pid']}, new pid {reply['new_pid']}")
-    return EX_OK
+    return os.EX_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as e:
         print(f"capsctl: {e}", file=sys.stderr)
         return e.code
+    except PermissionError as e:  # wherever it happens, as when looking for the default socket
+        where = f" on {e.filename}" if e.filename else ""
+        print(f"capsctl: permission denied{where}: run as root or a member of its group", file=sys.stderr)
+        return os.EX_NOPERM
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
-"""What must hold before any worker starts: model files that will load, a memory plan that fits.
+"""What must hold before any worker starts: model files that will load, a memory plan that fits,
+addresses capsd can listen on.
 
 Shared by `capsd` and `capsd check-config`, so both refuse the same things with the same words.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from capsd import memory, models, textformat
-from capsd.config import Config, ConfigError
+from capsd.config import Config, ConfigError, control_socket
+from capsd.supervisor import control
 from capsd.worker.main import WorkerSpec
 
-# A client may ask for seg_duration up to 60 s with an overlap just under it (CONTRACT.md
-# section 3): the longest segment a worker can be handed, and so its arena's peak (pitfalls 10).
+# A client may ask for seg_duration up to 60 s with an overlap just under it: the longest
+# segment a worker can be handed, and so its arena's peak (docs/design.md#the-arena-keeps-its-peak).
 LONGEST_SEGMENT_S = 120.0
 
 
@@ -65,3 +68,37 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         punctuation=cfg.model.punctuation if cfg.format.punc else "",
     )
     return Preflight(spec, plan)
+
+
+def check_listen(cfg: Config, beside_running: bool = False) -> Path:
+    """Raise ConfigError unless capsd can listen where cfg says; return the control socket's path.
+
+    The port is not bound (capsd may be running on it); `beside_running` (check-config) accepts a
+    control socket someone listens on, most likely the capsd this config is for.
+    """
+    check_addr(cfg.server.addr)
+    path = control_socket(cfg.control.socket)
+    problem = control.path_problem(path) or (None if beside_running else control.in_use(path))
+    if problem:
+        shown = repr(cfg.control.socket) if cfg.control.socket else f"'' (default {path})"
+        raise ConfigError(f"config: [control] socket = {shown} is refused: {problem}")
+    return path
+
+
+def check_addr(addr: str) -> None:
+    """Resolve addr as the server will and bind a throwaway socket to each address, on port 0."""
+    refused = f"config: [server] addr = {addr!r} is refused"
+    try:
+        addresses = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as e:  # socket.gaierror, or UnicodeError from IDNA
+        raise ConfigError(f"{refused}: it does not resolve ({getattr(e, 'strerror', None) or e})") from None
+    for family, kind, proto, _, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # a family this kernel lacks: the server skips it too
+            continue
+        with probe:
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise ConfigError(f"{refused}: cannot listen on {address[0]} ({e.strerror})") from None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,13 +73,52 @@ def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 78 and "absent.toml" in done.stderr
 
 
+def non_utf8(tmp: Path) -> tuple[str, str]:
+    (tmp / "latin1.toml").write_bytes('[log]\nlevel = "info" # caf\xe9\n'.encode("latin-1"))
+    return str(tmp / "latin1.toml"), "is not UTF-8: byte 0xe9 at offset 26"
+
+
+def oversized(tmp: Path) -> tuple[str, str]:
+    (tmp / "big.toml").write_text("# padding\n" * 110_000)  # a valid TOML file of 1.1 MB
+    return str(tmp / "big.toml"), "larger than 1 MiB"
+
+
+def directory(tmp: Path) -> tuple[str, str]:
+    return str(tmp), "it is a directory"
+
+
+def fifo(tmp: Path) -> tuple[str, str]:
+    os.mkfifo(tmp / "fifo.toml")  # nobody writes: reading it would wait for ever
+    return str(tmp / "fifo.toml"), "it is a FIFO"
+
+
+def dev_zero(_tmp: Path) -> tuple[str, str]:
+    return "/dev/zero", "it is a character device"  # reading it would never end
+
+
+@pytest.mark.parametrize("case", [non_utf8, oversized, directory, fifo, dev_zero], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
+def test_a_config_path_capsd_cannot_read_is_refused_in_one_line(
+    tmp_path: Path, command: list[str], case: Callable[[Path], tuple[str, str]]
+) -> None:
+    path, why = case(tmp_path)
+    done, elapsed = run(*command, "--config", path)
+    assert done.returncode == 78 and elapsed < 30
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert path in done.stderr and why in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("args", [["--bogus"], ["frobnicate"], ["--config"]])
 def test_bad_command_line_exits_64(args: list[str]) -> None:
     done, _ = run(*args)
     assert done.returncode == 64
+    assert len(done.stderr.splitlines()) == 1 and "--help" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("args", [["restart-worker"], ["restart-worker", "one"], ["nonsense"], []])
+@pytest.mark.parametrize(
+    "args", [["restart-worker"], ["restart-worker", "one"], ["nonsense"], [], ["--timeout", "0", "status"]]
+)
 def test_capsctl_bad_command_line_exits_64(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "capsd.ctl", *args], capture_output=True, text=True)
     assert done.returncode == 64
+    assert len(done.stderr.splitlines()) == 1 and "--help" in done.stderr, done.stderr

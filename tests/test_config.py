@@ -1,8 +1,9 @@
-"""capsd/config.py: schema, defaults, refusals and lookup (CONTRACT.md sections 1 and 2)."""
+"""capsd/config.py: schema, defaults, refusals and lookup."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from capsd.config import Config, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
-# CONTRACT.md section 2, copied by hand so a changed default in config.py fails here.
+# The contract's defaults, copied by hand so a changed default in config.py fails here.
 CONTRACT_DEFAULTS: dict[str, dict[str, Any]] = {
     # stop_timeout_s is capsd's one extension, documented in the README.
     "server": {
@@ -374,8 +375,6 @@ def test_control_socket_under_systemd(runtime_env: pytest.MonkeyPatch, euid: int
 
 
 def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
-    import os
-
     if os.geteuid() != 0:
         pytest.skip("not running as root")
     assert config.control_socket("") == Path("/run/capsd/control.sock")
@@ -414,3 +413,39 @@ def test_stop_timeout_is_a_documented_extension() -> None:
     assert config.from_dict({"server": {"stop_timeout_s": 0}}).server.stop_timeout_s == 0.0
     with pytest.raises(ConfigError, match=r"\[server\] stop_timeout_s = -1\.0 .*>= 0"):
         config.from_dict({"server": {"stop_timeout_s": -1}})
+
+
+def test_load_reads_only_a_regular_file(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    for path, why in [(tmp_path, "a directory"), (tmp_path / "fifo", "a FIFO"), (Path("/dev/null"), "a character")]:
+        with pytest.raises(ConfigError, match=f"cannot read {path}: it is {why}"):
+            config.load(str(path))
+
+
+def test_load_caps_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("#" * (config.MAX_CONFIG_BYTES - 1) + "\n")
+    assert config.load(str(path)) == dataclasses.replace(Config(), source=str(path))
+    path.write_text("#" * config.MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        config.load(str(path))
+
+
+def test_load_refuses_what_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"[server]\nport = 1\xff\n")
+    with pytest.raises(ConfigError, match=f"{path} is not UTF-8: byte 0xff at offset 17"):
+        config.load(str(path))
+
+
+def test_find_path_default_below_a_file_is_absent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CAPSD_CONFIG", raising=False)
+    (tmp_path / "etc").write_text("")
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "etc" / "capsd.toml")
+    assert config.find_path(None) is None
+
+
+def test_the_fallback_runtime_dir_is_per_user(runtime_env: pytest.MonkeyPatch) -> None:
+    runtime_env.setattr(config.os, "geteuid", lambda: 1234)
+    assert config.fallback_runtime_dir() == Path("/tmp/capsd-1234")
+    assert config.control_socket("").parent.parent == config.fallback_runtime_dir()
