@@ -19,7 +19,7 @@ from capsd.cli import Parser
 from capsd.config import control_socket
 from capsd.protocol import RATE
 from capsd.selftest.client import file_frames
-from capsd.supervisor.control import READY_TIMEOUT_S, RESTART_TIMEOUT_S
+from capsd.supervisor.control import DRAIN_TIMEOUT_S, READY_TIMEOUT_S
 
 EX_FAILED = 1  # the transcription got an error frame (no sysexits name for it)
 SYSTEM_SOCKET = Path("/run/capsd/control.sock")  # RuntimeDirectory=capsd of systemd/capsd.service
@@ -154,7 +154,7 @@ def global_options(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a subcommand not given an option leaves alone the one given before its name.
     timeout_help = (
         f"how long to wait for capsd (default: status {STATUS_TIMEOUT_S:g} s, transcribe {TRANSCRIBE_TIMEOUT_S:g} s);"
-        f" restart-worker: how long the drain may take before the restart is forced (default {RESTART_TIMEOUT_S:g} s)"
+        f" restart-worker: how long the drain may take before the restart is forced (default {DRAIN_TIMEOUT_S:g} s)"
     )
     parser.add_argument(
         "--socket", metavar="PATH", default=argparse.SUPPRESS, help="control socket (default: as capsd resolves it)"
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         return os.EX_OK
     payload = {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}
     # The drain, then the new worker loading the model, then a margin.
-    reply = request(path, payload, (args.timeout or RESTART_TIMEOUT_S) + READY_TIMEOUT_S + 30)
+    reply = request(path, payload, (args.timeout or DRAIN_TIMEOUT_S) + READY_TIMEOUT_S + 30)
     if not reply["ok"]:
         code = os.EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
         raise CtlError(reply["error"], code)

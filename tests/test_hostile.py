@@ -165,6 +165,7 @@ def test_an_rss_recycle_waits_for_an_open_task_at_most_the_drain_limit(start_cap
                 await ws.send(chunk)
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "draining", 60, "drain")
             await dictate(capsd.url, "waiting", within=30 + PROMPT_S)  # waits for the drain
+            await ws.send(frame("open", samples[:0], True, "file", (60, 59.9)))  # its error frame waits for this
             return (await receive(ws, {"open"}, timeout=60))["open"][-1]
 
     failed = asyncio.run(scenario())
@@ -175,58 +176,59 @@ def test_an_rss_recycle_waits_for_an_open_task_at_most_the_drain_limit(start_cap
 
 def test_thousands_of_task_ids_on_one_connection_are_refused_beyond_the_bound(start_capsd: Any) -> None:
     """front.MAX_OPEN_TASKS (32) tasks may wait for their is_final on one connection; each
-    further one gets overloaded, and its later frames are dropped silently."""
+    further one is refused with overloaded, its later frames dropped, its error frame sent at
+    its is_final."""
     capsd = start_capsd({"workers": {"count": 2}})
     blip = synth("1")[0][:1600]
-    ids = [f"many-{i}" for i in range(2000)]
+    ids = [f"many-{i}" for i in range(1000)]
 
     async def scenario() -> dict[str, list[dict[str, Any]]]:
         async with connect(capsd.url) as ws:
-            for task_id in ids:
-                await ws.send(frame(task_id, blip, False, "mic", (15, 2)))
-            for task_id in ids[32:]:  # refused: dropped without a second answer
-                await ws.send(frame(task_id, blip, False, "mic", (15, 2)))
-            refused = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in ids[32:]]
+            for _ in range(2):
+                for task_id in ids:
+                    await ws.send(frame(task_id, blip, False, "mic", (15, 2)))
             await dictate(capsd.url, same_slot(ids[0], 2))
-            for task_id in ids[:32]:
+            for task_id in ids:
                 await ws.send(frame(task_id, blip[:0], True, "mic", (15, 2)))
-            frames = await receive(ws, set(ids[:32]))
+            frames = await receive(ws, set(ids))
             await send_mic(ws, "then-more", synth(GOOD_DIGITS)[0])  # room again on this connection
-            frames |= await receive(ws, {"then-more"})
-            return frames | {f["task_id"]: [f] for f in refused}
+            return frames | await receive(ws, {"then-more"})
 
     frames = asyncio.run(scenario())
-    assert all(frames[t][-1]["error"]["code"] == "overloaded" for t in ids[32:])
-    assert all(len(frames[t]) == 1 for t in ids[32:])
+    assert all(len(frames[t]) == 1 and frames[t][0]["error"]["code"] == "overloaded" for t in ids[32:])
     assert all("error" not in frames[t][-1] for t in ids[:32])
     assert frames["then-more"][-1]["text"] == GOOD_DIGITS
 
 
 def test_long_task_ids_are_refused_and_neither_kept_nor_logged_whole(start_capsd: Any) -> None:
+    """Ids over 256 characters get bad_request with task_id null and are not kept; of refused
+    ids, front.MAX_REFUSED_IDS (1024) are kept, the oldest answered at once beyond it."""
     capsd = start_capsd({"workers": {"count": 2}})
     log_before = len(capsd.logs())
     blip = synth("1")[0][:1600]
+    kept = [f"{i:08d}" * 32 for i in range(3000)]  # 256 characters each
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         async with connect(capsd.url) as ws:
-            sent = 0
             for i in range(200):
                 await ws.send(frame(f"{i:04d}" * 1024, blip, False, "mic", (15, 2)))  # 4 KB ids
-                sent += 1
             for i in range(2):
                 await ws.send(frame(f"{i}" * 10_000_000, blip, False, "mic", (15, 2)))  # 10 MB ids
-                sent += 1
-            for i in range(3000):  # bad frames with ids of the longest length: remembered, bounded
-                await ws.send(frame(f"{i:08d}" * 32, blip, False, "radio", (15, 2)))
-                sent += 1
-            answers = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in range(sent)]
+            for task_id in kept:  # bad frames, not final: their answers wait for their is_final
+                await ws.send(frame(task_id, blip, False, "radio", (15, 2)))
+            at_once = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in range(202 + 3000 - 1024)]
             await dictate(capsd.url, "good-0")
-            return answers
+            for task_id in kept[-1024:]:
+                await ws.send(frame(task_id, blip[:0], True, "mic", (15, 2)))
+            at_final = [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in range(1024)]
+            return at_once, at_final
 
-    answers = asyncio.run(scenario())
-    assert all(a["error"]["code"] == "bad_request" for a in answers)
-    assert all(a["task_id"] is None for a in answers[:202])
-    assert "characters long: at most 256" in answers[0]["error"]["message"]
+    at_once, at_final = asyncio.run(scenario())
+    assert all(a["error"]["code"] == "bad_request" for a in at_once + at_final)
+    assert all(a["task_id"] is None for a in at_once[:202])
+    assert "characters long: at most 256" in at_once[0]["error"]["message"]
+    assert [a["task_id"] for a in at_once[202:]] == kept[:-1024]  # forgotten oldest first
+    assert [a["task_id"] for a in at_final] == kept[-1024:]
     assert len(capsd.logs()) - log_before < 64 * 1024  # not the 10 MB ids, nor a line per frame
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
 

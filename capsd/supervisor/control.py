@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from capsd.config import control_socket, fallback_runtime_dir
+from capsd.supervisor.slot import DRAIN_TIMEOUT_S
 
 if TYPE_CHECKING:
     from capsd.supervisor.daemon import Daemon
 
 log = structlog.get_logger("capsd.control")
-RESTART_TIMEOUT_S = 30.0  # default graceful drain before restart-worker forces the restart
 READY_TIMEOUT_S = 120.0
 MAX_REQUEST_BYTES = 64 * 1024  # one request line; capsctl's are under 100 bytes
 IDLE_TIMEOUT_S = 10.0  # a connection without a whole request line by then is answered and closed
@@ -45,7 +45,7 @@ class Request:
     cmd: str
     slot: int = 0
     force: bool = False
-    timeout: float | None = None  # None: RESTART_TIMEOUT_S
+    timeout: float | None = None  # the drain limit; None: slot.DRAIN_TIMEOUT_S
 
 
 def parse_request(line: bytes) -> Request:
@@ -240,15 +240,18 @@ class ControlServer:
         if old is None or not old.ready:
             raise ControlError(f"slot {index} is {slot.state}; try again when it is ready")
         log.info("restart requested", slot=index, pid=old.pid, force=force)
+        drain = 0.0 if force else timeout or DRAIN_TIMEOUT_S
         if force:
             slot.kill("requested")
         else:
-            slot.drain("requested")
-            if not await _until(lambda: slot.incarnation is not old, timeout or RESTART_TIMEOUT_S):
-                log.warning("drain timed out", slot=index, pid=old.pid)
-                slot.kill("requested")
-        if not await _until(lambda: slot.incarnation is not old and slot.incarnation.ready, READY_TIMEOUT_S):
-            raise ControlError(f"slot {index}: the new worker is not ready after {READY_TIMEOUT_S:g} s")
+            slot.drain("requested", drain)  # the daemon forces it at the deadline
+
+        def replaced() -> bool:
+            new = slot.incarnation
+            return new is not None and new is not old and new.ready
+
+        if not await _until(replaced, drain + READY_TIMEOUT_S):
+            raise ControlError(f"slot {index}: the new worker is not ready after {drain + READY_TIMEOUT_S:g} s")
         return {"slot": index, "old_pid": old.pid, "new_pid": slot.incarnation.pid}
 
 

@@ -48,7 +48,9 @@ class Client:
         self.max_buffered = max_buffered
         self.receiving: dict[str, Task] = {}  # tasks whose is_final has not arrived
         self.open: set[Task] = set()  # tasks not yet answered with their final frame
-        self.refused: OrderedDict[str, None] = OrderedDict()  # ids dropped until is_final, oldest first
+        # Ids whose frames are dropped until their is_final, oldest first, each with the final frame
+        # it is owed then (docs/design.md#error-frames-wait-for-the-clients-final-frame).
+        self.refused: OrderedDict[str, str | None] = OrderedDict()
         self.buffered_bytes = 0  # audio in the tasks' segmenters
         self.queued_bytes = 0  # audio in segments waiting in the slots' queues
         self.queued_per_slot: Counter[Slot] = Counter()  # segments waiting
@@ -81,22 +83,45 @@ class Client:
         if not self._over_waiting_bound():
             self.drained.set()
 
-    def ended(self, task: Task) -> None:
+    def ended(self, task: Task, error_frame: str | None = None) -> None:
+        """The task holds nothing more; a failed task's error frame goes out once its client has
+        sent its is_final frame."""
         self.open.discard(task)
         self.buffered_bytes -= task.segmenter.buffered_bytes
         task.segmenter.clear()
         if self.receiving.get(task.task_id) is task:
             del self.receiving[task.task_id]
-            self.refuse_id(task.task_id)
+            self.refuse(task.task_id, error_frame)
+        elif error_frame:
+            self.send(error_frame)
 
     # -- bookkeeping --------------------------------------------------------------------------
 
-    def refuse_id(self, task_id: str) -> None:
-        """Drop this id's frames until its is_final; the oldest id is forgotten beyond the bound."""
-        self.refused[task_id] = None
+    def refuse(self, task_id: str, final_frame: str | None) -> None:
+        """Drop this id's frames until its is_final, then send `final_frame`. Beyond the bound the
+        oldest id is forgotten, its frame sent at once."""
+        self.refused[task_id] = final_frame
         self.refused.move_to_end(task_id)
         if len(self.refused) > MAX_REFUSED_IDS:
-            self.refused.popitem(last=False)
+            self.send_owed(self.refused.popitem(last=False)[1])
+
+    def dropped(self, task_id: str, is_final: bool) -> bool:
+        """A frame of a refused id: dropped, and at its is_final the frame owed is sent."""
+        if task_id not in self.refused:
+            return False
+        if is_final:
+            self.send_owed(self.refused.pop(task_id))
+        return True
+
+    def send_owed(self, frame: str | None) -> None:
+        if frame:
+            self.send(frame)
+
+    def release_owed(self) -> None:
+        """The connection is closing: every frame owed goes out now."""
+        for task_id, frame in self.refused.items():
+            self.send_owed(frame)
+            self.refused[task_id] = None
 
     def _over_waiting_bound(self) -> bool:
         # Audio only buffered (not cut) cannot drain by waiting: it has its own bound.
@@ -154,6 +179,11 @@ class Client:
             self.ws.transport.abort()
 
 
+def _binary_if_offered(_connection: ServerConnection, offered: Sequence[str]) -> str | None:
+    """CapsWriter v2 clients offer the `binary` subprotocol: echo it. Others offer none: fine too."""
+    return "binary" if "binary" in offered else None
+
+
 class Front:
     def __init__(self, cfg: ServerConfig, slots: Sequence[Slot]) -> None:
         self.cfg = cfg
@@ -176,6 +206,7 @@ class Front:
             max_queue=INCOMING_QUEUE,
             compression=None,
             close_timeout=CLOSE_TIMEOUT_S,
+            select_subprotocol=_binary_if_offered,
         )
         log.info("listening", addr=self.cfg.addr, port=self.cfg.port)
 
@@ -213,8 +244,10 @@ class Front:
                 raw = await ws.recv()
                 client.reading = False
                 self.receive(client, raw)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as e:
+            if e.sent and e.sent.code == 1009:  # websockets refused a frame over max_size
+                log.warning("frame too big: connection closed", peer=str(ws.remote_address), reason=e.sent.reason,
+                            max_message_bytes=self.cfg.max_message_bytes)  # fmt: skip
         finally:
             client.closed = True
             self.clients.discard(client)
@@ -229,9 +262,7 @@ class Front:
         except BadRequest as e:
             self.refuse_frame(client, e)
             return
-        if frame.task_id in client.refused:
-            if frame.is_final:
-                del client.refused[frame.task_id]
+        if client.dropped(frame.task_id, frame.is_final):
             return
         task = client.receiving.get(frame.task_id) or self.open_task(client, frame)
         if task is None:
@@ -264,24 +295,30 @@ class Front:
             slot.accept(task)
             return task
         now = time.time()
-        client.send(Result(frame.task_id, frame.time_start, now, now).to_json(error=refusal))
         log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=refusal[0], reason=refusal[1])
-        if not frame.is_final:
-            client.refuse_id(frame.task_id)
+        error_frame = Result(frame.task_id, frame.time_start, now, now).to_json(error=refusal)
+        if frame.is_final:
+            client.send(error_frame)
+        else:
+            client.refuse(frame.task_id, error_frame)
         return None
 
     def refuse_frame(self, client: Client, e: BadRequest) -> None:
         """A malformed frame: one complete error frame; the connection and other tasks go on."""
         self.log_bad_frame(client, e)
+        if e.task_id and client.dropped(e.task_id, e.is_final):
+            return
         task = client.receiving.get(e.task_id) if e.task_id else None
         if task is not None:
             if e.is_final:
                 del client.receiving[task.task_id]
             task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
             return
-        client.send(Result(e.task_id).to_json(error=("bad_request", str(e))))
+        error_frame = Result(e.task_id).to_json(error=("bad_request", str(e)))
         if e.task_id and not e.is_final:
-            client.refuse_id(e.task_id)
+            client.refuse(e.task_id, error_frame)
+        else:
+            client.send(error_frame)
 
     def log_bad_frame(self, client: Client, e: BadRequest) -> None:
         self.bad_frames += 1
@@ -304,6 +341,7 @@ class Front:
             await asyncio.wait([asyncio.ensure_future(self.server.wait_closed())], timeout=CLOSE_TIMEOUT_S)
 
     async def _close_client(self, client: Client) -> None:
+        client.release_owed()
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         while not client.settled() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

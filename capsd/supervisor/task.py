@@ -29,7 +29,7 @@ class Owner(Protocol):
 
     def unqueued(self, slot: Slot, nbytes: int) -> None: ...
 
-    def ended(self, task: Task) -> None: ...
+    def ended(self, task: Task, error_frame: str | None = None) -> None: ...
 
 
 @dataclass(eq=False)
@@ -62,19 +62,20 @@ class Task:
             decoded.is_final,
         )
         if decoded.is_final:
-            self._end()
+            self.done = True
+            self.owner.ended(self)
         self.owner.send(result.to_json())
         if decoded.is_final:
             self.slot.finished(self, failed=False)
 
     def fail(self, code: str, message: str) -> None:
-        """Tell the client once, with a complete final frame, and forget the task."""
+        """Forget the task; its client gets a complete error frame as its final frame."""
         if self.done:
             return
-        self._end()
+        self.done = True
         now = time.time()
         result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.duration)
-        self.owner.send(result.to_json(error=(code, message)))
+        self.owner.ended(self, result.to_json(error=(code, message)))
         log.warning("task failed", slot=self.slot.index, task=clip(self.task_id), code=code, reason=message)
         self.slot.finished(self, failed=True)
 
@@ -82,9 +83,6 @@ class Task:
         """The client went away: nobody to tell; the slot drops what it holds of the task."""
         if self.done:
             return
-        self._end()
-        self.slot.cancel(self)
-
-    def _end(self) -> None:
         self.done = True
         self.owner.ended(self)
+        self.slot.cancel(self)

@@ -1,0 +1,107 @@
+"""What CapsWriter clients v1.0-v2.6 see: error frames only after their own final frame, the
+`binary` subprotocol, frames too big for the limit (a real capsd, real workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from capsd.selftest.client import connect, frame, receive, send_file, send_mic
+from capsd.selftest.tones import synth
+from tests.support.checks import FRAME_FIELDS, assert_exact, wait_for
+
+
+async def nothing_within(ws: Any, seconds: float) -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(ws.recv(), seconds)
+
+
+def test_a_dictation_whose_worker_dies_is_answered_after_its_final_frame(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    samples, _ = synth("1234567890" * 6)  # 30 s: the first 15/2 segment is cut at 19 s
+    step = 1600
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with connect(capsd.url) as ws:
+            for i in range(0, 20 * 16000, step):
+                await ws.send(frame("speaking", samples[i : i + step], False, "mic", (15, 2)))
+            partial = json.loads(await asyncio.wait_for(ws.recv(), 30))  # its partial result lives in the worker
+            os.kill(capsd.worker_pid(0), signal.SIGKILL)
+            await asyncio.to_thread(wait_for, lambda: "worker exited" in capsd.logs(), 30, "the death seen")
+            await nothing_within(ws, 1.0)  # the user is still speaking: no final frame yet
+            for i in range(20 * 16000, len(samples), step):
+                await ws.send(frame("speaking", samples[i : i + step], False, "mic", (15, 2)))
+            await ws.send(frame("speaking", samples[:0], True, "mic", (15, 2)))
+            return [partial, *(await receive(ws, {"speaking"}))["speaking"]]
+
+    frames = asyncio.run(scenario())
+    assert not frames[0]["is_final"]
+    final = frames[-1]
+    assert final["is_final"] and final["error"]["code"] == "worker_crashed" and FRAME_FIELDS <= final.keys()
+    assert [f["is_final"] for f in frames].count(True) == 1
+
+
+def test_a_task_refused_while_stopping_is_answered_after_its_final_frame(start_capsd: Any, heavy_model: Path) -> None:
+    """v1.0 renames the task's audio file when the final frame comes: not before it has written it."""
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    long_file, starts = synth("1234567890" * 8)  # 40 s: a few seconds of decoding keep the stop waiting
+    mic, _ = synth("42")
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url) as ws:
+            await send_file(ws, "finishing", long_file, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
+            capsd.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
+            await ws.send(frame("too-late", mic[:1600], False, "mic", (15, 2)))
+            await asyncio.to_thread(wait_for, lambda: "task refused" in capsd.logs(), 30, "the refusal")
+            await send_mic(ws, "too-late", mic[1600:])
+            return await receive(ws, {"finishing", "too-late"})
+
+    frames = asyncio.run(scenario())
+    assert_exact(frames["finishing"], "1234567890" * 8, starts)
+    refused = frames["too-late"]
+    assert len(refused) == 1 and refused[0]["error"]["code"] == "shutting_down"
+    assert refused[0]["time_submit"] == refused[0]["time_complete"] > 0
+    assert capsd.proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("offered", [["binary"], None])
+def test_the_binary_subprotocol_is_echoed_and_not_required(start_capsd: Any, offered: list[str] | None) -> None:
+    capsd = start_capsd()
+    samples, starts = synth("2026")
+
+    async def scenario() -> tuple[str | None, dict[str, Any]]:
+        async with connect(capsd.url, subprotocols=offered) as ws:
+            await send_mic(ws, "dictation", samples)
+            return ws.subprotocol, await receive(ws, {"dictation"})
+
+    subprotocol, frames = asyncio.run(scenario())
+    assert subprotocol == (offered[0] if offered else None)
+    assert_exact(frames["dictation"], "2026", starts)
+
+
+def test_a_frame_over_max_message_bytes_is_logged_before_the_1009_close(start_capsd: Any) -> None:
+    capsd = start_capsd({"server": {"max_message_bytes": 2**20}})
+    samples, _ = synth("1234567890" * 3)  # 15 s: 1.28 MB of base64
+
+    async def scenario() -> int | None:
+        async with connect(capsd.url) as ws:
+            await ws.send(frame("whole-file", samples, True, "file", (15, 2)))
+            try:
+                await asyncio.wait_for(ws.recv(), 30)
+            except ConnectionClosed as e:
+                return e.rcvd.code if e.rcvd else None
+        return None
+
+    assert asyncio.run(scenario()) == 1009
+    wait_for(lambda: "frame too big" in capsd.logs(), 10, "the log line")
+    line = next(line for line in capsd.logs().splitlines() if "frame too big" in line)
+    assert "max_message_bytes=1048576" in line and "peer=" in line
