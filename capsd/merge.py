@@ -10,6 +10,8 @@ seen by both segments with slightly different timestamps; two equal tokens close
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
 
 SAME_TOKEN_S = 0.12  # a few 40-60 ms frames: one token seen by two segments, not two tokens
@@ -72,3 +74,41 @@ def join_tokens(tokens: list[str]) -> str:
 
 def _latin(ch: str) -> bool:
     return ch.isascii() and ch.isalnum() or ch == "'"
+
+
+# A Latin word (or one with an apostrophe) is one token; every other character is a token of its
+# own, digits included, so each digit keeps the time it was spoken at.
+_UNIT = re.compile(r"[A-Za-z']+|\S")
+
+
+def realign(tokens: list[str], timestamps: list[float], text: str) -> tuple[list[str], list[float]]:
+    """The tokens and timestamps of `text`, a formatted version of these tokens' text
+    (numerals, spacing, punctuation), so that a subtitle built from them matches it.
+
+    Characters are matched with difflib (docs/design.md#text-accu-on-the-final-frame): a kept
+    character keeps its time, a replaced run (一二三 -> 123) takes the times of what it replaces,
+    spread evenly, and an inserted one (punctuation) the time of the character before it.
+    """
+    raw, raw_times = [], []
+    for tok, t in zip(tokens, timestamps):
+        for ch in tok.replace("\u2581", "").replace("@@", ""):
+            raw.append(ch)
+            raw_times.append(t)
+    units = list(_UNIT.finditer(text))
+    if not raw_times:
+        return [u[0] for u in units], [0.0] * len(units)
+    chars = [i for i, ch in enumerate(text) if not ch.isspace()]  # position in text of each aligned character
+    target = "".join(text[i] for i in chars)
+    times = [0.0] * len(target)
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, "".join(raw), target).get_opcodes():
+        if op == "equal":
+            times[j1:j2] = raw_times[i1:i2]
+        elif op == "replace":
+            times[j1:j2] = [raw_times[i1 + k * (i2 - i1) // (j2 - j1)] for k in range(j2 - j1)]
+        elif op == "insert":
+            times[j1:j2] = [raw_times[max(i1 - 1, 0)]] * (j2 - j1)
+    at = {position: time for position, time in zip(chars, times)}
+    out_times: list[float] = []
+    for unit in units:
+        out_times.append(max(at[unit.start()], out_times[-1] if out_times else 0.0))  # times never go back
+    return [u[0] for u in units], out_times

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capsd.merge import SAME_TOKEN_S, PartialResult, join_tokens
+from capsd.merge import SAME_TOKEN_S, PartialResult, join_tokens, realign
 
 # Two segments as seg_duration=15, seg_overlap=2 cuts them: [0, 17) and [15, 32).
 STRIDE, OVERLAP = 15.0, 2.0
@@ -199,3 +199,40 @@ def test_text_follows_tokens() -> None:
     p = PartialResult()
     p.add(0.0, 0.0, ["\u2581good", "\u2581mor", "ning"], [0.1, 0.5, 0.8], 17.0)
     assert p.text == "good morning"
+
+
+def test_realign_keeps_each_kept_character_at_its_time() -> None:
+    tokens, times = realign(list("你好世界"), [0.0, 0.2, 0.4, 0.6], "你好世界")
+    assert (tokens, times) == (list("你好世界"), [0.0, 0.2, 0.4, 0.6])
+
+
+def test_realign_gives_punctuation_the_time_of_the_character_before_it() -> None:
+    tokens, times = realign(list("你好世界"), [0.0, 0.2, 0.4, 0.6], "你好，世界。")
+    assert tokens == list("你好，世界。") and times == [0.0, 0.2, 0.2, 0.4, 0.6, 0.6]
+
+
+def test_realign_spreads_a_replaced_run_over_the_times_it_replaces() -> None:
+    tokens, times = realign(list("今天是二零二四年"), [0.1 * i for i in range(8)], "今天是 2024 年")
+    assert tokens == list("今天是2024年")
+    assert times == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])  # digit for numeral
+    tokens, times = realign(list("一百二十三"), [0.0, 0.2, 0.4, 0.6, 0.8], "123")
+    assert tokens == ["1", "2", "3"] and times == [0.0, 0.2, 0.6]
+
+
+def test_realign_keeps_latin_words_whole_and_times_increasing() -> None:
+    tokens, times = realign(["\u2581HELLO", "\u2581WOR", "LD", "好"], [0.0, 0.5, 0.7, 1.0], "HELLO WORLD 好")
+    assert tokens == ["HELLO", "WORLD", "好"] and times == [0.0, 0.5, 1.0]
+    tokens, times = realign(list("三二一"), [0.4, 0.2, 0.3], "321")
+    assert times == sorted(times)
+
+
+def test_realign_of_a_two_hour_result() -> None:
+    """Tens of thousands of characters, realigned once, on the final frame (difflib's junk
+    heuristic keeps it near-linear: about a second; without it, minutes)."""
+    import random
+
+    rng = random.Random(1)
+    text = "".join(rng.choices([chr(0x4E00 + i) for i in range(3000)], k=36000))
+    punctuated = "".join(ch + ("，" if rng.random() < 0.06 else "") for ch in text)
+    tokens, times = realign(list(text), [0.2 * i for i in range(len(text))], punctuated)
+    assert "".join(tokens) == punctuated and times == sorted(times)

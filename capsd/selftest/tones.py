@@ -42,8 +42,8 @@ def digit_tokens(digits: str) -> list[str]:
 
 
 def token_digits(tokens: list[str] | str) -> str:
-    """['三', '零', '五'] (or '三零五') -> '305'."""
-    return "".join(str(DIGIT_TOKENS.index(t)) for t in tokens)
+    """['三', '零', '五'] (or '三零五', or a final result's ['3', '0', '5']) -> '305'."""
+    return "".join(t if t.isdigit() and t.isascii() else str(DIGIT_TOKENS.index(t)) for t in tokens)
 
 
 def synth(

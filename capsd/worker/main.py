@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from capsd import memory, models, textformat
-from capsd.merge import PartialResult
+from capsd.merge import PartialResult, realign
 from capsd.protocol import RATE
 from capsd.segment import Segment
 
@@ -109,8 +109,12 @@ def main(conn: Connection, spec: WorkerSpec) -> None:
         partial.add(segment.offset, segment.overlap, tokens, timestamps, segment.end)
         if segment.is_last:
             del partials[key]
-        text = recognizer.finish(partial) if segment.is_last else partial.text
-        decoded = Decoded(
-            key, partial.tokens, partial.timestamps, partial.text, text, partial.duration, segment.is_last
-        )
+        if segment.is_last:  # text_accu formatted too, tokens realigned to it, as CapsWriter since v2.2
+            text = recognizer.finish(partial)
+            tokens, timestamps = realign(partial.tokens, partial.timestamps, text)
+            decoded = Decoded(key, tokens, timestamps, text, text, partial.duration, True)
+        else:
+            decoded = Decoded(
+                key, partial.tokens, partial.timestamps, partial.text, partial.text, partial.duration, False
+            )
         conn.send(decoded)

@@ -22,6 +22,8 @@ def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float])
     assert [f["is_final"] for f in frames].count(True) == 1
     assert token_digits(final["tokens"]) == digits
     assert final["text"] == digits  # Chinese numerals formatted to Arabic digits
+    assert final["text_accu"] == final["text"]  # formatted too, as CapsWriter since v2.2
+    assert "".join(final["tokens"]) == final["text_accu"].replace(" ", "")  # tokens realigned to it
     assert max(abs(a - b) for a, b in zip(final["timestamps"], starts)) < 0.1
     assert final["timestamps"] == sorted(final["timestamps"])
     partial_lengths = [len(f["tokens"]) for f in frames[:-1]]
