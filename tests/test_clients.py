@@ -14,7 +14,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from capsd.selftest.client import connect, frame, receive, send_file, send_mic
-from capsd.selftest.tones import synth
+from capsd.selftest.tones import synth, token_digits
 from tests.support.checks import FRAME_FIELDS, assert_exact, wait_for
 
 
@@ -105,3 +105,55 @@ def test_a_frame_over_max_message_bytes_is_logged_before_the_1009_close(start_ca
     wait_for(lambda: "frame too big" in capsd.logs(), 10, "the log line")
     line = next(line for line in capsd.logs().splitlines() if "frame too big" in line)
     assert "max_message_bytes=1048576" in line and "peer=" in line
+
+
+def test_v1_sends_a_whole_file_as_one_frame(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    digits = "1234567890" * 30
+    samples, starts = synth(digits)  # 150 s: 12.8 MB of base64 in one frame, under the 16 MiB default
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url) as ws:
+            await ws.send(frame("v1-file", samples, True, "file", (25, 2)))
+            return await receive(ws, {"v1-file"})
+
+    assert_exact(asyncio.run(scenario())["v1-file"], digits, starts)
+
+
+def test_mic_frames_of_50_ms_and_an_empty_final_frame(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    digits = "31415926535897932384"
+    samples, starts = synth(digits)
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url, subprotocols=["binary"]) as ws:
+            await send_mic(ws, "v2-mic", samples, frame_s=0.05)
+            return await receive(ws, {"v2-mic"})
+
+    assert_exact(asyncio.run(scenario())["v2-mic"], digits, starts)
+
+
+@pytest.mark.parametrize("fmt", [{"num": False, "spell": False}, {"num": True, "spell": True}])
+def test_text_accu_and_its_tokens_line_up_formatted_or_not(start_capsd: Any, fmt: dict[str, bool]) -> None:
+    """With [format] num off the final text keeps its numerals and the tokens are those
+    recognised; with it on both text and text_accu are digits, one token per digit at its time."""
+    capsd = start_capsd({"format": fmt})
+    digits = "1122334455667788990012" * 3
+    samples, starts = synth(digits)
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url) as ws:
+            await send_file(ws, "file", samples, seg=(15, 2))
+            return await receive(ws, {"file"})
+
+    frames = asyncio.run(scenario())["file"]
+    final = frames[-1]
+    assert final["text"] == final["text_accu"] and final["is_final"]
+    assert "".join(final["tokens"]) == final["text_accu"]
+    assert len(final["timestamps"]) == len(final["tokens"])
+    assert max(abs(a - b) for a, b in zip(final["timestamps"], starts)) < 0.1
+    if fmt["num"]:
+        assert final["text_accu"] == digits
+    else:
+        assert token_digits(final["text_accu"]) == digits  # the numerals as recognised
+        assert final["tokens"] == list(final["text_accu"])
