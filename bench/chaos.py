@@ -41,9 +41,9 @@ import websockets
 from common import machine
 
 from capsd.selftest.build import build_paraformer
-from capsd.selftest.client import connect, send_file, send_mic
-from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth, token_digits
+from tests.support.client import connect, send_file, send_mic
+from tests.support.daemon import Capsd
 
 TASK_TIMEOUT_S = 120  # from the task's last frame sent to its final frame
 GRACE_S = 3  # after a client's last task, so a late duplicate final frame is still seen

@@ -6,20 +6,25 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+# The benches share the tests' clients and process harness (tests/support), run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import numpy as np
 import psutil
 
-from capsd.protocol import route
-from capsd.selftest import EMBEDDED_MODEL_DIR
+from capsd.ctl import CtlError
+from capsd.models import EMBEDDED_MODEL_DIR
+from capsd.protocol import RATE, route
 from capsd.selftest.build import build_paraformer
-from capsd.selftest.client import connect, receive, send_mic
-from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth, token_digits
+from tests.support.client import connect, receive, send_mic
+from tests.support.daemon import Capsd
 
 SLOT_S = 0.5  # synth: one digit per 0.3 s tone + 0.2 s gap, after 0.2 s of silence
 MIC_FRAME_S = 0.1  # CapsWriter's mic client: small frames, seg_duration 15, seg_overlap 2 (send_mic's defaults)
@@ -53,7 +58,7 @@ def tone_file(seconds: float, seed: int) -> tuple[np.ndarray, str]:
     """Random digits as tones, padded with silence to exactly `seconds`."""
     digits = "".join(map(str, np.random.default_rng(seed).integers(0, 10, int((seconds - 0.2) / SLOT_S))))
     samples, _ = synth(digits)
-    return np.pad(samples, (0, round(seconds * 16000) - len(samples))), digits
+    return np.pad(samples, (0, round(seconds * RATE) - len(samples))), digits
 
 
 def task_ids(slots: list[int], count: int) -> list[str]:
@@ -129,7 +134,7 @@ def start_capsd(tmp: Path, model_dir: Path, count: int, threads: int) -> tuple[C
         try:
             if daemon.status()["state"] == "ready":
                 return daemon, time.perf_counter() - start
-        except Exception:  # no control socket yet
+        except (OSError, CtlError):  # no control socket yet
             if daemon.proc.poll() is not None:
                 break
         time.sleep(0.02)

@@ -27,9 +27,9 @@ from typing import Any
 from common import check_exact, machine, models, rss, task_ids, tone_file, transcribe
 
 from capsd import config, preflight
-from capsd.preflight import LONGEST_SEGMENT_S
-from capsd.selftest.client import file_frames
-from capsd.selftest.daemon import Capsd
+from capsd.protocol import LONGEST_SEGMENT_S
+from tests.support.client import file_frames
+from tests.support.daemon import Capsd
 
 MIB = 2**20
 LONGEST_SEG = (60.0, 59.99)  # seg_duration <= 60, seg_overlap < seg_duration (docs/design.md#the-protocol)

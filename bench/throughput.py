@@ -61,11 +61,11 @@ from common import (
 
 from capsd import models as model_types
 from capsd.merge import PartialResult
-from capsd.protocol import parse_frame
+from capsd.protocol import RATE, parse_frame
 from capsd.segment import Segment, Segmenter
-from capsd.selftest.client import FILE_SEG, file_frames
-from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import token_digits
+from tests.support.client import FILE_SEG, file_frames
+from tests.support.daemon import Capsd
 
 THREADS = 1
 LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
@@ -74,7 +74,7 @@ _recognizer: Any = None  # one per process of the reference pool
 
 
 def load_recognizer(model_dir: Path) -> None:
-    global _recognizer
+    global _recognizer  # noqa: PLW0603 -- a pool process's own recognizer, made once by its initializer
     files = model_types.resolve_files("paraformer", model_dir, {})
     _recognizer = model_types.create_recognizer("paraformer", files, THREADS)
 
@@ -96,7 +96,7 @@ def decode_raw(segments: list[Segment]) -> tuple[float, str]:
     start = time.perf_counter()
     for segment in segments:
         stream = _recognizer.create_stream()
-        stream.accept_waveform(16000, segment.samples)
+        stream.accept_waveform(RATE, segment.samples)
         _recognizer.decode_stream(stream)
         results.append((list(stream.result.tokens), list(stream.result.timestamps)))
     elapsed = time.perf_counter() - start
@@ -190,7 +190,7 @@ def mic_latency(daemon: Capsd, count: int) -> dict[str, Any]:
         "loaded": under_load,
         "cpu": where,
         "answered": answered,
-        "seconds": [len(samples) / 16000 for _, samples, _ in dictations],
+        "seconds": [len(samples) / RATE for _, samples, _ in dictations],
     }
 
 
@@ -234,7 +234,7 @@ def measure(daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -
         "cpu": {key: notes[times[key].index(min(times[key]))] for key, notes in cpu.items()},
         "per_file": len(cut_segments(next(iter(four.values())))),
         "segments": len(segments),
-        "decoded_s": sum(len(s.samples) for s in segments) / 16000,
+        "decoded_s": sum(len(s.samples) for s in segments) / RATE,
     }
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import stat
 import sys
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ def _section(name: str, cls: type, table: Any) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"config: [{name}] = {table!r} is refused: allowed is a table")
     values: dict[str, Any] = {}
+    types = typing.get_type_hints(cls)  # the annotations as types, not strings
     known = {f.name: f for f in dataclasses.fields(cls) if "rule" in f.metadata}
     model_type = table.get("type", "paraformer") if name == "model" else None
     known_type = isinstance(model_type, str) and model_type in models.MODEL_TYPES
@@ -150,11 +152,11 @@ def _section(name: str, cls: type, table: Any) -> Any:
             allowed = ", ".join(sorted(set(known) | extra))
             raise ConfigError(f"config: {where} = {value!r} is refused: unknown key; allowed keys are {allowed}")
         spec = known[key]
-        value = _typed(where, value, {"str": str, "int": int, "float": float, "bool": bool}[spec.type])
+        typed = _typed(where, value, types[key])
         rule: Rule = spec.metadata["rule"]
-        if not rule.check(value):
-            raise ConfigError(f"config: {where} = {value!r} is refused: allowed is {rule.allowed}")
-        values[key] = value
+        if not rule.check(typed):
+            raise ConfigError(f"config: {where} = {typed!r} is refused: allowed is {rule.allowed}")
+        values[key] = typed
     if name == "model":
         values["files"] = files
     return cls(**values)
@@ -236,6 +238,10 @@ def fallback_runtime_dir() -> Path:
     return Path(f"/tmp/capsd-{os.geteuid()}")
 
 
+# The system service's socket: systemd/capsd.service has RuntimeDirectory=capsd.
+SYSTEM_SOCKET = Path("/run/capsd/control.sock")
+
+
 def control_socket(cfg_socket: str) -> Path:
     """The control socket path; capsd and capsctl resolve the same default."""
     if cfg_socket:
@@ -243,6 +249,6 @@ def control_socket(cfg_socket: str) -> Path:
     if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=capsd
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
     if os.geteuid() == 0:
-        return Path("/run/capsd/control.sock")
+        return SYSTEM_SOCKET
     runtime = Path(os.environ["XDG_RUNTIME_DIR"]) if os.environ.get("XDG_RUNTIME_DIR") else fallback_runtime_dir()
     return runtime / "capsd" / "control.sock"

@@ -16,13 +16,11 @@ from typing import Any
 import numpy as np
 
 from capsd.cli import Parser
-from capsd.config import control_socket
-from capsd.protocol import RATE
-from capsd.selftest.client import file_frames
+from capsd.config import SYSTEM_SOCKET, control_socket
+from capsd.protocol import RATE, file_frames
 from capsd.supervisor.control import DRAIN_TIMEOUT_S, READY_TIMEOUT_S
 
 EX_FAILED = 1  # the transcription got an error frame (no sysexits name for it)
-SYSTEM_SOCKET = Path("/run/capsd/control.sock")  # RuntimeDirectory=capsd of systemd/capsd.service
 DEFAULT_URL = "ws://127.0.0.1:6016"
 STATUS_TIMEOUT_S, TRANSCRIBE_TIMEOUT_S = 10.0, 300.0  # without --timeout
 MAX_TIMEOUT_S = 86400  # a day; a socket timeout must fit in a C timeval

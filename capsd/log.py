@@ -65,6 +65,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,  # a worker's slot and pid on each of its lines
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=False),
             renderer,

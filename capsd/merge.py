@@ -73,7 +73,7 @@ def join_tokens(tokens: list[str]) -> str:
 
 
 def _latin(ch: str) -> bool:
-    return ch.isascii() and ch.isalnum() or ch == "'"
+    return (ch.isascii() and ch.isalnum()) or ch == "'"
 
 
 # A Latin word (or one with an apostrophe) is one token; every other character is a token of its

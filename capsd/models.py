@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsd.selftest import EMBEDDED_MODEL_DIR
-
-SELFTEST_MODEL_DIR = EMBEDDED_MODEL_DIR
+# The tone-coded self-test model shipped in the package: the default when [model] dir is "".
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "selftest" / "paraformer"
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,9 @@ from pathlib import Path
 
 from capsd import memory, models, textformat
 from capsd.config import Config, ConfigError, control_socket
+from capsd.protocol import LONGEST_SEGMENT_S
 from capsd.supervisor import control
 from capsd.worker.main import WorkerSpec
-
-# A client may ask for seg_duration up to 60 s with an overlap just under it: the longest
-# segment a worker can be handed, and so its arena's peak (docs/design.md#the-arena-keeps-its-peak).
-LONGEST_SEGMENT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +24,7 @@ class Preflight:
 
 
 def model_dir(cfg: Config) -> Path:
-    return Path(cfg.model.dir) if cfg.model.dir else models.SELFTEST_MODEL_DIR
+    return Path(cfg.model.dir) if cfg.model.dir else models.EMBEDDED_MODEL_DIR
 
 
 def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
@@ -47,7 +44,7 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
     worker_bytes = memory.estimate_worker_bytes(
         sum(p.stat().st_size for p in files.values()),
         cfg.workers.threads,
-        LONGEST_SEGMENT_S,
+        LONGEST_SEGMENT_S,  # the arena keeps its peak (docs/design.md#the-arena-keeps-its-peak)
         punctuation_bytes=sum(p.stat().st_size for p in punctuation_files),
     )
     plan = memory.plan(
@@ -66,6 +63,8 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         num=cfg.format.num,
         spell=cfg.format.spell,
         punctuation=cfg.model.punctuation if cfg.format.punc else "",
+        log_level=cfg.log.level,
+        log_format=cfg.log.format,
     )
     return Preflight(spec, plan)
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,9 @@ MAX_SEG_DURATION_S = 60.0
 # The longest segment a worker can be handed: seg_duration + seg_overlap, overlap < duration.
 LONGEST_SEGMENT_S = 2 * MAX_SEG_DURATION_S
 MAX_TASK_ID_CHARS = 256
+
+FILE_FRAME_S = 60.0  # CapsWriter's file client sends 60 s per frame ...
+FILE_SEG = (25.0, 2.0)  # ... with file_seg_duration = 25, file_seg_overlap = 2
 
 
 def clip(text: str, limit: int = 64) -> str:
@@ -122,6 +126,33 @@ def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:
     if not np.isfinite(samples).all():
         raise BadRequest("audio contains NaN or infinite samples")
     return AudioFrame(task_id, source, samples, is_final, time_start, seg_duration, seg_overlap, context, language)
+
+
+def client_frame(task_id: str, samples: np.ndarray, is_final: bool, source: str, seg: tuple[float, float]) -> str:
+    """A frame as CapsWriter's clients send it (capsctl transcribe and the tests are clients)."""
+    return json.dumps(
+        {
+            "task_id": task_id,
+            "source": source,
+            "data": base64.b64encode(np.asarray(samples, dtype=np.float32).tobytes()).decode(),
+            "is_final": is_final,
+            "time_start": time.time(),
+            "seg_duration": seg[0],
+            "seg_overlap": seg[1],
+            "context": "",
+            "language": "auto",
+        }
+    )
+
+
+def file_frames(
+    task_id: str, samples: np.ndarray, frame_s: float = FILE_FRAME_S, seg: tuple[float, float] = FILE_SEG
+) -> list[str]:
+    """The frames CapsWriter's file client sends for `samples`: `is_final` on the last, with audio."""
+    step = round(frame_s * RATE)
+    starts = list(range(0, len(samples), step)) or [0]
+    return [client_frame(task_id, samples[start : start + step], start == starts[-1], "file", seg) for start in starts]
+
 
 
 def route(task_id: str, count: int) -> int:

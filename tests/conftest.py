@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from capsd.selftest.daemon import Capsd
+from tests.support.daemon import Capsd
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 import sys
 from pathlib import Path
 
-from capsd.selftest import EMBEDDED_MODEL_DIR
+from capsd.models import EMBEDDED_MODEL_DIR
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
-import memory_calibration  # noqa: E402
+import memory_calibration
 
 
 def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_check_config_prints_the_plan_for_the_shipped_config() -> None:
 def test_a_plan_that_cannot_fit_is_refused_fast_without_spawning(tmp_path: Path, command: list[str]) -> None:
     done, elapsed = run(*command, config="[workers]\ncount = 100000\n", tmp=tmp_path)
     assert done.returncode == 78
-    assert elapsed < 5
+    assert elapsed < 20  # no worker spawned: one would take minutes for 100000
     message = done.stderr
     assert "memory plan does not fit" in message and "100000 workers" in message
     assert "available" in message and "set [workers] count = " in message

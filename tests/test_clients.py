@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from capsd.selftest.client import connect, frame, receive, send_file, send_mic
 from capsd.selftest.tones import synth, token_digits
 from tests.support.checks import FRAME_FIELDS, assert_exact, wait_for
+from tests.support.client import connect, frame, receive, send_file, send_mic
 
 
 async def nothing_within(ws: Any, seconds: float) -> None:

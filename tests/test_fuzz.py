@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
 from capsd.selftest.tones import synth, token_digits
-from tests.conftest import Capsd
 from tests.support.checks import FRAME_FIELDS
+from tests.support.daemon import Capsd
 
 KEYS = ["task_id", "source", "data", "is_final", "time_start", "seg_duration", "seg_overlap", "context", "language"]
 json_values = st.recursive(
@@ -103,7 +103,7 @@ def test_every_frame_is_answered_and_the_daemon_stays_healthy(
 
 
 def test_after_the_fuzzing_a_good_task_is_exact_and_no_worker_restarted(capsd: Capsd, ws: ClientConnection) -> None:
-    samples, starts = synth("8008135")
+    samples, _ = synth("8008135")
     ws.send(json.dumps({"task_id": "good", "source": "file", "is_final": True, "time_start": 1.0,
                         "data": base64.b64encode(samples.tobytes()).decode()}))  # fmt: skip
     reply = json.loads(ws.recv(timeout=30))

@@ -22,10 +22,10 @@ from websockets.exceptions import ConnectionClosed
 
 from capsd import config, preflight
 from capsd.protocol import route
-from capsd.selftest.client import connect, file_frames, frame, receive, send_file, send_mic
-from capsd.selftest.daemon import Capsd
 from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, wait_for
+from tests.support.client import connect, file_frames, frame, receive, send_file, send_mic
+from tests.support.daemon import Capsd
 
 GOOD_DIGITS = "4711"
 # A dictation on an abused slot waits at most for the segment in progress: a few seconds on a

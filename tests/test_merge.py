@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from capsd.merge import SAME_TOKEN_S, PartialResult, join_tokens, realign
@@ -20,7 +22,7 @@ def merged(first: list[tuple[str, float]], second: list[tuple[str, float]]) -> P
 
 
 def assert_increasing(timestamps: list[float]) -> None:
-    assert all(a <= b for a, b in zip(timestamps, timestamps[1:])), timestamps
+    assert all(a <= b for a, b in itertools.pairwise(timestamps)), timestamps
 
 
 def test_first_segment_is_taken_as_is() -> None:

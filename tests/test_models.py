@@ -81,7 +81,7 @@ def test_file_keys() -> None:
 
 
 def test_unknown_type_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown model type 'nemo'.*paraformer"):
+    with pytest.raises(ValueError, match=r"unknown model type 'nemo'.*paraformer"):
         models.file_keys("nemo")
 
 
@@ -161,12 +161,12 @@ def test_types_without_special_tokens_read_no_symbols(tmp_path: Path) -> None:
     assert models.check_files("sense_voice", files) == []
 
 
-SELFTEST_FILES = models.resolve_files("paraformer", models.SELFTEST_MODEL_DIR, {})
+SELFTEST_FILES = models.resolve_files("paraformer", models.EMBEDDED_MODEL_DIR, {})
 
 
 @pytest.mark.skipif(
     not all(path.is_file() for path in SELFTEST_FILES.values()),
-    reason=f"the embedded self-test model is not built yet ({models.SELFTEST_MODEL_DIR})",
+    reason=f"the embedded self-test model is not built yet ({models.EMBEDDED_MODEL_DIR})",
 )
 def test_selftest_model_loads_and_decodes_silence() -> None:
     assert models.check_files("paraformer", SELFTEST_FILES) == []

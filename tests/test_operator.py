@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 
 import capsd
-from capsd.selftest.daemon import free_port, toml_value
 from capsd.selftest.tones import synth, write_wav
 from capsd.supervisor.control import ControlError, Request, parse_request
+from tests.support.daemon import free_port, toml_value
 
 CAPSD = [sys.executable, "-m", "capsd.cli"]
 CTL = [sys.executable, "-m", "capsd.ctl"]
@@ -472,7 +472,7 @@ def open_files_limit(pid: int) -> tuple[int, int]:
 
 
 def test_capsd_raises_its_open_files_limit(work: Path, daemons: Callable[..., Daemon]) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"the hard limit ({hard}) leaves no room to start lower")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sherpa_onnx
 
-from capsd.selftest import EMBEDDED_MODEL_DIR
+from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.selftest.build import build_paraformer, build_zipformer_ctc
 from capsd.selftest.tones import DIGIT_TOKENS, digit_tokens, synth, token_digits
 

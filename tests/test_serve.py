@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from capsd.selftest.client import connect, frame, receive, send_file, send_mic
 from capsd.selftest.tones import synth, token_digits, write_wav
 from tests.support.checks import FRAME_FIELDS, assert_exact, run_client, task_ids_for_slots, wait_for
+from tests.support.client import connect, frame, receive, send_file, send_mic
 
 # Equal digits straddle many segment boundaries: every slot of 0.5 s holds a tone, so both
 # copies of a repeated digit lie around each overlap's cut.
@@ -151,7 +151,7 @@ def test_a_60_s_file_frame_passes(start_capsd: Any) -> None:
 
 def test_closed_connection_cancels_its_tasks_and_frees_worker_state(start_capsd: Any) -> None:
     capsd = start_capsd()
-    samples, starts = synth("5" * 100)
+    samples, _ = synth("5" * 100)
 
     async def abandon() -> None:
         async with connect(capsd.url) as ws:

@@ -41,8 +41,8 @@ from typing import Any, TypeVar
 import pytest
 
 import capsd
-from capsd.selftest.daemon import free_port
 from capsd.selftest.tones import synth, write_wav
+from tests.support.daemon import free_port
 
 pytestmark = pytest.mark.system
 

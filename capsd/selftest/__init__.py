@@ -1,5 +1,4 @@
-"""Tone-coded self-test models that sherpa-onnx loads through its real API."""
+"""Tone-coded self-test models that sherpa-onnx loads through its real API.
 
-from pathlib import Path
-
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "paraformer"
+The embedded one ships in `paraformer/`; capsd.models.EMBEDDED_MODEL_DIR is its path.
+"""

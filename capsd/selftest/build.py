@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from capsd.selftest import EMBEDDED_MODEL_DIR
+from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.selftest.tones import BINS_PER_BAND, DIGIT_TOKENS, FIRST_BIN
 
 OPSET, IR_VERSION = 17, 8

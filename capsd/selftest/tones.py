@@ -9,8 +9,9 @@ import math
 
 import numpy as np
 
+from capsd.protocol import RATE
+
 DIGIT_TOKENS = "零一二三四五六七八九"
-SAMPLE_RATE = 16000
 
 _LOW_HZ, _HIGH_HZ, _NUM_BINS = 20.0, 7600.0, 80
 FIRST_BIN, BINS_PER_BAND = 20, 6
@@ -53,7 +54,7 @@ def synth(
     gap_s: float = 0.2,
     lead_s: float = 0.2,
     amplitude: float = 0.3,
-    rate: int = SAMPLE_RATE,
+    rate: int = RATE,
 ) -> tuple[np.ndarray, list[float]]:
     """Render `digits` ('0'-'9'; ' ' is a silent slot) as float32 mono audio.
 
@@ -83,7 +84,7 @@ def synth(
     return samples.astype(np.float32), starts
 
 
-def write_wav(path: str, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+def write_wav(path: str, samples: np.ndarray, rate: int = RATE) -> None:
     """16-bit PCM mono WAV, what an operator feeds to `capsctl transcribe`."""
     import wave
 

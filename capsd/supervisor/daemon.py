@@ -26,7 +26,6 @@ from capsd.supervisor.slot import Slot
 
 log = structlog.get_logger("capsd.supervisor")
 
-EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
 WATCH_INTERVAL_S = 0.5
 # What SIGHUP can change in a running daemon; anything else needs a restart.
 RELOADABLE = {
@@ -78,7 +77,7 @@ class Daemon:
         except OSError as e:
             log.error("cannot listen", error=str(e))
             await self.stop_workers()
-            return EX_CONFIG
+            return os.EX_CONFIG
         self.state = "ready"
         log.info("memory plan", plan=self.plan.message())
         log.info("capsd ready", slots=len(self.slots), version=__version__, config=self.cfg.source)
@@ -107,13 +106,13 @@ class Daemon:
         # A slot that stops feeding its worker would hang its clients: give up loudly instead.
         if not runner.cancelled() and runner.exception():
             log.critical("slot dispatcher failed", error=repr(runner.exception()))
-            self.finish(EX_SOFTWARE)
+            self.finish(os.EX_SOFTWARE)
 
     def startup_failed(self, slot: Slot, reason: str) -> None:
         # A worker that dies before it is ready has a bad model or environment: restarting it
         # would loop forever, so refuse to start, like uvicorn's STARTUP_FAILURE.
         log.error("startup failed", slot=slot.index, reason=reason)
-        self.finish(EX_CONFIG)
+        self.finish(os.EX_CONFIG)
 
     def count_crash(self, slot: Slot) -> None:
         now = time.monotonic()
@@ -127,7 +126,7 @@ class Daemon:
                 restarts=len(self.crashes),
                 period_s=self.cfg.workers.restart_period_s,
             )
-            self.finish(EX_SOFTWARE)
+            self.finish(os.EX_SOFTWARE)
 
     async def watch_workers(self) -> None:
         """Hung and bloated workers, and systemd's watchdog and status line."""
@@ -179,7 +178,7 @@ class Daemon:
 
     def handle_stop(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
-        self.finish(EX_OK)
+        self.finish(os.EX_OK)
 
     def handle_sighup(self) -> None:
         """Reread the config; apply what can change while running, say what cannot."""
@@ -216,9 +215,9 @@ class Daemon:
         notify.notify(stopping=1, status="stopping")
         self.front.stop_accepting()
         self.control.stop()
-        deadline = time.monotonic() + (self.cfg.server.stop_timeout_s if code == EX_OK else 0)
-        while any(slot.open_tasks for slot in self.slots) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + (self.cfg.server.stop_timeout_s if code == os.EX_OK else 0)
+        while any(slot.open_tasks for slot in self.slots) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # polled: once, at a stop, for at most stop_timeout_s
         for slot in self.slots:
             for task in list(slot.open_tasks):
                 task.fail("shutting_down", "capsd is stopping")

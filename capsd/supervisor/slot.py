@@ -68,7 +68,7 @@ class Incarnation:
     def __init__(self, slot: Slot, spec: WorkerSpec) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn, child = _mp.Pipe(duplex=True)
-        self.process = _mp.Process(target=worker.main, args=(child, spec), name=f"capsd-slot-{slot.index}", daemon=True)
+        self.process = _mp.Process(target=worker.main, args=(child, spec, slot.index), name=f"capsd-slot-{slot.index}", daemon=True)
         try:
             self.process.start()
         except BaseException:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
+import structlog
 
+from capsd import log as logs
 from capsd import memory, models, textformat
 from capsd.merge import PartialResult, realign
 from capsd.protocol import RATE
 from capsd.segment import Segment
+
+log = structlog.get_logger("capsd.worker")
 
 # Shorter than one 25 ms fbank window: nothing to recognise, and some models (CTC) raise on it.
 MIN_DECODE_SAMPLES = 400
@@ -35,6 +38,8 @@ class WorkerSpec:
     num: bool = True
     spell: bool = True
     punctuation: str = ""  # punctuation model dir, "" = none
+    log_level: str = "info"
+    log_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Recognizer:
         try:
             self.recognizer.decode_stream(stream)
         except RuntimeError as e:  # onnxruntime refusing this input: no words, not a dead worker
-            print(f"capsd worker: decoding {len(samples)} samples failed: {e}", file=sys.stderr)
+            log.error("decoding failed", samples=len(samples), error=str(e))
             return [], []
         tokens, timestamps = list(stream.result.tokens), list(stream.result.timestamps)
         if len(timestamps) != len(tokens):
@@ -85,11 +90,13 @@ class Recognizer:
         )
 
 
-def main(conn: Connection, spec: WorkerSpec) -> None:
+def main(conn: Connection, spec: WorkerSpec, slot: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the supervisor alone decides
     # when a worker stops, so a worker ignores SIGINT and ends when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     memory.hand_back_freed_memory()
+    logs.setup(spec.log_level, spec.log_format)
+    structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
     recognizer = Recognizer(spec)
     conn.send(Ready(os.getpid()))
     partials: dict[int, PartialResult] = {}

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from capsd.protocol import route
-from capsd.selftest.client import connect, receive, send_file, send_mic
 from capsd.selftest.tones import token_digits
+from tests.support.client import connect, receive, send_file, send_mic
 
 FRAME_FIELDS = {"task_id", "is_final", "duration", "time_start", "time_submit", "time_complete", "text", "text_accu",
                 "tokens", "timestamps"}  # fmt: skip

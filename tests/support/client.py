@@ -7,49 +7,20 @@ mic client sends small frames and ends with an empty final frame (docs/design.md
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import time
 from typing import Any
 
 import numpy as np
 import websockets
 
-from capsd.protocol import RATE
-
-FILE_FRAME_S = 60.0  # CapsWriter's file client sends 60 s per frame ...
-FILE_SEG = (25.0, 2.0)  # ... with file_seg_duration = 25, file_seg_overlap = 2
+from capsd.protocol import FILE_FRAME_S, FILE_SEG, RATE, file_frames
+from capsd.protocol import client_frame as frame
 
 
 def connect(url: str, **options: Any) -> Any:
     """A client connection as CapsWriter's: no frame size limit, and no keepalive pings, so a
     test client never gives up on its own before capsd has acted."""
     return websockets.connect(url, max_size=None, ping_interval=None, **options)
-
-
-def frame(task_id: str, samples: np.ndarray, is_final: bool, source: str, seg: tuple[float, float]) -> str:
-    return json.dumps(
-        {
-            "task_id": task_id,
-            "source": source,
-            "data": base64.b64encode(np.asarray(samples, dtype=np.float32).tobytes()).decode(),
-            "is_final": is_final,
-            "time_start": time.time(),
-            "seg_duration": seg[0],
-            "seg_overlap": seg[1],
-            "context": "",
-            "language": "auto",
-        }
-    )
-
-
-def file_frames(
-    task_id: str, samples: np.ndarray, frame_s: float = FILE_FRAME_S, seg: tuple[float, float] = FILE_SEG
-) -> list[str]:
-    """The frames CapsWriter's file client sends for `samples`: `is_final` on the last, with audio."""
-    step = round(frame_s * RATE)
-    starts = list(range(0, len(samples), step)) or [0]
-    return [frame(task_id, samples[start : start + step], start == starts[-1], "file", seg) for start in starts]
 
 
 async def send_file(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from capsd.ctl import request
+from capsd.ctl import CtlError, request
 
 
 def free_port() -> int:
@@ -72,7 +72,7 @@ class Capsd:
                 try:
                     if self.status()["state"] == "ready":
                         return
-                except Exception:
+                except (OSError, CtlError):  # listening, not answering yet
                     pass
             time.sleep(0.1)
         raise AssertionError(f"capsd not ready after {timeout} s:\n{self.log_path.read_text()}")
