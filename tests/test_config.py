@@ -15,7 +15,7 @@ from capsd.config import Config, ConfigError
 REPO = Path(__file__).resolve().parent.parent
 
 # The contract's defaults, copied by hand so a changed default in config.py fails here.
-CONTRACT_DEFAULTS: dict[str, dict[str, Any]] = {
+DOCUMENTED_DEFAULTS: dict[str, dict[str, Any]] = {
     # stop_timeout_s is capsd's one extension, documented in the README.
     "server": {
         "addr": "127.0.0.1",
@@ -69,7 +69,7 @@ VALID: dict[str, dict[str, Any]] = {
 def as_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return {
         name: {k: v for k, v in dataclasses.asdict(getattr(cfg, name)).items() if k != "files"}
-        for name in CONTRACT_DEFAULTS
+        for name in DOCUMENTED_DEFAULTS
     }
 
 
@@ -81,14 +81,14 @@ def refused(data: dict[str, Any]) -> str:
 
 def test_defaults_are_the_contract() -> None:
     cfg = Config()
-    assert as_dict(cfg) == CONTRACT_DEFAULTS
+    assert as_dict(cfg) == DOCUMENTED_DEFAULTS
     assert dict(cfg.model.files) == {}
     assert config.from_dict({}) == cfg
-    assert config.from_dict({name: {} for name in CONTRACT_DEFAULTS}) == cfg
+    assert config.from_dict({name: {} for name in DOCUMENTED_DEFAULTS}) == cfg
 
 
 def test_every_contract_key_is_a_config_field() -> None:
-    for name, keys in CONTRACT_DEFAULTS.items():
+    for name, keys in DOCUMENTED_DEFAULTS.items():
         fields = {f.name for f in dataclasses.fields(getattr(Config(), name))} - {"files"}
         assert fields == set(keys), name
 
@@ -102,7 +102,7 @@ def test_every_key_accepts_a_valid_value(section: str, key: str) -> None:
     cfg = config.from_dict(data)
     assert getattr(getattr(cfg, section), key) == value
     # Nothing else moved.
-    expected = {s: dict(keys) for s, keys in CONTRACT_DEFAULTS.items()}
+    expected = {s: dict(keys) for s, keys in DOCUMENTED_DEFAULTS.items()}
     expected[section][key] = value
     for s, keys in data.items():
         expected[s].update(keys)
@@ -139,7 +139,7 @@ def test_unknown_key(section: str, key: str) -> None:
     message = refused({section: {key: 1}})
     assert f"[{section}] {key}" in message
     assert "unknown key" in message
-    for allowed in CONTRACT_DEFAULTS[section]:
+    for allowed in DOCUMENTED_DEFAULTS[section]:
         assert allowed in message
 
 
@@ -405,7 +405,7 @@ def test_repo_config_file_is_the_defaults(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("CAPSD_CONFIG", raising=False)
     cfg = config.load(str(path))
     assert dataclasses.replace(cfg, source=Config().source) == Config()
-    assert as_dict(cfg) == CONTRACT_DEFAULTS
+    assert as_dict(cfg) == DOCUMENTED_DEFAULTS
 
 
 def test_stop_timeout_is_a_documented_extension() -> None:
