@@ -79,6 +79,8 @@ class WorkersConfig:
     restart_intensity: int = _key(5, **_at_least(0))
     restart_period_s: float = _key(60.0, "> 0", lambda v: v > 0)
     queue_limit: int = _key(256, **_at_least(1))
+    work_stealing: bool = _key(True)
+    load_timeout_s: float = _key(120.0, "> 0", lambda v: v > 0)
     memory_reserve_mb: int = _key(512, **_at_least(0))
 
 

@@ -67,12 +67,12 @@ def default_socket() -> Path:
 
 
 # The per-slot figures that also make the totals row.
-COUNTED = ("rss_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks_failed", "restarts")
+COUNTED = ("rss_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks_failed", "restarts", "segments_decoded")
 
 
 def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
-    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8}  {}"
+    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5}  {}"
 
     def counted(figures: dict[str, int]) -> list[int]:
         return [figures["rss_bytes"] // mib, *(figures[key] for key in COUNTED[1:])]
@@ -80,14 +80,16 @@ def status_table(status: dict[str, Any]) -> str:
     lines = [
         f"capsd {status['version']} pid {status['pid']} {status['state']}, up {status['uptime_s']:.0f} s, "
         f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
-        row.format("SLOT", "PID", "STATE", "RSS_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "LAST_EXIT"),
+        row.format("SLOT", "PID", "STATE", "RSS_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "SEGMENTS",
+                   "BUSY", "LAST_EXIT"),
     ]
     for s in status["slots"]:
         last = s["last_exit"]
         last_text = f"{last['reason']} ({last['exitcode']}) at {last['at']}" if last else "-"
-        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), last_text))
+        busy = f"{s['busy_share']:.0%}"
+        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), busy, last_text))
     total = {key: sum(s[key] for s in status["slots"]) for key in COUNTED}
-    lines.append(row.format("total", "", "", *counted(total), ""))
+    lines.append(row.format("total", "", "", *counted(total), "", ""))
     return "\n".join(lines)
 
 

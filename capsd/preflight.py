@@ -60,8 +60,6 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         cfg.model.type,
         files,
         cfg.workers.threads,
-        num=cfg.format.num,
-        spell=cfg.format.spell,
         punctuation=cfg.model.punctuation if cfg.format.punc else "",
         log_level=cfg.log.level,
         log_format=cfg.log.format,

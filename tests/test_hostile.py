@@ -153,25 +153,50 @@ def test_a_task_that_never_ends_is_held_back_not_queued(start_capsd: Any, heavy_
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
 
 
-def test_an_rss_recycle_waits_for_an_open_task_at_most_the_drain_limit(start_capsd: Any) -> None:
-    """The drain after max_rss_mb has slot.DRAIN_TIMEOUT_S (30 s); then the task in the worker
-    fails with worker_restarted and the dictation waiting behind it is served."""
+def test_an_rss_recycle_waits_only_for_the_job_in_progress(start_capsd: Any) -> None:
+    """Workers keep nothing between segments: a task that stays open does not hold a recycle
+    back, and goes on exactly on the new worker."""
     capsd = start_capsd({"workers": {"max_rss_mb": 72}})
-    samples, _ = synth("1234567890" * 36)  # 180 s: one 119.9 s segment grows the worker past 72 MB
+    digits = "1234567890" * 36
+    samples, starts = synth(digits)  # 180 s: one 119.9 s segment grows the worker past 72 MB
+    old = capsd.worker_pid(0)
 
     async def scenario() -> dict[str, Any]:
         async with connect(capsd.url) as ws:
-            for chunk in file_frames("open", samples, seg=(60, 59.9))[:-1]:  # never final
+            chunks = file_frames("open", samples, seg=(60, 59.9))
+            for chunk in chunks[:-1]:  # not final yet
                 await ws.send(chunk)
-            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "draining", 60, "drain")
-            await dictate(capsd.url, "waiting", within=30 + PROMPT_S)  # waits for the drain
-            await ws.send(frame("open", samples[:0], True, "file", (60, 59.9)))  # its error frame waits for this
-            return (await receive(ws, {"open"}, timeout=60))["open"][-1]
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["last_exit"], 60, "the recycle")
+            await dictate(capsd.url, "after-recycle")
+            await ws.send(chunks[-1])
+            return await receive(ws, {"open"}, timeout=60)
 
-    failed = asyncio.run(scenario())
-    assert failed["error"]["code"] == "worker_restarted"
+    frames = asyncio.run(scenario())
+    assert_exact(frames["open"], digits, starts)
+    slot = capsd.status()["slots"][0]
+    assert slot["last_exit"]["reason"] == "rss" and slot["pid"] != old and slot["tasks_failed"] == 0
+
+
+def test_a_drain_that_cannot_finish_is_forced_at_its_deadline(start_capsd: Any, heavy_model: Path) -> None:
+    """restart-worker --timeout 2 while the worker is stopped mid-job: forced after 2 s; the task
+    whose job it was fails with worker_restarted."""
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    samples, _ = synth("1234567890" * 8)
+    old = capsd.worker_pid(0)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with connect(capsd.url) as ws:
+            await send_file(ws, "stuck", samples, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
+            os.kill(old, signal.SIGSTOP)
+            reply = await asyncio.to_thread(capsd.control, cmd="restart-worker", slot=0, force=False, timeout=2)
+            return await receive(ws, {"stuck"}), reply
+
+    frames, reply = asyncio.run(scenario())
+    assert reply["ok"] and reply["old_pid"] == old and reply["new_pid"] != old
+    assert frames["stuck"][-1]["error"]["code"] == "worker_restarted"
     assert "drain timed out" in capsd.logs()
-    assert capsd.status()["slots"][0]["last_exit"]["reason"] == "rss"
+    asyncio.run(dictate(capsd.url, "after"))
 
 
 def test_thousands_of_task_ids_on_one_connection_are_refused_beyond_the_bound(start_capsd: Any) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from capsd.config import control_socket, fallback_runtime_dir
-from capsd.supervisor.slot import DRAIN_TIMEOUT_S
+from capsd.supervisor.slot import DRAIN_TIMEOUT_S, ExitReason
 
 if TYPE_CHECKING:
     from capsd.supervisor.daemon import Daemon
@@ -238,13 +238,13 @@ class ControlServer:
         slot = slots[index]
         old = slot.incarnation
         if old is None or not old.ready:
-            raise ControlError(f"slot {index} is {slot.state}; try again when it is ready")
+            raise ControlError(f"slot {index} is {slot.state.value}; try again when it is ready")
         log.info("restart requested", slot=index, pid=old.pid, force=force)
         drain = 0.0 if force else timeout or DRAIN_TIMEOUT_S
         if force:
-            slot.kill("requested")
+            slot.kill(ExitReason.REQUESTED)
         else:
-            slot.drain("requested", drain)  # the daemon forces it at the deadline
+            slot.drain(ExitReason.REQUESTED, drain)  # the daemon forces it at the deadline
 
         def replaced() -> bool:
             new = slot.incarnation

@@ -13,6 +13,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import structlog
 
@@ -20,17 +21,22 @@ from capsd import __version__
 from capsd import log as logs
 from capsd.config import Config, ConfigError
 from capsd.preflight import Preflight
+from capsd.protocol import clip
 from capsd.supervisor import control, notify
 from capsd.supervisor.front import Front
-from capsd.supervisor.slot import Slot
+from capsd.supervisor.slot import ExitReason, Incarnation, LastExit, Slot, SlotState
+from capsd.supervisor.task import Formatting, Task
 
 log = structlog.get_logger("capsd.supervisor")
 
 WATCH_INTERVAL_S = 0.5
+# A worker that cannot be spawned is tried again after 0.5, 1, 2 ... s, at most 30 s apart.
+SPAWN_RETRY_S, SPAWN_RETRY_MAX_S = 0.5, 30.0
 # What SIGHUP can change in a running daemon; anything else needs a restart.
 RELOADABLE = {
     "server": {"max_connections", "stop_timeout_s"},
-    "workers": {"max_rss_mb", "heartbeat_timeout_s", "restart_intensity", "restart_period_s", "queue_limit"},
+    "workers": {"max_rss_mb", "heartbeat_timeout_s", "restart_intensity", "restart_period_s", "queue_limit",
+                "load_timeout_s"},
     "log": {"level", "format"},
 }
 
@@ -46,10 +52,13 @@ class Daemon:
         self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.slots = [
-            Slot(i, preflight.spec, cfg.workers.queue_limit, self.count_crash, self.startup_failed)
+            Slot(i, preflight.spec, cfg.workers.queue_limit, cfg.workers.work_stealing, self.worker_exited)
             for i in range(cfg.workers.count)
         ]
-        self.front = Front(cfg.server, self.slots)
+        for slot in self.slots:
+            slot.peers = self.slots
+        formatting = Formatting(cfg.format.num, cfg.format.spell, punctuate=bool(preflight.spec.punctuation))
+        self.front = Front(cfg.server, self.slots, formatting)
         self.control = control.ControlServer(cfg.control.socket, self)
 
     def finish(self, code: int) -> None:
@@ -64,8 +73,10 @@ class Daemon:
             loop.add_signal_handler(sig, self.handle_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_sighup)
         loop.set_exception_handler(self.handle_loop_error)
+        watcher = asyncio.create_task(self.watch_workers())
         code = await self.start_slots()
         if code is not None:
+            watcher.cancel()
             await self.stop_workers()
             return code
         runners = [asyncio.create_task(slot.run()) for slot in self.slots]
@@ -82,7 +93,6 @@ class Daemon:
         log.info("memory plan", plan=self.plan.message())
         log.info("capsd ready", slots=len(self.slots), version=__version__, config=self.cfg.source)
         notify.notify(ready=1, status=self.summary())
-        watcher = asyncio.create_task(self.watch_workers())
         code = await self.done
         watcher.cancel()
         await self.stop(code)
@@ -94,7 +104,7 @@ class Daemon:
         """Start every worker in parallel; ready when all have loaded (None), else an exit code."""
         notify.notify(status=f"loading the model in {len(self.slots)} workers")
         for slot in self.slots:
-            slot.start()
+            self.start_worker(slot)
         all_ready = asyncio.gather(*(slot.ready_event.wait() for slot in self.slots))
         await asyncio.wait([all_ready, self.done], return_when=asyncio.FIRST_COMPLETED)
         if self.done.done():
@@ -111,8 +121,50 @@ class Daemon:
     def startup_failed(self, slot: Slot, reason: str) -> None:
         # A worker that dies before it is ready has a bad model or environment: restarting it
         # would loop forever, so refuse to start, like uvicorn's STARTUP_FAILURE.
+        slot.failed = True
         log.error("startup failed", slot=slot.index, reason=reason)
         self.finish(os.EX_CONFIG)
+
+    def start_worker(self, slot: Slot, attempt: int = 0) -> None:
+        """Start the slot's worker; one that cannot be spawned (descriptors, processes, memory)
+        is tried again after 0.5, 1, 2 ... s, each failure counted against restart intensity."""
+        if slot.stopping or self.done.done():
+            return
+        try:
+            slot.start()
+            asyncio.get_running_loop().call_later(self.cfg.workers.load_timeout_s, self.check_loaded, slot, slot.incarnation)
+        except OSError as e:
+            if not slot.ever_ready:
+                self.startup_failed(slot, f"cannot start the worker of slot {slot.index}: {e}")
+                return
+            delay = min(SPAWN_RETRY_MAX_S, SPAWN_RETRY_S * 2**attempt)
+            log.error("cannot start worker", slot=slot.index, error=str(e), retry_in_s=delay)
+            self.count_crash(slot)
+            asyncio.get_running_loop().call_later(delay, self.start_worker, slot, attempt + 1)
+
+    def check_loaded(self, slot: Slot, inc: Incarnation) -> None:
+        """load_timeout_s after a worker started: one still loading is killed, as a crash."""
+        if slot.incarnation is inc and not inc.ready:
+            log.warning("worker not ready in time", slot=slot.index, pid=inc.pid, load_timeout_s=self.cfg.workers.load_timeout_s)
+            slot.kill(ExitReason.NOT_LOADED)
+
+    def worker_exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Task | None) -> None:
+        """Every restart decision, in one place: what the exit costs, and what comes next."""
+        pid = slot.incarnation.pid if slot.incarnation else None
+        if not slot.ever_ready:
+            cause = "was not ready within load_timeout_s" if reason is ExitReason.NOT_LOADED else "died"
+            self.startup_failed(slot, f"the worker of slot {slot.index} {cause} while loading the model (exit code {exitcode})")
+            return
+        slot.last_exit = LastExit(reason.reported, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        slot.restarts += 1
+        level = log.info if not reason.counts and lost is None else log.warning
+        level("worker exited", slot=slot.index, pid=pid, reason=reason.value, exitcode=exitcode,
+              lost_tasks=[clip(lost.task_id)] if lost else [])  # fmt: skip
+        if lost is not None:
+            lost.fail(reason.code, f"the worker of slot {slot.index} ended ({reason.value}, exit code {exitcode})")
+        if reason.counts:
+            self.count_crash(slot)
+        self.start_worker(slot)
 
     def count_crash(self, slot: Slot) -> None:
         now = time.monotonic()
@@ -149,13 +201,14 @@ class Daemon:
             return
         if slot.in_flight and now - slot.busy_since > workers.heartbeat_timeout_s:
             log.warning("worker hung", slot=slot.index, pid=inc.pid, busy_s=round(now - slot.busy_since, 1))
-            slot.kill("hung")
+            slot.kill(ExitReason.HUNG)
             return
         if slot.drain_reason and now > slot.drain_deadline:
-            log.warning("drain timed out: forcing the restart", slot=slot.index, pid=inc.pid, reason=slot.drain_reason)
+            log.warning("drain timed out: forcing the restart", slot=slot.index, pid=inc.pid,
+                        reason=slot.drain_reason.value)  # fmt: skip
             slot.kill(slot.drain_reason)
             return
-        if not inc.decoded:  # a fresh worker is as small as it gets: recycling it would loop
+        if not inc.jobs:  # a fresh worker is as small as it gets: recycling it would loop
             return
         rss = inc.rss()
         if rss > self.plan.worker_bytes and not inc.over_plan:
@@ -164,7 +217,7 @@ class Daemon:
                         estimate_mb=self.plan.worker_bytes >> 20)  # fmt: skip
         if workers.max_rss_mb and not slot.drain_reason and rss > workers.max_rss_mb * 2**20:
             log.warning("worker over max_rss_mb", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20)
-            slot.drain("rss")
+            slot.drain(ExitReason.RSS)
 
     def handle_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         """Errors the event loop cannot hand to anyone (a failed accept() when descriptors run
@@ -231,7 +284,7 @@ class Daemon:
     # -- status -------------------------------------------------------------------------------
 
     def summary(self) -> str:
-        ready = sum(slot.state in ("ready", "busy") for slot in self.slots)
+        ready = sum(slot.state in (SlotState.READY, SlotState.BUSY) for slot in self.slots)
         tasks = sum(len(slot.open_tasks) for slot in self.slots)
         restarts = sum(slot.restarts for slot in self.slots)
         return f"{ready}/{len(self.slots)} slots ready, {tasks} tasks in progress, {restarts} restarts"

@@ -23,7 +23,7 @@ from capsd.config import ServerConfig
 from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame, route
 from capsd.segment import Segmenter
 from capsd.supervisor.slot import Slot
-from capsd.supervisor.task import Task
+from capsd.supervisor.task import Formatting, Task
 
 log = structlog.get_logger("capsd.front")
 
@@ -185,9 +185,10 @@ def _binary_if_offered(_connection: ServerConnection, offered: Sequence[str]) ->
 
 
 class Front:
-    def __init__(self, cfg: ServerConfig, slots: Sequence[Slot]) -> None:
+    def __init__(self, cfg: ServerConfig, slots: Sequence[Slot], formatting: Formatting) -> None:
         self.cfg = cfg
         self.slots = slots
+        self.formatting = formatting
         self.admitted: set[ServerConnection] = set()
         self.clients: set[Client] = set()
         self.server: Server | None = None
@@ -276,7 +277,7 @@ class Front:
         segments = task.segmenter.feed(frame.samples, frame.is_final)
         client.buffered_bytes += task.segmenter.buffered_bytes - before
         for segment in segments:
-            task.slot.submit(task, segment)
+            task.submit(segment)
 
     def open_task(self, client: Client, frame: AudioFrame) -> Task | None:
         """A new task, or None when it is refused (with its final frame)."""
@@ -289,7 +290,7 @@ class Front:
             refusal = ("overloaded", f"slot {slot.index} has {len(slot.queue)} segments waiting")
         else:
             segmenter = Segmenter(frame.seg_duration, frame.seg_overlap)
-            task = Task(frame.task_id, frame.source, frame.time_start, slot, segmenter, client)
+            task = Task(frame.task_id, frame.source, frame.time_start, slot, segmenter, client, self.formatting)
             client.receiving[frame.task_id] = task
             client.open.add(task)
             slot.accept(task)

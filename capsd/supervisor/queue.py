@@ -1,14 +1,16 @@
-"""A slot's waiting segments: dictation before files, each task's segments in order.
+"""Waiting work and the choice of what a worker does next: pure bookkeeping, no I/O.
 
-Pure bookkeeping, no I/O. Taking the next segment is O(1) however long the queue: mic and file
-segments wait in a deque each, and a task's segments are all of one source, so each deque keeps
-a task's segments in the order they were cut.
+Each slot has a queue of the jobs of the tasks homed on it: segments to decode and finished
+texts to punctuate. Mic segments and texts wait in one deque, file segments in another, so
+dictation goes first and taking the next job is O(1) however long the queue. A slot with
+nothing of its own to do helps the others (docs/design.md#work-stealing): their mic jobs
+first, then the oldest file segment.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Container, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,52 +23,59 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Waiting:
     task: Task
-    segment: Segment
+    work: Segment | str  # a segment to decode, or a finished task's text to punctuate
     submitted: float  # time.time() when it was queued: the result frame's time_submit
 
     @property
     def nbytes(self) -> int:
-        return self.segment.samples.nbytes
+        return self.work.samples.nbytes if isinstance(self.work, Segment) else 0
+
+    @property
+    def urgent(self) -> bool:
+        """Someone is waiting for each dictation, and a text to punctuate ends a task."""
+        return self.task.source == "mic" or isinstance(self.work, str)
 
 
-class SegmentQueue:
+class JobQueue:
     def __init__(self) -> None:
-        self.mic: deque[Waiting] = deque()
+        self.urgent: deque[Waiting] = deque()
         self.file: deque[Waiting] = deque()
 
     def __len__(self) -> int:
-        return len(self.mic) + len(self.file)
+        return len(self.urgent) + len(self.file)
 
     def __iter__(self) -> Iterator[Waiting]:
-        yield from self.mic
+        yield from self.urgent
         yield from self.file
 
     def push(self, item: Waiting) -> None:
-        (self.mic if item.task.source == "mic" else self.file).append(item)
+        (self.urgent if item.urgent else self.file).append(item)
 
-    def pop(self, only: Container[Task] | None = None) -> Waiting | None:
-        """The next segment to decode: someone is waiting for each dictation, so mic first.
-
-        With `only`, the first segment of one of those tasks (a draining slot finishes the tasks
-        its worker holds and starts no other): a scan, but only while draining.
-        """
-        for waiting in (self.mic, self.file):
-            if only is None:
-                if waiting:
-                    return waiting.popleft()
-                continue
-            for i, item in enumerate(waiting):
-                if item.task in only:
-                    del waiting[i]
-                    return item
+    def pop(self) -> Waiting | None:
+        for waiting in (self.urgent, self.file):
+            if waiting:
+                return waiting.popleft()
         return None
 
     def drop(self, task: Task) -> list[Waiting]:
-        """Remove every segment of `task`; returns them."""
-        waiting = self.mic if task.source == "mic" else self.file
-        dropped = [item for item in waiting if item.task is task]
+        """Remove every job of `task`; returns them."""
+        dropped = [item for item in self if item.task is task]
         if dropped:
-            kept = [item for item in waiting if item.task is not task]
-            waiting.clear()
-            waiting.extend(kept)
+            for waiting in (self.urgent, self.file):
+                kept = [item for item in waiting if item.task is not task]
+                waiting.clear()
+                waiting.extend(kept)
         return dropped
+
+
+def next_job(own: JobQueue, others: Sequence[JobQueue]) -> tuple[JobQueue, Waiting] | None:
+    """What an idle worker does next, and whose queue it comes from: its own slot's next job;
+    else another slot's urgent job; else the oldest file segment waiting anywhere."""
+    if own:
+        return own, own.pop()  # type: ignore[return-value]
+    helped = next((queue for queue in others if queue.urgent), None)
+    if helped is None:
+        helped = min((queue for queue in others if queue.file), key=lambda q: q.file[0].submitted, default=None)
+    if helped is None:
+        return None
+    return helped, helped.pop()  # type: ignore[return-value]

@@ -1,51 +1,87 @@
-"""A slot: a durable queue owned by the supervisor, served by one worker incarnation at a time.
+"""A slot: the home of the tasks routed to it, served by one worker incarnation at a time.
 
-The queue lives here, in the supervisor, for the life of the daemon. Each incarnation gets a
-pipe of its own, so a process killed at any instant (idle in recv, mid-decode, mid-send) takes
-nothing shared down with it (docs/design.md#queues-wedged-by-a-killed-process). The slot sends one segment at a time, so it always
-knows which tasks have a partial result in the worker: exactly those fail when it dies.
+The slot's queue lives here, in the supervisor, for the life of the daemon. Each incarnation gets
+a pipe of its own, so a process killed at any instant (idle in recv, mid-decode, mid-send) takes
+nothing shared down with it (docs/design.md#queues-wedged-by-a-killed-process). Workers are
+stateless (docs/design.md#stateless-workers): the slot hands its worker one job at a time, from
+its own queue or, when it has nothing of its own, from another slot's (work stealing), so a dead
+worker loses exactly the one job it was doing. The slot reports what happens to its worker; the
+daemon decides what to do about it.
+
+Life cycle (`SlotState`, derived from the incarnation and what it is doing):
+
+    starting --ready--> ready <--job / done--> busy
+    ready, busy --drain--> draining --job done, process replaced--> restarting --ready--> ready
+    any --process ended--> restarting --ready--> ready
+    starting --process ended before ready--> failed (capsd refuses to start)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import multiprocessing
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 import psutil
 import structlog
 
 from capsd.segment import Segment
-from capsd.supervisor.queue import SegmentQueue, Waiting
+from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.task import Task
 from capsd.worker import main as worker
-from capsd.worker.main import Decoded, Ready, WorkerSpec
+from capsd.worker.main import WorkerSpec
+from capsd.worker.messages import Decode, Decoded, Format, Job, Ready, Reply, Stop
 
 log = structlog.get_logger("capsd.slot")
 
 # spawn, not fork: the supervisor runs an event loop and threads (docs/design.md#fork-with-a-running-loop).
 _mp = multiprocessing.get_context("spawn")
+_jobs = itertools.count(1)
+DRAIN_TIMEOUT_S = 30.0  # a graceful recycle waits this long for the job in its worker, then forces
+BUSY_WINDOW_S = 60.0  # status shows the share of this last stretch spent on jobs
 
-# Why an incarnation ended -> the error code for the tasks that lived in it.
-EXIT_CODES = {
-    "crashed": "worker_crashed",
-    "hung": "worker_hung",
-    "requested": "worker_restarted",
-    "rss": "worker_restarted",
-}
-PLANNED = {"requested", "rss"}  # graceful recycles: not counted against restart intensity
-DRAIN_TIMEOUT_S = 30.0  # a graceful recycle waits this long for the tasks in its worker, then forces
-# A replacement that cannot be spawned (no descriptors, no memory) is tried again after
-# 0.5, 1, 2 ... s, at most 30 s apart, each failure counted against restart intensity.
-SPAWN_RETRY_S, SPAWN_RETRY_MAX_S = 0.5, 30.0
+
+class SlotState(Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DRAINING = "draining"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+class ExitReason(Enum):
+    """Why an incarnation ended: the error code of the task whose job died with it, and whether
+    it counts against restart intensity (graceful recycles do not)."""
+
+    CRASHED = "crashed"
+    HUNG = "hung"
+    NOT_LOADED = "not loaded"  # not ready within load_timeout_s: a crash
+    RSS = "rss"
+    REQUESTED = "requested"
+
+    @property
+    def code(self) -> str:
+        return {ExitReason.HUNG: "worker_hung", ExitReason.RSS: "worker_restarted",
+                ExitReason.REQUESTED: "worker_restarted"}.get(self, "worker_crashed")  # fmt: skip
+
+    @property
+    def counts(self) -> bool:
+        return self in (ExitReason.CRASHED, ExitReason.HUNG, ExitReason.NOT_LOADED)
+
+    @property
+    def reported(self) -> str:
+        """As status's last_exit says it: crashed, hung, rss or requested."""
+        return "crashed" if self is ExitReason.NOT_LOADED else self.value
 
 
 class WorkerGone(Exception):
@@ -68,7 +104,9 @@ class Incarnation:
     def __init__(self, slot: Slot, spec: WorkerSpec) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn, child = _mp.Pipe(duplex=True)
-        self.process = _mp.Process(target=worker.main, args=(child, spec, slot.index), name=f"capsd-slot-{slot.index}", daemon=True)
+        self.process = _mp.Process(
+            target=worker.main, args=(child, spec, slot.index), name=f"capsd-slot-{slot.index}", daemon=True
+        )
         try:
             self.process.start()
         except BaseException:
@@ -79,7 +117,7 @@ class Incarnation:
         self.pid: int = self.process.pid  # type: ignore[assignment]
         self.started = time.monotonic()
         self.ready = False
-        self.decoded = 0  # segments decoded; a fresh worker over max_rss_mb is not recycled again
+        self.jobs = 0  # jobs done; a fresh worker over max_rss_mb is not recycled again
         self.over_plan = False  # warned once that its RSS exceeds the memory plan's estimate
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
@@ -101,13 +139,13 @@ class Incarnation:
             self.process.join()
         self.loop.call_soon_threadsafe(self.slot.on_exit, self, self.process.exitcode)
 
-    async def send(self, message: tuple[str, int, Segment | None]) -> None:
+    async def send(self, message: Job | Stop) -> None:
         try:
             await self.loop.run_in_executor(self.sender, self.conn.send, message)
         except (OSError, ValueError):
             raise WorkerGone from None
 
-    async def reply(self) -> Decoded:
+    async def reply(self) -> Reply:
         message = await self.replies.get()
         if message is _GONE:
             raise WorkerGone
@@ -133,55 +171,40 @@ class Slot:
         index: int,
         spec: WorkerSpec,
         queue_limit: int,
-        on_crash: Callable[[Slot], None],
-        on_startup_failure: Callable[[Slot, str], None],
+        stealing: bool,
+        on_exit: Callable[[Slot, ExitReason, int | None, Task | None], None],
     ) -> None:
         self.index = index
         self.spec = spec
         self.queue_limit = queue_limit
-        self.on_crash = on_crash
-        self.on_startup_failure = on_startup_failure
-        self.queue = SegmentQueue()
+        self.stealing = stealing
+        self.on_worker_exit = on_exit  # the daemon decides what follows
+        self.peers: Sequence[Slot] = [self]  # every slot, this one included (the daemon's list)
+        self.queue = JobQueue()
         self.room = asyncio.Event()  # set while the queue is below queue_limit
         self.room.set()
-        self.cancels: deque[int] = deque()  # task keys whose partial results the worker may free
-        self.open_tasks: set[Task] = set()  # accepted and not finished
-        self.in_worker: set[Task] = set()  # partial result lives in the current incarnation
-        self.in_flight: Task | None = None
+        self.open_tasks: set[Task] = set()  # homed here, accepted and not finished
+        self.in_flight: Waiting | None = None  # the job in the worker
         self.busy_since = 0.0
         self.incarnation: Incarnation | None = None
-        self.exit_reason: str | None = None  # set just before we end an incarnation on purpose
-        self.drain_reason: str | None = None
-        self.drain_deadline = 0.0  # time.monotonic() when a drain is forced
-        self.spawn_failures = 0  # in a row
+        self.exit_reason: ExitReason | None = None  # set just before we end an incarnation on purpose
+        self.drain_reason: ExitReason | None = None
+        self.drain_deadline = 0.0  # time.monotonic() when the daemon forces the drain
         self.ever_ready = False
         self.failed = False
-        self.tasks_done = self.tasks_failed = self.restarts = 0
+        self.tasks_done = self.tasks_failed = self.restarts = self.segments_decoded = 0
+        self.busy: deque[tuple[float, float]] = deque()  # (start, end) of the last minute's jobs
         self.last_exit: LastExit | None = None
         self.wakeup = asyncio.Event()
-        self.ready_event = asyncio.Event()
+        self.ready_event = asyncio.Event()  # set at each incarnation's Ready
         self.stopping = False
 
-    # -- life cycle ---------------------------------------------------------------------------
+    # -- life cycle: the slot reports, the daemon decides -------------------------------------
 
     def start(self) -> None:
-        if self.stopping:
-            return
-        try:
-            self.incarnation = Incarnation(self, self.spec)
-        except OSError as e:  # out of descriptors, processes or memory: try again later
-            self.incarnation = None
-            if not self.ever_ready:
-                self.failed = True
-                self.on_startup_failure(self, f"cannot start the worker of slot {self.index}: {e}")
-                return
-            delay = min(SPAWN_RETRY_MAX_S, SPAWN_RETRY_S * 2**self.spawn_failures)
-            self.spawn_failures += 1
-            log.error("cannot start worker", slot=self.index, error=str(e), retry_in_s=delay)
-            self.on_crash(self)
-            asyncio.get_running_loop().call_later(delay, self.start)
-            return
-        self.spawn_failures = 0
+        """A new incarnation; OSError if it cannot be spawned (the daemon retries)."""
+        self.incarnation = None
+        self.incarnation = Incarnation(self, self.spec)
         log.info("worker started", slot=self.index, pid=self.incarnation.pid)
 
     def on_message(self, inc: Incarnation, message: Any) -> None:
@@ -196,42 +219,23 @@ class Slot:
     def on_exit(self, inc: Incarnation, exitcode: int | None) -> None:
         inc.close()
         inc.exited.set_result(exitcode)
-        reason, self.exit_reason, self.drain_reason = self.exit_reason or "crashed", None, None
-        lost, self.in_worker, self.in_flight = self.in_worker, set(), None
-        if self.stopping:
-            return
-        if not self.ever_ready:
-            self.failed = True
-            self.on_startup_failure(
-                self, f"worker of slot {self.index} died while loading the model (exit code {exitcode})"
-            )
-            return
-        self.last_exit = LastExit(reason, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        level = log.info if reason in PLANNED and not lost else log.warning
-        level(
-            "worker exited",
-            slot=self.index,
-            pid=inc.pid,
-            reason=reason,
-            exitcode=exitcode,
-            lost_tasks=[t.task_id for t in lost],
-        )
-        for task in lost:
-            task.fail(EXIT_CODES[reason], f"the worker of slot {self.index} ended ({reason}, exit code {exitcode})")
-        self.restarts += 1
-        if reason not in PLANNED:
-            self.on_crash(self)
-        self.start()
+        reason = self.exit_reason or ExitReason.CRASHED
+        self.exit_reason = self.drain_reason = None
+        lost = self.in_flight.task if self.in_flight else None
+        self.in_flight = None
+        self.ready_event.clear()
+        if not self.stopping:
+            self.on_worker_exit(self, reason, exitcode, lost)
 
-    def kill(self, reason: str) -> None:
-        """End the current incarnation now; its tasks fail with the code for `reason`."""
+    def kill(self, reason: ExitReason) -> None:
+        """End the current incarnation now; the task whose job is in it fails with reason.code."""
         inc = self.incarnation
         if inc and inc.process.is_alive():
             self.exit_reason = reason
             inc.process.kill()
 
-    def drain(self, reason: str, timeout: float = DRAIN_TIMEOUT_S) -> None:
-        """Let tasks in progress finish, start no new one, then replace the process.
+    def drain(self, reason: ExitReason, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Take no new job, let the one in the worker finish, then replace the process.
 
         The daemon forces the restart once `drain_deadline` has passed.
         """
@@ -242,11 +246,12 @@ class Slot:
     async def stop(self, timeout: float) -> None:
         """Stop the worker for good (daemon shutdown)."""
         self.stopping = True
+        self.wakeup.set()
         inc = self.incarnation
         if inc is None or inc.exited.done():
             return
         try:
-            await inc.send(("stop", 0, None))
+            await inc.send(Stop())
             await asyncio.wait_for(asyncio.shield(inc.exited), timeout)
         except (WorkerGone, asyncio.TimeoutError):
             inc.process.kill()
@@ -269,15 +274,17 @@ class Slot:
         """A new task homed here: it counts in status, and a stop waits for it or fails it."""
         self.open_tasks.add(task)
 
-    def submit(self, task: Task, segment: Segment) -> None:
-        """Queue a segment. Beyond queue_limit new tasks are refused and the connections with
-        segments here are not read, so the queue stays near its limit (flow control)."""
+    def submit(self, task: Task, work: Segment | str) -> None:
+        """Queue a job of a task homed here. Beyond queue_limit new tasks are refused and the
+        connections with jobs here are not read, so the queue stays near its limit."""
         task.time_submit = time.time()
-        self.queue.push(Waiting(task, segment, task.time_submit))
-        task.owner.queued(self, segment.samples.nbytes)
+        item = Waiting(task, work, task.time_submit)
+        self.queue.push(item)
+        task.owner.queued(self, item.nbytes)
         if self.full:
             self.room.clear()
-        self.wakeup.set()
+        for slot in self.peers if self.stealing else (self,):
+            slot.wakeup.set()
 
     def _left_queue(self, item: Waiting) -> None:
         item.task.owner.unqueued(self, item.nbytes)
@@ -285,7 +292,7 @@ class Slot:
             self.room.set()
 
     def cancel(self, task: Task) -> None:
-        """The client went away: drop the task's queued segments and free its partial result."""
+        """The client went away: drop the task's waiting jobs (one in a worker is ignored)."""
         self._forget(task)
 
     def finished(self, task: Task, failed: bool) -> None:
@@ -299,85 +306,93 @@ class Slot:
         self.open_tasks.discard(task)
         for item in self.queue.drop(task):
             self._left_queue(item)
-        if task in self.in_worker:
-            self.in_worker.discard(task)
-            self.cancels.append(task.key)  # a no-op in the worker if this was its last segment
-            self.wakeup.set()
 
-    def _next_item(self) -> Waiting | int | None:
-        """Cancels first, then the next segment (draining: only of tasks already in the worker)."""
-        if self.cancels:
-            return self.cancels.popleft()
-        item = self.queue.pop(self.in_worker if self.drain_reason else None)
-        if item is not None:
-            self._left_queue(item)
+    def _next(self) -> Waiting | None:
+        others = [slot.queue for slot in self.peers if slot is not self] if self.stealing else []
+        picked = next_job(self.queue, others)
+        if picked is None:
+            return None
+        queue, item = picked
+        home = next(slot for slot in self.peers if slot.queue is queue)
+        home._left_queue(item)
         return item
 
     async def run(self) -> None:
-        """Feed the worker, one segment at a time, for the life of the daemon."""
+        """Feed the worker, one job at a time, for the life of the daemon."""
         while not self.stopping:
             inc = self.incarnation
-            if inc and inc.ready and self.drain_reason and not self.in_worker and not self.cancels:
-                await self._replace(inc)
-                continue
-            item = self._next_item() if inc and inc.ready else None
+            item = None
+            if inc is not None and inc.ready:
+                if self.drain_reason:
+                    await self._replace(inc)
+                    continue
+                item = self._next()
             if item is None:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
             assert inc is not None
-            if isinstance(item, int):
-                try:
-                    await inc.send(("cancel", item, None))
-                except WorkerGone:
-                    pass
-                continue
-            await self._decode(inc, item.task, item.segment, item.submitted)
+            await self._do(inc, item)
 
-    async def _decode(self, inc: Incarnation, task: Task, segment: Segment, submitted: float) -> None:
-        if task.done:
-            return
-        self.in_worker.add(task)
-        self.in_flight, self.busy_since = task, time.monotonic()
+    async def _do(self, inc: Incarnation, item: Waiting) -> None:
+        self.in_flight, self.busy_since = item, time.monotonic()
+        job_id = next(_jobs)
+        work = item.work
+        job: Job = Decode(job_id, work.samples) if isinstance(work, Segment) else Format(job_id, work)
         try:
-            await inc.send(("segment", task.key, segment))
-            decoded = await inc.reply()
+            await inc.send(job)
+            reply = await inc.reply()
         except WorkerGone:
-            return  # on_exit has failed the tasks that lived in the worker
+            return  # on_exit has reported the lost job
         self.in_flight = None
-        inc.decoded += 1
-        if decoded.is_final:
-            self.in_worker.discard(task)
-        task.deliver(decoded, submitted)
+        self._record_busy(self.busy_since, time.monotonic())
+        inc.jobs += 1
+        if isinstance(reply, Decoded) and isinstance(work, Segment):
+            self.segments_decoded += 1
+            item.task.segment_decoded(work, reply.tokens, reply.timestamps, item.submitted)
+        elif not isinstance(reply, Decoded):
+            item.task.finish(reply.text, item.submitted)
 
     async def _replace(self, inc: Incarnation) -> None:
-        self.exit_reason, self.drain_reason = self.drain_reason, None
-        log.info("worker recycling", slot=self.index, pid=inc.pid, reason=self.exit_reason)
+        self.exit_reason = self.drain_reason
+        log.info("worker recycling", slot=self.index, pid=inc.pid, reason=self.drain_reason.value)
         try:
-            await inc.send(("stop", 0, None))
+            await inc.send(Stop())
         except WorkerGone:
             pass
-        await asyncio.shield(inc.exited)
+        await asyncio.shield(inc.exited)  # on_exit has had the daemon start the replacement
 
     # -- status -------------------------------------------------------------------------------
 
+    def _record_busy(self, start: float, end: float) -> None:
+        self.busy.append((start, end))
+        while self.busy and self.busy[0][1] < end - BUSY_WINDOW_S:
+            self.busy.popleft()
+
+    def busy_share(self, now: float) -> float:
+        """The share of the last minute this slot's worker spent on jobs."""
+        since = now - BUSY_WINDOW_S
+        spans = [*self.busy, *([(self.busy_since, now)] if self.in_flight else [])]
+        return sum(max(0.0, end - max(start, since)) for start, end in spans) / BUSY_WINDOW_S
+
     @property
-    def state(self) -> str:
+    def state(self) -> SlotState:
         inc = self.incarnation
         if self.failed:
-            return "failed"
+            return SlotState.FAILED
         if inc is None or not inc.ready:
-            return "restarting" if self.ever_ready else "starting"
+            return SlotState.RESTARTING if self.ever_ready else SlotState.STARTING
         if self.drain_reason:
-            return "draining"
-        return "busy" if self.in_flight else "ready"
+            return SlotState.DRAINING
+        return SlotState.BUSY if self.in_flight else SlotState.READY
 
     def status(self) -> dict[str, Any]:
         inc = self.incarnation
+        now = time.monotonic()
         return {
             "slot": self.index,
             "pid": inc.pid if inc else None,
-            "state": self.state,
+            "state": self.state.value,
             "rss_bytes": inc.rss() if inc else 0,
             "queue_depth": len(self.queue),
             "tasks_in_progress": len(self.open_tasks),
@@ -385,5 +400,7 @@ class Slot:
             "tasks_failed": self.tasks_failed,
             "restarts": self.restarts,
             "last_exit": dataclasses.asdict(self.last_exit) if self.last_exit else None,
-            "uptime_s": round(time.monotonic() - inc.started, 1) if inc else 0.0,
+            "uptime_s": round(now - inc.started, 1) if inc else 0.0,
+            "segments_decoded": self.segments_decoded,
+            "busy_share": round(self.busy_share(now), 3),
         }

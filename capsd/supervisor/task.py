@@ -1,23 +1,32 @@
-"""A task: all frames with one task_id on one connection, owned by one slot."""
+"""A task: all frames with one task_id on one connection, homed on one slot, merged here.
+
+Workers keep nothing between segments (docs/design.md#stateless-workers): the task holds its
+partial result, merges its segments in order as their decodes come back from any slot (one
+decoded out of order waits for those before it), and sends a partial frame each time the
+merged prefix grows, then exactly one final frame.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import structlog
 
+from capsd import textformat
+from capsd.merge import PartialResult, realign
 from capsd.protocol import Result, clip
-from capsd.segment import Segmenter
-from capsd.worker.main import Decoded
+from capsd.segment import Segment, Segmenter
 
 if TYPE_CHECKING:
     from capsd.supervisor.slot import Slot
 
 log = structlog.get_logger("capsd.task")
 _keys = itertools.count(1)
+# Shorter than one 25 ms fbank window: nothing to recognise; merged as empty without a worker.
+MIN_DECODE_SAMPLES = 400
 
 
 class Owner(Protocol):
@@ -32,41 +41,88 @@ class Owner(Protocol):
     def ended(self, task: Task, error_frame: str | None = None) -> None: ...
 
 
+class Piece(NamedTuple):
+    """A decoded segment waiting to be merged: where it lies, what was recognised in it."""
+
+    offset: float
+    overlap: float
+    end: float
+    is_last: bool
+    tokens: list[str]
+    timestamps: list[float]
+    submitted: float
+
+
+@dataclass(frozen=True)
+class Formatting:
+    """`[format]`: what a final result goes through (docs/design.md#text-accu-on-the-final-frame)."""
+
+    num: bool = True
+    spell: bool = True
+    punctuate: bool = False  # a worker adds punctuation first, with the punctuation model
+
+
 @dataclass(eq=False)
 class Task:
     task_id: str
     source: str  # "mic" | "file"
     time_start: float
-    slot: Slot
+    slot: Slot  # its home: its queue, its queue_limit, its line in status
     segmenter: Segmenter
     owner: Owner
+    formatting: Formatting = field(default_factory=Formatting)
     key: int = field(default_factory=lambda: next(_keys))
     time_submit: float = 0.0
-    duration: float = 0.0
-    done: bool = False  # its final frame is sent, or it was cancelled
+    partial: PartialResult = field(default_factory=PartialResult)
+    decoded: dict[int, Piece] = field(default_factory=dict)  # by segment index, not merged yet
+    merged: int = 0  # segments merged, in order
+    done: bool = False  # its final frame is sent (or owed), or it was cancelled
 
-    def deliver(self, decoded: Decoded, time_submit: float) -> None:
+    def submit(self, segment: Segment) -> None:
+        """A segment cut from the client's audio: to its home slot's queue, or, if too short to
+        hold a word, merged as empty at once."""
+        if len(segment.samples) < MIN_DECODE_SAMPLES:
+            self.segment_decoded(segment, [], [], time.time())
+        else:
+            self.slot.submit(self, segment)
+
+    def segment_decoded(self, segment: Segment, tokens: list[str], timestamps: list[float], submitted: float) -> None:
+        if self.done:
+            return  # failed or cancelled meanwhile: a late decode from another slot
+        self.decoded[segment.index] = Piece(
+            segment.offset, segment.overlap, segment.end, segment.is_last, tokens, timestamps, submitted
+        )
+        last = None
+        while self.merged in self.decoded:
+            last = self.decoded.pop(self.merged)
+            self.partial.add(last.offset, last.overlap, last.tokens, last.timestamps, last.end)
+            self.merged += 1
+        if last is None:
+            return
+        if not last.is_last:
+            text = self.partial.text
+            self._send(Result(self.task_id, self.time_start, last.submitted, time.time(), self.partial.duration,
+                              text, text, self.partial.tokens, self.partial.timestamps))  # fmt: skip
+        elif self.formatting.punctuate:
+            self.slot.submit(self, self.partial.text)
+        else:
+            self.finish(self.partial.text, last.submitted)
+
+    def finish(self, text: str, submitted: float) -> None:
+        """The final frame: text formatted, text_accu the same, tokens realigned to it."""
         if self.done:
             return
-        self.duration = decoded.duration
-        result = Result(
-            self.task_id,
-            self.time_start,
-            time_submit,
-            time.time(),
-            decoded.duration,
-            decoded.text,
-            decoded.text_accu,
-            decoded.tokens,
-            decoded.timestamps,
-            decoded.is_final,
-        )
-        if decoded.is_final:
-            self.done = True
-            self.owner.ended(self)
+        # Punctuation, if any, came from a worker; numerals and spacing are pure code.
+        text = textformat.format_final(text, num=self.formatting.num, spell=self.formatting.spell, punctuator=None)
+        tokens, timestamps = realign(self.partial.tokens, self.partial.timestamps, text)
+        self.done = True
+        self.owner.ended(self)
+        self._send(Result(self.task_id, self.time_start, submitted, time.time(), self.partial.duration, text, text,
+                          tokens, timestamps, is_final=True))  # fmt: skip
+        self.slot.finished(self, failed=False)
+
+    def _send(self, result: Result) -> None:
         self.owner.send(result.to_json())
-        if decoded.is_final:
-            self.slot.finished(self, failed=False)
 
     def fail(self, code: str, message: str) -> None:
         """Forget the task; its client gets a complete error frame as its final frame."""
@@ -74,7 +130,7 @@ class Task:
             return
         self.done = True
         now = time.time()
-        result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.duration)
+        result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.partial.duration)
         self.owner.ended(self, result.to_json(error=(code, message)))
         log.warning("task failed", slot=self.slot.index, task=clip(self.task_id), code=code, reason=message)
         self.slot.finished(self, failed=True)

@@ -1,8 +1,9 @@
-"""A worker process: load the recognizer, then decode segments and keep each task's partial result.
+"""A worker process: load the recognizer, then do one job at a time and keep nothing between jobs.
 
-One incarnation talks to its slot over one duplex pipe made for it alone (docs/design.md#queues-wedged-by-a-killed-process: nothing a
-dying process can wedge is shared with its replacement). The supervisor sends one segment at a
-time and owns the queue; the worker keeps only what dies with it: the partial results.
+One incarnation talks to its slot over one duplex pipe made for it alone
+(docs/design.md#queues-wedged-by-a-killed-process). A job is a segment to decode or a finished
+text to punctuate (`capsd.worker.messages`); the supervisor owns every task's state, so a dead
+worker loses only the job it was doing (docs/design.md#stateless-workers).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import structlog
 
 from capsd import log as logs
 from capsd import memory, models, textformat
-from capsd.merge import PartialResult, realign
 from capsd.protocol import RATE
-from capsd.segment import Segment
+from capsd.worker.messages import Decode, Decoded, Format, Formatted, Ready
 
 log = structlog.get_logger("capsd.worker")
 
@@ -35,29 +35,9 @@ class WorkerSpec:
     model_type: str
     files: dict[str, Path]
     threads: int
-    num: bool = True
-    spell: bool = True
     punctuation: str = ""  # punctuation model dir, "" = none
     log_level: str = "info"
     log_format: str = "auto"
-
-
-@dataclass(frozen=True)
-class Ready:
-    pid: int
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """The task's result so far, after merging one more segment."""
-
-    key: int
-    tokens: list[str]
-    timestamps: list[float]
-    text_accu: str
-    text: str  # formatted when final
-    duration: float
-    is_final: bool
 
 
 class Recognizer:
@@ -84,10 +64,8 @@ class Recognizer:
             timestamps = [i * step for i in range(len(tokens))]
         return tokens, timestamps
 
-    def finish(self, partial: PartialResult) -> str:
-        return textformat.format_final(
-            partial.text, num=self.spec.num, spell=self.spec.spell, punctuator=self.punctuator
-        )
+    def punctuate(self, text: str) -> str:
+        return self.punctuator(text) if self.punctuator is not None and text else text
 
 
 def main(conn: Connection, spec: WorkerSpec, slot: int) -> None:
@@ -99,29 +77,14 @@ def main(conn: Connection, spec: WorkerSpec, slot: int) -> None:
     structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
     recognizer = Recognizer(spec)
     conn.send(Ready(os.getpid()))
-    partials: dict[int, PartialResult] = {}
     while True:
         try:
-            kind, key, segment = conn.recv()
+            job = conn.recv()
         except EOFError:
             return
-        if kind == "stop":
-            return
-        if kind == "cancel":
-            partials.pop(key, None)
-            continue
-        assert isinstance(segment, Segment)
-        tokens, timestamps = recognizer.decode(segment.samples)
-        partial = partials.setdefault(key, PartialResult())
-        partial.add(segment.offset, segment.overlap, tokens, timestamps, segment.end)
-        if segment.is_last:
-            del partials[key]
-        if segment.is_last:  # text_accu formatted too, tokens realigned to it, as CapsWriter since v2.2
-            text = recognizer.finish(partial)
-            tokens, timestamps = realign(partial.tokens, partial.timestamps, text)
-            decoded = Decoded(key, tokens, timestamps, text, text, partial.duration, True)
+        if isinstance(job, Decode):
+            conn.send(Decoded(job.job, *recognizer.decode(job.samples)))
+        elif isinstance(job, Format):
+            conn.send(Formatted(job.job, recognizer.punctuate(job.text)))
         else:
-            decoded = Decoded(
-                key, partial.tokens, partial.timestamps, partial.text, partial.text, partial.duration, False
-            )
-        conn.send(decoded)
+            return  # Stop

@@ -1,0 +1,298 @@
+"""Scheduling and merging in the supervisor, in-process: pure queues, tasks, and slots fed by a
+fake worker (no subprocess), so every decision is checked without timing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from capsd.segment import Segment, Segmenter
+from capsd.supervisor.queue import JobQueue, Waiting, next_job
+from capsd.supervisor.slot import ExitReason, Slot
+from capsd.supervisor.task import Task
+from capsd.worker.main import WorkerSpec
+from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop
+
+
+class Client:
+    """A connection as a task sees it (task.Owner): records frames, counts queued jobs."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.queued_jobs = 0
+
+    def send(self, frame: str) -> None:
+        self.frames.append(json.loads(frame))
+
+    def queued(self, slot: Slot, nbytes: int) -> None:
+        self.queued_jobs += 1
+
+    def unqueued(self, slot: Slot, nbytes: int) -> None:
+        self.queued_jobs -= 1
+
+    def ended(self, task: Task, error_frame: str | None = None) -> None:
+        if error_frame:
+            self.send(error_frame)
+
+
+def segment(index: int, seconds: float = 2.0, last: bool = False) -> Segment:
+    """A segment whose samples say which one it is, so a fake worker can answer for it."""
+    samples = np.full(round(seconds * 16000), index, dtype=np.float32)
+    return Segment(index, offset=index * seconds, overlap=0.0, samples=samples, is_last=last)
+
+
+def make_task(slot: Any, client: Client, task_id: str = "t", source: str = "file") -> Task:
+    return Task(task_id, source, 0.0, slot, Segmenter(15, 2), client)
+
+
+# -- the queue and the choice of the next job ---------------------------------------------------
+
+
+class HomeSlot:
+    """Enough of a slot for tasks that are only queued."""
+
+    index = 0
+
+    def submit(self, task: Task, work: Any) -> None: ...
+
+
+def waiting(source: str, submitted: float, work: Any = None) -> Waiting:
+    return Waiting(make_task(HomeSlot(), Client(), source=source), work if work is not None else segment(0), submitted)
+
+
+def test_own_jobs_first_dictation_before_files() -> None:
+    own = JobQueue()
+    file_job, mic_job = waiting("file", 1.0), waiting("mic", 2.0)
+    own.push(file_job)
+    own.push(mic_job)
+    assert next_job(own, []) == (own, mic_job)
+    assert next_job(own, []) == (own, file_job)
+    assert next_job(own, []) is None
+
+
+def test_a_slot_with_nothing_of_its_own_helps_urgent_jobs_first_then_the_oldest_file() -> None:
+    own, a, b = JobQueue(), JobQueue(), JobQueue()
+    newer, older, text = waiting("file", 5.0), waiting("file", 3.0), waiting("file", 9.0, work="一二")
+    a.push(newer)
+    b.push(older)
+    b.push(text)  # a text to punctuate ends a task: urgent, whatever its source
+    assert next_job(own, [a, b]) == (b, text)
+    assert next_job(own, [a, b]) == (b, older)
+    assert next_job(own, [a, b]) == (a, newer)
+    assert next_job(own, [a, b]) is None
+
+
+def test_dropping_a_task_leaves_the_others_in_order() -> None:
+    queue = JobQueue()
+    items = [waiting("file", float(i)) for i in range(4)]
+    for item in items:
+        queue.push(item)
+    assert queue.drop(items[1].task) == [items[1]]
+    assert list(queue) == [items[0], items[2], items[3]]
+
+
+# -- a task merges segments in order, whatever order they come back in ------------------------
+
+
+def test_segments_decoded_out_of_order_give_partial_frames_in_order_and_one_final() -> None:
+    client = Client()
+    task = make_task(HomeSlot(), client)
+    task.slot.finished = lambda task, failed: None  # type: ignore[attr-defined]
+    segments = [segment(0), segment(1), segment(2, last=True)]
+    task.segment_decoded(segments[2], ["三"], [0.5], 3.0)
+    task.segment_decoded(segments[1], ["二"], [0.5], 2.0)
+    assert client.frames == []  # both wait for segment 0
+    task.segment_decoded(segments[0], ["一"], [0.5], 1.0)
+    assert [f["is_final"] for f in client.frames] == [True]  # all three merged at once: the final
+    assert client.frames[-1]["tokens"] == ["1", "2", "3"]  # 一二三, formatted
+    assert client.frames[-1]["timestamps"] == [0.5, 2.5, 4.5]
+
+
+def test_partial_frames_grow_as_the_merged_prefix_grows() -> None:
+    client = Client()
+    task = make_task(HomeSlot(), client)
+    task.slot.finished = lambda task, failed: None  # type: ignore[attr-defined]
+    task.segment_decoded(segment(1), ["二"], [0.5], 2.0)
+    task.segment_decoded(segment(0), ["一"], [0.5], 1.0)
+    task.segment_decoded(segment(2, last=True), ["一", "二"], [0.1, 0.6], 3.0)
+    assert [(f["tokens"], f["is_final"]) for f in client.frames] == [
+        (["一", "二"], False),
+        (["1", "2", "1", "2"], True),  # formatted: numerals to digits, tokens realigned
+    ]
+    assert client.frames[-1]["text"] == client.frames[-1]["text_accu"] == "1212"
+
+
+# -- slots fed by a fake worker -----------------------------------------------------------------
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.alive = True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+class FakeWorker:
+    """An incarnation whose worker answers each job when the test says so."""
+
+    def __init__(self, slot: Slot, pid: int) -> None:
+        self.slot, self.pid = slot, pid
+        self.ready, self.jobs, self.started = True, 0, 0.0
+        self.process = FakeProcess()
+        self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.job: Decode | Format | None = None
+        self.sent = asyncio.Event()
+        self.replies: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def send(self, job: Decode | Format | Stop) -> None:
+        if isinstance(job, Stop):
+            self.die(0)
+            return
+        self.job = job
+        self.sent.set()
+
+    async def reply(self) -> Decoded | Formatted:
+        from capsd.supervisor.slot import _GONE, WorkerGone
+
+        message = await self.replies.get()
+        if message is _GONE:
+            raise WorkerGone
+        return message
+
+    async def answer(self, token: str) -> None:
+        """Finish the job in hand: a segment decodes to `token`, a text comes back as it is."""
+        await self.sent.wait()
+        self.sent.clear()
+        job, self.job = self.job, None
+        self.replies.put_nowait(Decoded(job.job, [token], [0.5]) if isinstance(job, Decode) else Formatted(job.job, job.text))
+        await asyncio.sleep(0)
+
+    def die(self, exitcode: int) -> None:
+        self.slot.on_exit(self, exitcode)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        from capsd.supervisor.slot import _GONE
+
+        self.replies.put_nowait(_GONE)
+
+    def rss(self) -> int:
+        return 0
+
+
+class Pool:
+    """Two slots with fake workers, and what the daemon would be told."""
+
+    def __init__(self, stealing: bool) -> None:
+        spec = WorkerSpec("paraformer", {}, 1)
+        self.exits: list[tuple[int, ExitReason, Task | None]] = []
+        self.slots = [Slot(i, spec, 100, stealing, self.exited) for i in range(2)]
+        self.workers = []
+        for slot in self.slots:
+            slot.peers = self.slots
+            slot.incarnation = FakeWorker(slot, 100 + slot.index)  # type: ignore[assignment]
+            slot.ever_ready = True
+            self.workers.append(slot.incarnation)
+        self.runners = [asyncio.create_task(slot.run()) for slot in self.slots]
+
+    def exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Task | None) -> None:
+        self.exits.append((slot.index, reason, lost))
+        slot.incarnation = None  # no replacement here: the slot stays "restarting"
+        if lost:
+            lost.fail(reason.code, "the worker died")
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            runner.cancel()
+        await asyncio.gather(*self.runners, return_exceptions=True)
+
+
+def run(scenario: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+@pytest.mark.parametrize("stealing", [True, False])
+def test_an_idle_slot_decodes_segments_of_a_task_homed_on_a_busy_one(stealing: bool) -> None:
+    async def scenario() -> tuple[list[str], Client]:
+        pool = Pool(stealing)
+        client = Client()
+        task = make_task(pool.slots[0], client)
+        pool.slots[0].accept(task)
+        for i in range(3):
+            task.submit(segment(i, last=i == 2))
+        await asyncio.sleep(0)
+        busy = [worker.job is not None for worker in pool.workers]
+        for i, worker in enumerate(pool.workers):
+            if worker.job is not None:
+                await worker.answer(str(i))
+        while not any(f["is_final"] for f in client.frames):
+            await pool.workers[0].answer("0")
+        await pool.close()
+        return [str(b) for b in busy], client
+
+    busy, client = run(scenario)
+    assert busy == (["True", "True"] if stealing else ["True", "False"])  # one task, both workers
+    assert [f["is_final"] for f in client.frames].count(True) == 1
+    assert len(client.frames[-1]["tokens"]) == 3
+
+
+def test_a_worker_dying_mid_job_fails_exactly_the_task_of_that_job() -> None:
+    async def scenario() -> tuple[Pool, Client, Client]:
+        pool = Pool(stealing=True)
+        home0, home1 = Client(), Client()
+        long_task = make_task(pool.slots[0], home0, "long")
+        other = make_task(pool.slots[1], home1, "other")
+        for task in (long_task, other):
+            task.slot.accept(task)
+        long_task.submit(segment(0))
+        long_task.submit(segment(1))  # slot 1 has nothing of its own: it takes this one
+        long_task.submit(segment(2, last=True))
+        await asyncio.sleep(0)
+        assert isinstance(pool.slots[1].in_flight.work, Segment) and pool.slots[1].in_flight.task is long_task
+        pool.workers[1].die(-9)  # killed while decoding a segment of a task homed on slot 0
+        other.submit(segment(0, last=True))  # the replacement is not there yet: slot 0 helps
+        await pool.workers[0].answer("一")  # long's segment 0: ignored, long has failed
+        await pool.workers[0].answer("二")  # other's only segment
+        await pool.close()
+        return pool, home0, home1
+
+    pool, home0, home1 = run(scenario)
+    assert pool.exits == [(1, ExitReason.CRASHED, pool.exits[0][2])] and pool.exits[0][2].task_id == "long"
+    assert [f.get("error", {}).get("code") for f in home0.frames] == ["worker_crashed"]
+    assert home1.frames[-1]["is_final"] and home1.frames[-1]["tokens"] == ["二"]
+    assert pool.slots[0].tasks_failed == 1 and pool.slots[1].tasks_done == 1
+    assert len(pool.slots[0].queue) == 0  # the failed task's waiting segment was dropped
+
+
+def test_an_idle_worker_dying_fails_nothing() -> None:
+    async def scenario() -> Pool:
+        pool = Pool(stealing=True)
+        pool.workers[0].die(-9)
+        await pool.close()
+        return pool
+
+    pool = run(scenario)
+    assert pool.exits == [(0, ExitReason.CRASHED, None)]
+
+
+def test_a_short_final_segment_is_merged_without_a_worker() -> None:
+    async def scenario() -> Client:
+        pool = Pool(stealing=True)
+        client = Client()
+        task = make_task(pool.slots[0], client, source="mic")
+        pool.slots[0].accept(task)
+        task.submit(segment(0))
+        task.submit(Segment(1, 2.0, 0.0, np.zeros(0, np.float32), True))  # a mic task's empty final frame
+        await pool.workers[0].answer("七")
+        await pool.close()
+        return client
+
+    client = run(scenario)
+    assert client.frames[-1]["is_final"] and client.frames[-1]["tokens"] == ["七"]
