@@ -8,6 +8,7 @@ install made reachable for nobody where its parent (/root, usually) is closed to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -31,6 +32,7 @@ import pytest
 import capsd
 from capsd.selftest.tones import synth, write_wav
 from capsd.supervisor.control import ControlError, Request, parse_request
+from tests.support.checks import assert_exact, run_client
 from tests.support.daemon import free_port, toml_value
 
 CAPSD = [sys.executable, "-m", "capsd.cli"]
@@ -440,6 +442,8 @@ def test_an_invalid_control_request_does_nothing_and_says_why(start_capsd: Any) 
     reply = control_line(capsd.socket, b'{"cmd": "restart-worker", "slot": 0, "force": true, "timeout": null}\n')
     assert reply["ok"] and reply["old_pid"] == pid and capsd.worker_pid(0) == reply["new_pid"] != pid
     assert "Traceback" not in capsd.logs()
+    samples, starts = synth("2718")  # and a dictation is served as ever
+    assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "2718", starts)
 
 
 def test_an_idle_control_connection_is_closed(start_capsd: Any) -> None:
