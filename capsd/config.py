@@ -65,6 +65,7 @@ class ServerConfig:
     port: int = _key(6016, "1..65535", lambda v: 1 <= v <= 65535)
     max_connections: int = _key(64, **_at_least(1))
     max_message_bytes: int = _key(16 * 1024 * 1024, **_at_least(1024))
+    metrics: bool = _key(True)
     # capsd's own key, beyond the contract's: how long SIGTERM lets tasks in progress finish.
     # Keep it below the unit's TimeoutStopSec (30 s) minus the ~5 s workers get to stop.
     stop_timeout_s: float = _key(20.0, ">= 0", lambda v: v >= 0)

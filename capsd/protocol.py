@@ -36,10 +36,11 @@ def clip(text: str, limit: int = 64) -> str:
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, task_id: str | None = None, is_final: bool = False) -> None:
+    def __init__(self, message: str, task_id: str | None = None, is_final: bool = False, source: str = "") -> None:
         super().__init__(message)
         self.task_id = task_id
         self.is_final = is_final
+        self.source = source or "unknown"  # "mic" or "file" when the frame said so
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def parse_frame(raw: str | bytes) -> AudioFrame:
     try:
         return _parse_task_frame(obj, task_id)
     except BadRequest as e:
-        raise BadRequest(str(e), task_id, obj.get("is_final") is True) from None
+        source = obj.get("source") if obj.get("source") in ("mic", "file") else ""
+        raise BadRequest(str(e), task_id, obj.get("is_final") is True, source) from None
 
 
 def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:

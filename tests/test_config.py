@@ -23,6 +23,7 @@ DOCUMENTED_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_connections": 64,
         "max_message_bytes": 16777216,
         "stop_timeout_s": 20.0,
+        "metrics": True,
     },
     "workers": {
         "count": 1,
@@ -50,6 +51,7 @@ VALID: dict[str, dict[str, Any]] = {
         "max_connections": 2,
         "max_message_bytes": 1 << 20,
         "stop_timeout_s": 5,
+        "metrics": False,
     },
     "workers": {
         "count": 3,

@@ -24,6 +24,7 @@ from capsd.preflight import Preflight
 from capsd.protocol import clip
 from capsd.supervisor import control, notify
 from capsd.supervisor.front import Front
+from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.slot import ExitReason, Incarnation, LastExit, Slot, SlotState
 from capsd.supervisor.task import Formatting, Task
 
@@ -51,14 +52,15 @@ class Daemon:
         self.crashes: deque[float] = deque()
         self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.metrics = Metrics(self.status)
         self.slots = [
-            Slot(i, preflight.spec, cfg.workers.queue_limit, cfg.workers.work_stealing, self.worker_exited)
+            Slot(i, preflight.spec, cfg.workers.queue_limit, cfg.workers.work_stealing, self.worker_exited, self.metrics)
             for i in range(cfg.workers.count)
         ]
         for slot in self.slots:
             slot.peers = self.slots
         formatting = Formatting(cfg.format.num, cfg.format.spell, punctuate=bool(preflight.spec.punctuation))
-        self.front = Front(cfg.server, self.slots, formatting)
+        self.front = Front(cfg.server, self.slots, formatting, self.not_ready, self.metrics)
         self.control = control.ControlServer(cfg.control.socket, self)
 
     def finish(self, code: int) -> None:
@@ -73,27 +75,25 @@ class Daemon:
             loop.add_signal_handler(sig, self.handle_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.handle_sighup)
         loop.set_exception_handler(self.handle_loop_error)
-        watcher = asyncio.create_task(self.watch_workers())
-        code = await self.start_slots()
-        if code is not None:
-            watcher.cancel()
-            await self.stop_workers()
-            return code
-        runners = [asyncio.create_task(slot.run()) for slot in self.slots]
-        for runner in runners:
-            runner.add_done_callback(self.runner_ended)
-        try:
+        try:  # listening from the start, so that /readyz can say "starting"
             await self.front.start()
             await self.control.start()
         except OSError as e:
             log.error("cannot listen", error=str(e))
-            await self.stop_workers()
+            self.front.stop_accepting()
+            await self.front.close()
             return os.EX_CONFIG
-        self.state = "ready"
-        log.info("memory plan", plan=self.plan.message())
-        log.info("capsd ready", slots=len(self.slots), version=__version__, config=self.cfg.source)
-        notify.notify(ready=1, status=self.summary())
-        code = await self.done
+        watcher = asyncio.create_task(self.watch_workers())
+        runners = [asyncio.create_task(slot.run()) for slot in self.slots]
+        for runner in runners:
+            runner.add_done_callback(self.runner_ended)
+        code = await self.start_slots()
+        if code is None:
+            self.state = "ready"
+            log.info("memory plan", plan=self.plan.message())
+            log.info("capsd ready", slots=len(self.slots), version=__version__, config=self.cfg.source)
+            notify.notify(ready=1, status=self.summary())
+            code = await self.done
         watcher.cancel()
         await self.stop(code)
         for runner in runners:
@@ -157,6 +157,7 @@ class Daemon:
             return
         slot.last_exit = LastExit(reason.reported, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         slot.restarts += 1
+        self.metrics.restarts.labels(str(slot.index), reason.reported).inc()
         level = log.info if not reason.counts and lost is None else log.warning
         level("worker exited", slot=slot.index, pid=pid, reason=reason.value, exitcode=exitcode,
               lost_tasks=[clip(lost.task_id)] if lost else [])  # fmt: skip
@@ -231,7 +232,18 @@ class Daemon:
 
     def handle_stop(self, sig: signal.Signals) -> None:
         log.info("stopping", signal=sig.name)
+        self.front.stop_accepting()  # /readyz says 503 from this moment on
         self.finish(os.EX_OK)
+
+    def not_ready(self) -> str | None:
+        """Why new tasks would not be served now, or None: what GET /readyz answers."""
+        if self.state == "starting":
+            return "starting: the workers are loading the model"
+        if self.state == "stopping" or not self.front.accepting:
+            return "stopping"
+        if not any(slot.state in (SlotState.READY, SlotState.BUSY) for slot in self.slots):
+            return "no worker is ready"
+        return None
 
     def handle_sighup(self) -> None:
         """Reread the config; apply what can change while running, say what cannot."""
@@ -297,4 +309,5 @@ class Daemon:
             "state": self.state,
             "slots": [slot.status() for slot in self.slots],
             "memory": {"planned_bytes": self.plan.total_bytes, "available_bytes": self.plan.available_bytes},
+            "connections": len(self.front.clients),
         }

@@ -11,17 +11,20 @@ import asyncio
 import http
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from capsd.config import ServerConfig
 from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame, route
 from capsd.segment import Segmenter
+from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.slot import Slot
 from capsd.supervisor.task import Formatting, Task
 
@@ -185,10 +188,19 @@ def _binary_if_offered(_connection: ServerConnection, offered: Sequence[str]) ->
 
 
 class Front:
-    def __init__(self, cfg: ServerConfig, slots: Sequence[Slot], formatting: Formatting) -> None:
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        slots: Sequence[Slot],
+        formatting: Formatting,
+        not_ready: Callable[[], str | None],
+        metrics: Metrics,
+    ) -> None:
         self.cfg = cfg
         self.slots = slots
         self.formatting = formatting
+        self.not_ready = not_ready  # why capsd is not ready for new tasks, or None (GET /readyz)
+        self.metrics = metrics
         self.admitted: set[ServerConnection] = set()
         self.clients: set[Client] = set()
         self.server: Server | None = None
@@ -217,6 +229,10 @@ class Front:
         task.add_done_callback(self.background.discard)
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return self.answer_http(connection, request.path)
+        if not self.accepting:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "capsd is stopping\n")
         # Counted at the handshake, not in the handler, so a burst of handshakes cannot overshoot.
         if len(self.admitted) >= self.cfg.max_connections:
             log.warning("connection refused", reason="max_connections", limit=self.cfg.max_connections)
@@ -224,6 +240,23 @@ class Front:
         self.admitted.add(connection)
         self.keep(self._release(connection))
         return None
+
+    def answer_http(self, connection: ServerConnection, path: str) -> Response:
+        """A plain GET on the WebSocket port: health for a balancer, metrics for Prometheus, where
+        clients connect (docs/design.md#health-and-metrics)."""
+        path = path.split("?", 1)[0]
+        if path == "/livez":  # this answer needs the supervisor's event loop: alive
+            return connection.respond(http.HTTPStatus.OK, "alive\n")
+        if path == "/readyz":
+            reason = self.not_ready()
+            if reason is None:
+                return connection.respond(http.HTTPStatus.OK, "ready\n")
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n")
+        if path == "/metrics" and self.cfg.metrics:
+            body = self.metrics.exposition()
+            headers = Headers([("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+            return Response(http.HTTPStatus.OK, "OK", headers, body)
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found: capsd answers /livez, /readyz, /metrics\n")
 
     async def _release(self, connection: ServerConnection) -> None:
         await connection.wait_closed()
@@ -270,6 +303,7 @@ class Front:
             return
         if frame.is_final:
             del client.receiving[task.task_id]
+            task.final_received = time.monotonic()
         if client.buffered_bytes + frame.samples.nbytes > client.max_buffered:
             task.fail("overloaded", f"more than {client.max_buffered >> 20} MiB of audio buffered on this connection")
             return
@@ -296,6 +330,7 @@ class Front:
             slot.accept(task)
             return task
         now = time.time()
+        slot.count(frame.source, refusal[0])
         log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=refusal[0], reason=refusal[1])
         error_frame = Result(frame.task_id, frame.time_start, now, now).to_json(error=refusal)
         if frame.is_final:
@@ -316,6 +351,10 @@ class Front:
             task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
             return
         error_frame = Result(e.task_id).to_json(error=("bad_request", str(e)))
+        if e.task_id:  # a task refused at its first frame
+            self.slots[route(e.task_id, len(self.slots))].count(e.source, "bad_request")
+        else:
+            self.metrics.bad_frames.inc()
         if e.task_id and not e.is_final:
             client.refuse(e.task_id, error_frame)
         else:
@@ -330,13 +369,15 @@ class Front:
             self.bad_frames, self.bad_frame_logged = 0, now
 
     def stop_accepting(self) -> None:
+        """From the first moment of a stop: new tasks and connections are refused, /readyz says
+        503, and the port keeps listening so that a balancer can see it."""
         self.accepting = False
-        if self.server:
-            self.server.close(close_connections=False)
 
     async def close(self) -> None:
         """Close every connection at once, each when what it sent is parsed and what it is owed
         is written (at most FLUSH_TIMEOUT_S), a client that does not answer cut off."""
+        if self.server:
+            self.server.close(close_connections=False)
         await asyncio.gather(*(self._close_client(client) for client in list(self.clients)))
         if self.server:
             await asyncio.wait([asyncio.ensure_future(self.server.wait_closed())], timeout=CLOSE_TIMEOUT_S)

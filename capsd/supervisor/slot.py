@@ -35,6 +35,7 @@ import psutil
 import structlog
 
 from capsd.segment import Segment
+from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.task import Task
 from capsd.worker import main as worker
@@ -173,12 +174,14 @@ class Slot:
         queue_limit: int,
         stealing: bool,
         on_exit: Callable[[Slot, ExitReason, int | None, Task | None], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.index = index
         self.spec = spec
         self.queue_limit = queue_limit
         self.stealing = stealing
         self.on_worker_exit = on_exit  # the daemon decides what follows
+        self.metrics = metrics or Metrics()
         self.peers: Sequence[Slot] = [self]  # every slot, this one included (the daemon's list)
         self.queue = JobQueue()
         self.room = asyncio.Event()  # set while the queue is below queue_limit
@@ -295,12 +298,20 @@ class Slot:
         """The client went away: drop the task's waiting jobs (one in a worker is ignored)."""
         self._forget(task)
 
-    def finished(self, task: Task, failed: bool) -> None:
-        if failed:
-            self.tasks_failed += 1
-        else:
-            self.tasks_done += 1
+    def finished(self, task: Task, outcome: str) -> None:
+        """A task homed here ended: "done", or the error code of its final frame."""
+        self.count(task.source, outcome)
+        if outcome == "done":
+            self.metrics.audio.inc(task.partial.duration)
         self._forget(task)
+
+    def count(self, source: str, outcome: str) -> None:
+        """Status and metrics count every task that ended, refused ones included, alike."""
+        if outcome == "done":
+            self.tasks_done += 1
+        else:
+            self.tasks_failed += 1
+        self.metrics.tasks.labels(source, outcome).inc()
 
     def _forget(self, task: Task) -> None:
         self.open_tasks.discard(task)
@@ -336,6 +347,7 @@ class Slot:
 
     async def _do(self, inc: Incarnation, item: Waiting) -> None:
         self.in_flight, self.busy_since = item, time.monotonic()
+        self.metrics.queue_wait.observe(max(0.0, time.time() - item.submitted))
         job_id = next(_jobs)
         work = item.work
         job: Job = Decode(job_id, work.samples) if isinstance(work, Segment) else Format(job_id, work)
@@ -346,6 +358,8 @@ class Slot:
             return  # on_exit has reported the lost job
         self.in_flight = None
         self._record_busy(self.busy_since, time.monotonic())
+        if isinstance(work, Segment):
+            self.metrics.decode.observe(time.monotonic() - self.busy_since)
         inc.jobs += 1
         if isinstance(reply, Decoded) and isinstance(work, Segment):
             self.segments_decoded += 1

@@ -76,6 +76,7 @@ class Task:
     partial: PartialResult = field(default_factory=PartialResult)
     decoded: dict[int, Piece] = field(default_factory=dict)  # by segment index, not merged yet
     merged: int = 0  # segments merged, in order
+    final_received: float | None = None  # time.monotonic() when the client's is_final frame came
     done: bool = False  # its final frame is sent (or owed), or it was cancelled
 
     def submit(self, segment: Segment) -> None:
@@ -119,7 +120,9 @@ class Task:
         self.owner.ended(self)
         self._send(Result(self.task_id, self.time_start, submitted, time.time(), self.partial.duration, text, text,
                           tokens, timestamps, is_final=True))  # fmt: skip
-        self.slot.finished(self, failed=False)
+        if self.final_received is not None:
+            self.slot.metrics.latency.labels(self.source).observe(time.monotonic() - self.final_received)
+        self.slot.finished(self, "done")
 
     def _send(self, result: Result) -> None:
         self.owner.send(result.to_json())
@@ -133,7 +136,7 @@ class Task:
         result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.partial.duration)
         self.owner.ended(self, result.to_json(error=(code, message)))
         log.warning("task failed", slot=self.slot.index, task=clip(self.task_id), code=code, reason=message)
-        self.slot.finished(self, failed=True)
+        self.slot.finished(self, code)
 
     def cancel(self) -> None:
         """The client went away: nobody to tell; the slot drops what it holds of the task."""

@@ -1,0 +1,79 @@
+"""Prometheus metrics, served as `GET /metrics` on the WebSocket port.
+
+Counters and histograms are updated where things happen (a task ends, a job is done, a worker
+is replaced); figures that status already knows (memory, queue depth, slot states) are read from
+it at each scrape, so /metrics and `capsctl status` cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from capsd import __version__
+
+# Seconds: a mic result in tens of milliseconds up to a long segment of a slow model.
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STATES = ("starting", "ready", "busy", "draining", "restarting", "failed")
+
+
+class Metrics:
+    def __init__(self, status: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tasks = Counter("capsd_tasks", "Tasks ended, by source and outcome (done or the error code)",
+                             ["source", "outcome"], registry=r)  # fmt: skip
+        self.bad_frames = Counter("capsd_bad_frames", "Frames refused without a task id to answer", registry=r)
+        self.audio = Counter("capsd_audio_seconds", "Audio of the tasks recognised, in seconds", registry=r)
+        self.decode = Histogram("capsd_decode_seconds", "Time a worker spent on one segment", buckets=BUCKETS,
+                                registry=r)  # fmt: skip
+        self.queue_wait = Histogram("capsd_queue_wait_seconds", "Time a segment waited for a worker",
+                                    buckets=BUCKETS, registry=r)  # fmt: skip
+        self.latency = Histogram("capsd_result_latency_seconds",
+                                 "From a task's final frame received to its final result sent", ["source"],
+                                 buckets=BUCKETS, registry=r)  # fmt: skip
+        self.restarts = Counter("capsd_worker_restarts", "Worker processes replaced, by slot and reason",
+                                ["slot", "reason"], registry=r)  # fmt: skip
+        Info("capsd_build", "capsd's version", registry=r).info({"version": __version__})
+        if status is not None:
+            r.register(StatusCollector(status))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StatusCollector(Collector):
+    """What status says, as gauges, read at each scrape."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = self.status()
+        slots = status["slots"]
+
+        def per_slot(name: str, doc: str, key: str) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["slot"])
+            for s in slots:
+                family.add_metric([str(s["slot"])], s[key])
+            return family
+
+        yield per_slot("capsd_worker_rss_bytes", "Resident memory of each slot's worker", "rss_bytes")
+        yield per_slot("capsd_queue_depth", "Jobs waiting in each slot's queue", "queue_depth")
+        yield per_slot("capsd_tasks_in_progress", "Tasks in progress homed on each slot", "tasks_in_progress")
+        yield per_slot("capsd_worker_busy_ratio", "Share of the last minute each worker spent on jobs", "busy_share")
+        states = GaugeMetricFamily("capsd_slot_state", "Each slot's state (1 for the current one)",
+                                   labels=["slot", "state"])  # fmt: skip
+        for s in slots:
+            for state in STATES:
+                states.add_metric([str(s["slot"]), state], float(s["state"] == state))
+        yield states
+        yield GaugeMetricFamily("capsd_connections", "Open WebSocket connections", value=status["connections"])
+        yield GaugeMetricFamily("capsd_memory_planned_bytes", "The memory plan's total",
+                                value=status["memory"]["planned_bytes"])  # fmt: skip
+        yield GaugeMetricFamily("capsd_memory_available_bytes", "Memory available to capsd when it planned",
+                                value=status["memory"]["available_bytes"])  # fmt: skip

@@ -1,0 +1,164 @@
+"""Health and metrics on the WebSocket port, for balancers and Prometheus (a real capsd)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from capsd.selftest.tones import synth
+from tests.support.checks import assert_exact, run_client, task_ids_for_slots, wait_for
+from tests.support.client import connect, frame, receive, send_file
+from tests.support.daemon import Capsd
+
+
+def get(capsd: Capsd, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", capsd.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def stop_loading_workers(capsd: Capsd, timeout: float = 30) -> list[psutil.Process]:
+    """SIGSTOP capsd's worker processes as soon as they run (multiprocessing's spawn_main), before
+    they have loaded the model."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            workers = [p for p in psutil.Process(capsd.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        except psutil.Error:
+            workers = []
+        if workers:
+            for p in workers:
+                p.send_signal(signal.SIGSTOP)
+            return workers
+        time.sleep(0.005)
+    raise AssertionError("no worker appeared")
+
+
+def test_livez_readyz_and_404_beside_capsWriter_clients(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    assert get(capsd, "/livez") == (200, "alive\n")
+    assert get(capsd, "/readyz") == (200, "ready\n")
+    status, body = get(capsd, "/anything")
+    assert status == 404 and "/readyz" in body
+    samples, starts = synth("1234")
+    assert_exact(asyncio.run(run_client(capsd.url, [("dictation", "mic", samples, (15, 2))]))["dictation"], "1234", starts)
+
+
+def test_readyz_is_503_while_the_workers_load(start_capsd: Any) -> None:
+    capsd = start_capsd(wait=False)
+    workers = stop_loading_workers(capsd)
+    try:
+        wait_for(capsd.socket.exists, 30, "the control socket")
+        assert get(capsd, "/readyz") == (503, "starting: the workers are loading the model\n")
+        assert get(capsd, "/livez")[0] == 200
+    finally:
+        for p in workers:
+            p.send_signal(signal.SIGCONT)
+    wait_for(lambda: get(capsd, "/readyz")[0] == 200, 60, "ready")
+
+
+def test_readyz_is_503_when_no_worker_is_ready(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    os.kill(capsd.worker_pid(0), signal.SIGKILL)
+    workers = stop_loading_workers(capsd)  # the replacement, stopped while it loads
+    try:
+        wait_for(lambda: capsd.status()["slots"][0]["state"] == "restarting", 30, "restarting")
+        assert get(capsd, "/readyz") == (503, "no worker is ready\n")
+    finally:
+        for p in workers:
+            p.send_signal(signal.SIGCONT)
+    wait_for(lambda: get(capsd, "/readyz")[0] == 200, 60, "ready again")
+
+
+def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    digits = "1234567890" * 8
+    samples, starts = synth(digits)
+
+    async def scenario() -> tuple[dict[str, Any], tuple[int, str]]:
+        async with connect(capsd.url) as ws:
+            await send_file(ws, "finishing", samples, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
+            capsd.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
+            readyz = await asyncio.to_thread(get, capsd, "/readyz")
+            return await receive(ws, {"finishing"}), readyz
+
+    frames, readyz = asyncio.run(scenario())
+    assert readyz == (503, "stopping\n")
+    assert_exact(frames["finishing"], digits, starts)  # the task in progress still finishes
+    assert capsd.proc.wait(30) == 0
+
+
+def scrape(capsd: Capsd) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(capsd, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_what_was_done_and_agree_with_status(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"workers": {"count": 2, "queue_limit": 2, "work_stealing": False},
+                         "model": {"dir": str(heavy_model)}})  # fmt: skip
+    _, on1 = task_ids_for_slots(2)
+    extra = task_ids_for_slots(2, prefix="extra")[1]  # homed on slot 1 too
+    long_audio, _ = synth("1234567890" * 8)  # 40 s: 3 segments of 15/2
+    short, _ = synth("42")
+
+    async def mix() -> None:
+        async with connect(capsd.url) as ws:
+            for task_id in ("done-a", "done-b"):
+                await ws.send(frame(task_id, short, True, "mic", (15, 2)))
+            await ws.send(frame("bad", short, True, "mic", (0.5, 0)))  # bad_request
+            await receive(ws, {"done-a", "done-b", "bad"})
+            await send_file(ws, on1, long_audio, seg=(15, 2))  # slot 1 stays busy with it ...
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][1]["state"] == "busy", 30, "busy")
+            worker = capsd.worker_pid(1)
+            os.kill(worker, signal.SIGSTOP)  # its 2 other segments stay queued: the queue is full
+            async with connect(capsd.url) as other:  # this connection is held back: its slot is full
+                await other.send(frame(extra, short, True, "file", (15, 2)))
+                await receive(other, {extra})  # overloaded
+            os.kill(worker, signal.SIGKILL)  # the task it was decoding fails worker_crashed
+            await receive(ws, {on1})
+
+    asyncio.run(mix())
+    wait_for(lambda: capsd.status()["slots"][1]["state"] == "ready", 60, "slot 1 back")
+    metrics, status = scrape(capsd), capsd.status()
+
+    def tasks(outcome: str) -> float:
+        return sum(v for (name, labels), v in metrics.items() if name == "capsd_tasks_total" and ("outcome", outcome) in labels)
+
+    assert [tasks(o) for o in ("done", "bad_request", "worker_crashed", "overloaded")] == [2, 1, 1, 1]
+    assert tasks("done") == sum(s["tasks_done"] for s in status["slots"])
+    assert sum(tasks(o) for o in ("bad_request", "worker_crashed", "overloaded")) == sum(s["tasks_failed"] for s in status["slots"])
+    assert metrics[("capsd_worker_restarts_total", (("reason", "crashed"), ("slot", "1")))] == 1
+    assert metrics[("capsd_result_latency_seconds_count", (("source", "mic"),))] == 2
+    assert metrics[("capsd_decode_seconds_count", ())] >= 2
+    assert metrics[("capsd_audio_seconds_total", ())] > 0
+    for s in status["slots"]:
+        labels = (("slot", str(s["slot"])),)
+        assert metrics[("capsd_queue_depth", labels)] == s["queue_depth"]
+        assert metrics[("capsd_slot_state", (("slot", str(s["slot"])), ("state", s["state"])))] == 1
+    assert metrics[("capsd_memory_planned_bytes", ())] == status["memory"]["planned_bytes"]
+    assert metrics[("capsd_build_info", (("version", status["version"]),))] == 1
+
+
+def test_metrics_off_answers_404(start_capsd: Any) -> None:
+    capsd = start_capsd({"server": {"metrics": False}})
+    assert get(capsd, "/metrics")[0] == 404
+    assert get(capsd, "/readyz")[0] == 200
