@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+import time
 import uuid
 import wave
 from pathlib import Path
@@ -66,30 +67,33 @@ def default_socket() -> Path:
     return path if path.exists() or not SYSTEM_SOCKET.exists() else SYSTEM_SOCKET
 
 
+CLEAR_SCREEN = "\033[H\033[2J"  # cursor home, clear: status --watch redraws in place, like top
+
 # The per-slot figures that also make the totals row.
 COUNTED = ("rss_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks_failed", "restarts", "segments_decoded")
 
 
 def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
-    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5}  {}"
+    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5} {:>5}  {}"
 
     def counted(figures: dict[str, int]) -> list[int]:
         return [figures["rss_bytes"] // mib, *(figures[key] for key in COUNTED[1:])]
 
     lines = [
         f"capsd {status['version']} pid {status['pid']} {status['state']}, up {status['uptime_s']:.0f} s, "
+        f"{status['connections']} connections, audio recognised {status['audio_per_second']:.1f} s per second, "
         f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
         row.format("SLOT", "PID", "STATE", "RSS_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "SEGMENTS",
-                   "BUSY", "LAST_EXIT"),
+                   "BUSY", "CPU", "LAST_EXIT"),
     ]
     for s in status["slots"]:
         last = s["last_exit"]
         last_text = f"{last['reason']} ({last['exitcode']}) at {last['at']}" if last else "-"
-        busy = f"{s['busy_share']:.0%}"
-        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), busy, last_text))
+        shares = f"{s['busy_share']:.0%}", f"{s['cpu_share']:.0%}"
+        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), *shares, last_text))
     total = {key: sum(s[key] for s in status["slots"]) for key in COUNTED}
-    lines.append(row.format("total", "", "", *counted(total), "", ""))
+    lines.append(row.format("total", "", "", *counted(total), "", "", ""))
     return "\n".join(lines)
 
 
@@ -171,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     status = commands.add_parser("status", help="one row per slot, plus daemon totals")
     status.add_argument("--json", action="store_true", help="the status as JSON")
+    status.add_argument("--watch", metavar="S", nargs="?", type=float, const=2.0,
+                        help="refresh every S seconds (default 2) like top, until Ctrl-C")  # fmt: skip
     restart = commands.add_parser("restart-worker", help="restart slot N (graceful unless --force)")
     restart.add_argument("slot", metavar="N", type=int)
     restart.add_argument("--force", action="store_true", help="kill at once; its tasks fail with worker_restarted")
@@ -181,6 +187,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv, argparse.Namespace(socket=None, url=DEFAULT_URL, timeout=None))
 
 
+def show_status(path: Path, args: argparse.Namespace) -> str:
+    reply = request(path, {"cmd": "status"}, args.timeout or STATUS_TIMEOUT_S)
+    reply.pop("ok")
+    return json.dumps(reply, indent=2) if args.json else status_table(reply)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "transcribe":
         code, text = transcribe(args.url, args.file, args.timeout or TRANSCRIBE_TIMEOUT_S)
@@ -188,10 +200,15 @@ def run(args: argparse.Namespace) -> int:
         return code
     path = Path(args.socket) if args.socket else default_socket()
     if args.command == "status":
-        reply = request(path, {"cmd": "status"}, args.timeout or STATUS_TIMEOUT_S)
-        reply.pop("ok")
-        print(json.dumps(reply, indent=2) if args.json else status_table(reply))
-        return os.EX_OK
+        if args.watch is None:
+            print(show_status(path, args))
+            return os.EX_OK
+        try:
+            while True:
+                print(CLEAR_SCREEN + show_status(path, args), flush=True)
+                time.sleep(args.watch)
+        except KeyboardInterrupt:  # Ctrl-C ends --watch, as it ends top
+            return os.EX_OK
     payload = {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}
     # The drain, then the new worker loading the model, then a margin.
     reply = request(path, payload, (args.timeout or DRAIN_TIMEOUT_S) + READY_TIMEOUT_S + 30)

@@ -6,6 +6,8 @@ import asyncio
 import http.client
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,21 @@ def test_metrics_off_answers_404(start_capsd: Any) -> None:
     capsd = start_capsd({"server": {"metrics": False}})
     assert get(capsd, "/metrics")[0] == 404
     assert get(capsd, "/readyz")[0] == 200
+
+
+def test_capsctl_status_shows_cpu_and_audio_rates_and_watches_until_ctrl_c(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    digits = "1234567890" * 6
+    samples, starts = synth(digits)
+    assert_exact(asyncio.run(run_client(capsd.url, [("file", "file", samples, (15, 2))]))["file"], digits, starts)
+    wait_for(lambda: capsd.status()["slots"][0]["cpu_share"] > 0, 30, "a CPU share")
+    assert 0 < capsd.status()["audio_per_second"]
+    watch = subprocess.Popen([sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), "status", "--watch", "0.2"],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+    assert watch.stdout is not None
+    while sum("SLOT" in line for line in lines) < 3:  # three tables drawn
+        lines.append(watch.stdout.readline())
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(30) == 0
+    assert "\033[H\033[2J" in "".join(lines) and any("audio recognised" in line for line in lines)

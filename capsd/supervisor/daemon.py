@@ -188,6 +188,7 @@ class Daemon:
         while True:
             now = time.monotonic()
             for slot in self.slots:
+                slot.sample_cpu(now)
                 self.check_worker(slot, now)
             ping = watchdog is not None and now - last_ping >= watchdog
             status = self.summary()
@@ -310,4 +311,5 @@ class Daemon:
             "slots": [slot.status() for slot in self.slots],
             "memory": {"planned_bytes": self.plan.total_bytes, "available_bytes": self.plan.available_bytes},
             "connections": len(self.front.clients),
+            "audio_per_second": round(self.metrics.audio_per_second(), 3),
         }

@@ -7,6 +7,8 @@ it at each scrape, so /metrics and `capsctl status` cannot disagree.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from capsd import __version__
 # Seconds: a mic result in tens of milliseconds up to a long segment of a slow model.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STATES = ("starting", "ready", "busy", "draining", "restarting", "failed")
+RATE_WINDOW_S = 60.0
 
 
 class Metrics:
@@ -41,6 +44,22 @@ class Metrics:
         Info("capsd_build", "capsd's version", registry=r).info({"version": __version__})
         if status is not None:
             r.register(StatusCollector(status))
+        self.started = time.monotonic()
+        self.recent: deque[tuple[float, float]] = deque()  # (when, seconds) of the last minute's audio
+
+    def recognised(self, seconds: float) -> None:
+        """A task's audio, recognised."""
+        now = time.monotonic()
+        self.audio.inc(seconds)
+        self.recent.append((now, seconds))
+        while self.recent[0][0] < now - RATE_WINDOW_S:
+            self.recent.popleft()
+
+    def audio_per_second(self) -> float:
+        """Audio recognised per wall second over the last minute (or since the start)."""
+        now = time.monotonic()
+        window = min(RATE_WINDOW_S, now - self.started) or 1.0
+        return sum(seconds for when, seconds in self.recent if when >= now - window) / window
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -66,6 +85,7 @@ class StatusCollector(Collector):
         yield per_slot("capsd_queue_depth", "Jobs waiting in each slot's queue", "queue_depth")
         yield per_slot("capsd_tasks_in_progress", "Tasks in progress homed on each slot", "tasks_in_progress")
         yield per_slot("capsd_worker_busy_ratio", "Share of the last minute each worker spent on jobs", "busy_share")
+        yield per_slot("capsd_worker_cpu_ratio", "Each worker's CPU seconds per second, last minute", "cpu_share")
         states = GaugeMetricFamily("capsd_slot_state", "Each slot's state (1 for the current one)",
                                    labels=["slot", "state"])  # fmt: skip
         for s in slots:

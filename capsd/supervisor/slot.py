@@ -165,6 +165,13 @@ class Incarnation:
         except psutil.Error:
             return 0
 
+    def cpu_seconds(self) -> float | None:
+        try:
+            times = psutil.Process(self.pid).cpu_times()
+        except psutil.Error:
+            return None
+        return times.user + times.system
+
 
 class Slot:
     def __init__(
@@ -197,6 +204,7 @@ class Slot:
         self.failed = False
         self.tasks_done = self.tasks_failed = self.restarts = self.segments_decoded = 0
         self.busy: deque[tuple[float, float]] = deque()  # (start, end) of the last minute's jobs
+        self.cpu: deque[tuple[float, float]] = deque()  # (when, CPU seconds) of the worker, last minute
         self.last_exit: LastExit | None = None
         self.wakeup = asyncio.Event()
         self.ready_event = asyncio.Event()  # set at each incarnation's Ready
@@ -302,7 +310,7 @@ class Slot:
         """A task homed here ended: "done", or the error code of its final frame."""
         self.count(task.source, outcome)
         if outcome == "done":
-            self.metrics.audio.inc(task.partial.duration)
+            self.metrics.recognised(task.partial.duration)
         self._forget(task)
 
     def count(self, source: str, outcome: str) -> None:
@@ -383,6 +391,26 @@ class Slot:
         while self.busy and self.busy[0][1] < end - BUSY_WINDOW_S:
             self.busy.popleft()
 
+    def sample_cpu(self, now: float) -> None:
+        """Called by the daemon's watch loop: the worker's CPU time so far."""
+        inc = self.incarnation
+        seconds = inc.cpu_seconds() if inc else None
+        if seconds is None:
+            self.cpu.clear()
+            return
+        if self.cpu and seconds < self.cpu[-1][1]:  # a new incarnation
+            self.cpu.clear()
+        self.cpu.append((now, seconds))
+        while len(self.cpu) > 2 and self.cpu[1][0] < now - BUSY_WINDOW_S:
+            self.cpu.popleft()
+
+    def cpu_share(self) -> float:
+        """The worker's CPU time per wall second over the last minute: 1.0 is one core."""
+        if len(self.cpu) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = self.cpu[0], self.cpu[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+
     def busy_share(self, now: float) -> float:
         """The share of the last minute this slot's worker spent on jobs."""
         since = now - BUSY_WINDOW_S
@@ -417,4 +445,5 @@ class Slot:
             "uptime_s": round(now - inc.started, 1) if inc else 0.0,
             "segments_decoded": self.segments_decoded,
             "busy_share": round(self.busy_share(now), 3),
+            "cpu_share": round(self.cpu_share(), 3),
         }
