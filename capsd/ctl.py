@@ -177,14 +177,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     status.add_argument("--json", action="store_true", help="the status as JSON")
     status.add_argument("--watch", metavar="S", nargs="?", type=float, const=2.0,
                         help="refresh every S seconds (default 2) like top, until Ctrl-C")  # fmt: skip
-    restart = commands.add_parser("restart-worker", help="restart slot N (graceful unless --force)")
-    restart.add_argument("slot", metavar="N", type=int)
+    restart = commands.add_parser("restart-worker", help="restart slot N, or all one at a time (graceful unless --force)")
+    restart.add_argument("slot", metavar="N|all", type=slot_number)
     restart.add_argument("--force", action="store_true", help="kill at once; its tasks fail with worker_restarted")
     file = commands.add_parser("transcribe", help="send a WAV file as CapsWriter does; print the text")
     file.add_argument("file", metavar="FILE.wav", type=Path)
     for command in (status, restart, file):
         global_options(command)
     return parser.parse_args(argv, argparse.Namespace(socket=None, url=DEFAULT_URL, timeout=None))
+
+
+def slot_number(text: str) -> int | str:
+    """restart-worker's argument: a slot number, or "all"."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a slot number or 'all'") from None
 
 
 def show_status(path: Path, args: argparse.Namespace) -> str:
@@ -210,12 +220,14 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # Ctrl-C ends --watch, as it ends top
             return os.EX_OK
     payload = {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}
-    # The drain, then the new worker loading the model, then a margin.
-    reply = request(path, payload, (args.timeout or DRAIN_TIMEOUT_S) + READY_TIMEOUT_S + 30)
+    # Per slot: the drain, then the new worker loading the model, then a margin.
+    slots = len(request(path, {"cmd": "status"}, STATUS_TIMEOUT_S)["slots"]) if args.slot == "all" else 1
+    reply = request(path, payload, slots * ((args.timeout or DRAIN_TIMEOUT_S) + READY_TIMEOUT_S) + 30)
     if not reply["ok"]:
         code = os.EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
         raise CtlError(reply["error"], code)
-    print(f"slot {reply['slot']}: old pid {reply['old_pid']}, new pid {reply['new_pid']}")
+    for restarted in reply.get("restarted", [reply]):
+        print(f"slot {restarted['slot']}: old pid {restarted['old_pid']}, new pid {restarted['new_pid']}")
     return os.EX_OK
 
 

@@ -417,6 +417,7 @@ def test_parse_request_accepts() -> None:
     line = b'{"cmd": "restart-worker", "slot": 0, "force": true, "timeout": 2}\n'
     assert parse_request(line) == Request("restart-worker", 0, True, 2.0)
     assert parse_request(b'{"cmd": "restart-worker", "slot": 0, "timeout": null}').timeout is None
+    assert parse_request(b'{"cmd": "restart-worker", "slot": "all"}') == Request("restart-worker", None)
 
 
 def test_an_invalid_control_request_does_nothing_and_says_why(start_capsd: Any) -> None:

@@ -43,7 +43,7 @@ class ControlError(Exception):
 @dataclass(frozen=True)
 class Request:
     cmd: str
-    slot: int = 0
+    slot: int | None = 0  # None: every slot, one after another (a rolling restart)
     force: bool = False
     timeout: float | None = None  # the drain limit; None: slot.DRAIN_TIMEOUT_S
 
@@ -65,8 +65,10 @@ def parse_request(line: bytes) -> Request:
     if cmd == "status":
         return Request(cmd)
     slot, force, timeout = request.get("slot"), request.get("force", False), request.get("timeout")
-    if not isinstance(slot, int) or isinstance(slot, bool):
-        raise ControlError(f"bad request: slot = {_show(slot)}: allowed is a slot number (an integer)")
+    if slot == "all":
+        slot = None
+    elif not isinstance(slot, int) or isinstance(slot, bool):
+        raise ControlError(f"bad request: slot = {_show(slot)}: allowed is a slot number (an integer) or \"all\"")
     if not isinstance(force, bool):
         raise ControlError(f"bad request: force = {_show(force)}: allowed is true or false")
     seconds = None if timeout is None else _seconds(timeout)
@@ -229,7 +231,15 @@ class ControlServer:
     async def dispatch(self, request: Request) -> dict[str, Any]:
         if request.cmd == "status":
             return self.daemon.status()
-        return await self.restart_worker(request.slot, request.force, request.timeout)
+        if request.slot is not None:
+            return await self.restart_worker(request.slot, request.force, request.timeout)
+        # Rolling: one slot at a time, the next once the previous replacement is ready, so never
+        # more than one slot is down (and, with stealing, the others take its waiting segments).
+        log.info("rolling restart requested", slots=len(self.daemon.slots), force=request.force)
+        restarted = [
+            await self.restart_worker(index, request.force, request.timeout) for index in range(len(self.daemon.slots))
+        ]
+        return {"restarted": restarted}
 
     async def restart_worker(self, index: int, force: bool, timeout: float | None) -> dict[str, Any]:
         slots = self.daemon.slots
