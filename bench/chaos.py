@@ -12,6 +12,9 @@ a random part into a decode, and waits for the slot to come back. At the end it 
 - every failure is worker_crashed, and the failed tasks the clients saw are exactly the union of
   `lost_tasks` in capsd's "worker exited" log lines and the tasks of its "task failed" lines;
   one crash exit per kill, each kill grew the slot's restarts by one; status counts agree;
+- workers are stateless, so a kill fails at most the one task whose segment was in the worker:
+  each kill's "worker exited" line (found by the killed pid) names at most one task, a kill of an
+  idle worker none, and the failed tasks are as many as the kills that hit a segment;
 - the supervisor's RSS grew by at most max(10 MiB, 10 %) from the warm-up (first minute) to the
   end, its open files and threads by at most 10; capsd exits 0 on SIGTERM.
 Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode:
@@ -34,12 +37,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 import websockets
 from common import machine
 
+from capsd.protocol import clip
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
 from tests.support.client import connect, send_file, send_mic
@@ -60,12 +64,28 @@ class Expected:
     starts: list[float]
 
 
+@dataclass(frozen=True)
+class Kill:
+    slot: int
+    pid: int
+    state: str  # the slot's state in status just before the kill: idle, busy
+
+
+class WorkerExit(NamedTuple):
+    """A "worker exited" line of capsd's log."""
+
+    pid: int | None
+    reason: str
+    exitcode: str
+    lost: list[str]  # the task whose segment was in the worker, clipped as logs clip it
+
+
 @dataclass
 class Run:
     tasks: dict[str, Expected] = field(default_factory=dict)
     frames: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
     finals: dict[str, asyncio.Event] = field(default_factory=dict)
-    kills: list[str] = field(default_factory=list)  # the slot's state at each kill: idle, busy
+    kills: list[Kill] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -118,7 +138,7 @@ async def killer(capsd: Capsd, workers: int, rng: random.Random, deadline: float
                     break
                 await asyncio.sleep(0.05)
         os.kill(before["pid"], signal.SIGKILL)
-        run.kills.append("idle" if before["state"] == "ready" else before["state"])
+        run.kills.append(Kill(slot, before["pid"], "idle" if before["state"] == "ready" else before["state"]))
         for _ in range(600):  # the slot comes back: a new pid, ready, one more restart
             after = (await asyncio.to_thread(capsd.status))["slots"][slot]
             if after["pid"] != before["pid"] and after["state"] in ("ready", "busy"):
@@ -169,14 +189,15 @@ def judge_tasks(run: Run) -> tuple[dict[str, str], int]:
     return failed, exact
 
 
-def parse_logs(text: str) -> tuple[list[tuple[str, str, list[str]]], set[str]]:
-    """capsd's console log: (reason, exitcode, lost_tasks) per "worker exited", and every "task failed" task."""
+def parse_logs(text: str) -> tuple[list[WorkerExit], set[str]]:
+    """capsd's console log: every "worker exited" line, and every "task failed" task."""
     exits, failed = [], set()
     for line in text.splitlines():
         if "] worker exited " in line:
-            fields = dict(re.findall(r"(reason|exitcode)=(\S+)", line))
+            fields = dict(re.findall(r"\b(reason|exitcode|pid)=(\S+)", line))
             lost = ast.literal_eval(m.group(1)) if (m := re.search(r"lost_tasks=(\[[^\]]*\])", line)) else []
-            exits.append((fields.get("reason", "?"), fields.get("exitcode", "?"), lost))
+            pid = int(fields["pid"]) if fields.get("pid", "").isdigit() else None
+            exits.append(WorkerExit(pid, fields.get("reason", "?"), fields.get("exitcode", "?"), lost))
         elif "] task failed " in line and (m := re.search(r"\btask=('[^']*'|\S+)", line)):
             failed.add(m.group(1).strip("'"))  # the renderer quotes a value only if it has spaces
     return exits, failed
@@ -221,13 +242,26 @@ def main() -> int:
 
     failed, exact = judge_tasks(run)
     exits, logged_failed = parse_logs(capsd.logs())
-    lost = {t for _, _, tasks in exits for t in tasks}
+    failed_clipped = {clip(task_id) for task_id in failed}  # as the logs name them
+    lost = {t for e in exits for t in e.lost}
+    exit_of = {e.pid: e for e in exits}
+    per_kill = [(kill, exit_of.get(kill.pid)) for kill in run.kills]
+    idle = [(k, e) for k, e in per_kill if k.state == "idle"]
+    busy = [(k, e) for k, e in per_kill if k.state != "idle"]
+    hits = [e for _, e in busy if e and e.lost]
+    idle_lost = [f"slot {k.slot} pid {k.pid} lost {e.lost}" for k, e in idle if e and e.lost]
+    unlogged = [f"slot {k.slot} pid {k.pid}" for k in run.kills if k.pid not in exit_of]
     restarts, done, tasks_failed = (sum(s[k] for s in slots) for k in ("restarts", "tasks_done", "tasks_failed"))
     checks = {
         f"failed tasks: clients {sorted(failed)}, logs lost {sorted(lost)}, logs failed {sorted(logged_failed)}":
-            set(failed) == lost == logged_failed,
+            failed_clipped == lost == logged_failed,
         f"{len(run.kills)} kills, {restarts} restarts, worker exits logged {exits}":
-            len(exits) == restarts == len(run.kills) and all(e[:2] == ("crashed", "-9") for e in exits),
+            len(exits) == restarts == len(run.kills) and all((e.reason, e.exitcode) == ("crashed", "-9") for e in exits),
+        f"kills without a worker exited line for their pid: {unlogged}": not unlogged,
+        f"worker exits that lost more than one task: {[e for e in exits if len(e.lost) > 1]}":
+            all(len(e.lost) <= 1 for e in exits),
+        f"kills of an idle worker that failed a task: {idle_lost}": not idle_lost,
+        f"{len(failed)} failed tasks, {len(hits)} kills mid-decode that hit a segment": len(failed) == len(hits),
         f"status counts {done} done, {tasks_failed} failed": (done, tasks_failed) == (exact, len(failed)),
         f"supervisor RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB": rss1 - rss0 <= max(RSS_BOUND[0], RSS_BOUND[1] * rss0),
         f"supervisor open files {fds0} -> {fds1}, threads {threads0} -> {threads1}":
@@ -245,7 +279,18 @@ def main() -> int:
         f"tasks: {len(run.tasks)} ({dict(sources)}), exact {exact}, failed {len(failed)}"
         f" {dict(Counter(failed.values()))}, lost in killed workers per the logs {len(lost)}"
     )
-    print(f"kills: {len(run.kills)} {dict(Counter(run.kills))}, restarts {restarts}, worker exits logged {len(exits)}")
+    print(
+        f"kills: {len(run.kills)} {dict(Counter(k.state for k in run.kills))}, restarts {restarts},"
+        f" worker exits logged {len(exits)}"
+    )
+    idle_failed, busy_failed = (
+        len({t for _, e in kills if e for t in e.lost} & failed_clipped) for kills in (idle, busy)
+    )
+    print(
+        f"tasks failed per kill: idle worker {idle_failed} in {len(idle)} kills ({idle_failed / max(1, len(idle)):.2f}"
+        f" per kill); mid-decode {busy_failed} in {len(busy)} kills ({busy_failed / max(1, len(busy)):.2f} per kill),"
+        f" {len(hits)} of them hit a segment"
+    )
     print(
         f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
         f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"

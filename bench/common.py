@@ -123,11 +123,14 @@ async def keep_busy(
             answered.append(task_id)
 
 
-def start_capsd(tmp: Path, model_dir: Path, count: int, threads: int) -> tuple[Capsd, float]:
+def start_capsd(
+    tmp: Path, model_dir: Path, count: int, threads: int, work_stealing: bool = True
+) -> tuple[Capsd, float]:
     """A capsd with `count` workers in a new directory under `tmp`, and its time to ready: seconds
     from starting its process until the control socket reports state ready (polled every 20 ms)."""
     directory = Path(tempfile.mkdtemp(prefix=f"w{count}-", dir=tmp))
-    config = {"workers": {"count": count, "threads": threads}, "model": {"dir": str(model_dir)}}
+    workers = {"count": count, "threads": threads, "work_stealing": work_stealing}
+    config = {"workers": workers, "model": {"dir": str(model_dir)}}
     start = time.perf_counter()
     daemon = Capsd(directory, config, wait=False)
     for _ in range(3000):  # 60 s

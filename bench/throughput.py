@@ -21,13 +21,24 @@
 (e) Time to ready with 1 and 2 workers: from starting capsd's process until its control socket
     reports state ready.
 (f) RSS of the supervisor and of each worker, idle after start, and with 2 workers after (d).
+(g) One long file: 600 s sent as CapsWriter's file client sends it (60 s frames, 25/2: 24
+    segments) to a capsd with 1 worker and to one with 2 workers; from connecting (the first
+    frame goes at once) to the final result. The file's home is one slot; the other slot takes
+    its waiting segments (work stealing), so the target is the same as (a): >= 1.8x.
+(h) Random task ids: the 4 files of (a), each with a task id from uuid.uuid1() as CapsWriter's
+    clients make them, so the home slots collide by chance; --draws draws of ids, each sent to
+    capsd with 1 worker, with 2 workers, and with 2 workers and `work_stealing = false` (a task's
+    segments decoded only on its home slot). One run per side and draw; the target is on the mean
+    speedup of 2 workers over 1 with stealing (>= 1.8x), shown beside the same without stealing.
 
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
-built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d)
-and run for the whole benchmark, idle when not measured; in (a)-(c) and (e) the runs alternate
-between the sides, so drift and other load on the machine hit every side alike, and the best of
+built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d),
+(g) and (h) and run for the whole benchmark, idle when not measured (the daemon without
+stealing only for (h)); in (a)-(c), (e), (g) and (h) the runs alternate between the sides, so
+drift and other load on the machine hit every side alike, and in (a)-(c), (e) and (g) the best of
 --repeat runs is compared. Every final result is checked digit by digit, so a fast wrong answer
-fails the benchmark instead of winning it.
+fails the benchmark instead of winning it. --only runs some of the measurements ((a)-(c) go
+together), e.g. `--only g,h`.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import os
 import statistics
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -61,7 +73,7 @@ from common import (
 
 from capsd import models as model_types
 from capsd.merge import PartialResult
-from capsd.protocol import RATE, parse_frame
+from capsd.protocol import RATE, parse_frame, route
 from capsd.segment import Segment, Segmenter
 from capsd.selftest.tones import token_digits
 from tests.support.client import FILE_SEG, file_frames
@@ -69,6 +81,8 @@ from tests.support.daemon import Capsd
 
 THREADS = 1
 LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
+LONG_FILE_S = 600  # (g)
+SECTIONS = "abcdefgh"
 MIB = 2**20
 _recognizer: Any = None  # one per process of the reference pool
 
@@ -107,17 +121,20 @@ def decode_raw(segments: list[Segment]) -> tuple[float, str]:
 
 
 def cpu_meter(daemon: Capsd) -> Callable[[], str]:
-    """From now on, count the CPU of the supervisor and of each worker; the returned function says
-    where it went until it is called."""
-    processes = [psutil.Process(daemon.proc.pid), *(psutil.Process(s["pid"]) for s in daemon.status()["slots"])]
+    """From now on, count the CPU of the supervisor and of each worker, and the segments each slot's
+    worker decodes; the returned function says where it went until it is called."""
+    slots = daemon.status()["slots"]
+    processes = [psutil.Process(daemon.proc.pid), *(psutil.Process(s["pid"]) for s in slots)]
     before = [sum(p.cpu_times()[:2]) for p in processes]
+    decoded = [s["segments_decoded"] for s in slots]
     start = time.perf_counter()
 
     def where() -> str:
         elapsed = time.perf_counter() - start
         cpu = [sum(p.cpu_times()[:2]) - b for p, b in zip(processes, before)]
         busy = " ".join(f"{c / elapsed:.0%}" for c in cpu[1:])
-        return f"worker CPU / wall {busy}, supervisor CPU {cpu[0]:.2f} s"
+        segments = " ".join(str(s["segments_decoded"] - d) for s, d in zip(daemon.status()["slots"], decoded))
+        return f"worker CPU / wall {busy}, segments decoded {segments}, supervisor CPU {cpu[0]:.2f} s"
 
     return where
 
@@ -203,8 +220,19 @@ def verdict(ratio: float, ok: bool, target: str) -> str:
     return f"{ratio:.2f}x   target {target}   {'met' if ok else 'NOT MET'}"
 
 
+def at_best(times: list[float], notes: list[str]) -> str:
+    """The note of the fastest run."""
+    return notes[times.index(min(times))]
+
+
+def four_files() -> list[tuple[np.ndarray, str]]:
+    """The 4 files of 90 s of (a) and (h), and their digits."""
+    return [tone_file(90, seed) for seed in range(4)]
+
+
 def measure(daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -> dict[str, Any]:
-    files = [tone_file(90, seed) for seed in range(4)]
+    """(a), (b) and (c), their runs interleaved."""
+    files = four_files()
     ids = task_ids([0, 0, 1, 1], 2)
     four = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
     long_samples, long_digits = tone_file(180, 99)
@@ -231,17 +259,62 @@ def measure(daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -
             raise SystemExit("wrong result from sherpa-onnx without capsd")
     return {
         "times": times,
-        "cpu": {key: notes[times[key].index(min(times[key]))] for key, notes in cpu.items()},
+        "cpu": {key: at_best(times[key], notes) for key, notes in cpu.items()},
         "per_file": len(cut_segments(next(iter(four.values())))),
         "segments": len(segments),
         "decoded_s": sum(len(s.samples) for s in segments) / RATE,
     }
 
 
-def report(m: dict[str, Any], repeat: int) -> None:
+def one_long_file(daemons: dict[int, Capsd], repeat: int) -> dict[str, Any]:
+    """(g): one long file to 1 worker and to 2 workers, sides alternating, `repeat` runs each."""
+    samples, digits = tone_file(LONG_FILE_S, 600)
+    task_id = f"long-{LONG_FILE_S}"
+    frames = file_frames(task_id, samples)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    cpu: dict[int, list[str]] = {1: [], 2: []}
+    for _ in range(repeat):
+        for count in (1, 2):
+            elapsed, where = serve(daemons[count], {task_id: frames}, {task_id: digits})
+            times[count].append(elapsed)
+            cpu[count].append(where)
+    return {
+        "times": times,
+        "cpu": {count: at_best(times[count], notes) for count, notes in cpu.items()},
+        "segments": len(cut_segments(frames)),
+        "home": route(task_id, 2),
+    }
+
+
+def warm_up(daemon: Capsd, count: int) -> None:
+    """One file segment decoded by each worker: a fresh worker's first decode is slower (its arena grows)."""
+    samples, digits = tone_file(sum(FILE_SEG), 5)
+    ids = task_ids(list(range(count)), count)
+    serve(daemon, {task_id: file_frames(task_id, samples) for task_id in ids}, dict.fromkeys(ids, digits))
+
+
+def random_ids(daemons: dict[int, Capsd], strict: Capsd, draws: int) -> list[dict[str, Any]]:
+    """(h): per draw of uuid1 task ids for the 4 files, their home slots out of 2 and the seconds
+    with 1 worker, with 2 workers, and with 2 workers without stealing (`strict`), each warmed up
+    first (one run per side: a cold worker would count against its side)."""
+    for count, daemon in ((1, daemons[1]), (2, daemons[2]), (2, strict)):
+        warm_up(daemon, count)
+    files = four_files()
+    rows = []
+    for _ in range(draws):
+        ids = [str(uuid.uuid1()) for _ in files]
+        tasks = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+        digits = {task_id: digits for task_id, (_, digits) in zip(ids, files)}
+        row: dict[str, Any] = {"slots": [route(task_id, 2) for task_id in ids]}
+        for key, daemon in (("1w", daemons[1]), ("2w", daemons[2]), ("strict", strict)):
+            row[key], row[f"{key} cpu"] = serve(daemon, tasks, digits)
+        rows.append(row)
+    return rows
+
+
+def report_scaling(m: dict[str, Any]) -> None:
     times = m["times"]
     seg = f"seg_duration {FILE_SEG[0]:g}, seg_overlap {FILE_SEG[1]:g}"
-    print(f"model: heavy self-test paraformer, threads {THREADS}; best of {repeat} runs, sides alternating\n")
     print(f"(a) 4 files x 90 s at once, 4 connections, file client: 60 s frames, {seg} ({m['per_file']} segments/file)")
     print(runs("capsd, 1 worker", times["1w"]))
     print(runs("capsd, 2 workers (2 files per slot)", times["2w"]))
@@ -258,7 +331,9 @@ def report(m: dict[str, Any], repeat: int) -> None:
     print(runs("2 x sherpa-onnx, twice the work of (b)", times["raw2"]))
     print(f"  speedup vs 1 process in (b)           {2 * min(times['raw']) / min(times['raw2']):.2f}x\n")
 
-    mic, segment = m["mic"], statistics.median(m["segment"])
+
+def report_mic(mic: dict[str, Any], segment_times: list[float]) -> None:
+    segment = statistics.median(segment_times)
     idle, loaded = (np.percentile(mic[side], [50, 95]) for side in ("idle", "loaded"))
     print(
         f"(d) mic latency, 2 workers: {len(mic['idle'])} dictations of {min(mic['seconds']):.1f}-"
@@ -271,50 +346,134 @@ def report(m: dict[str, Any], repeat: int) -> None:
         f"  the load: a file client per slot re-sending {LOAD_FILE_S // 60} min files;"
         f" {mic['answered']} files answered exactly during it; {mic['cpu']}"
     )
-    listed = " ".join(f"{t:.2f}" for t in m["segment"])
+    listed = " ".join(f"{t:.2f}" for t in segment_times)
     print(f"  one file segment (27 s) decoded in this process {segment:.2f} s median   runs: {listed}")
     print(
         f"  loaded p95 - idle p95                 {loaded[1] - idle[1]:.2f} s   target <= {segment:.2f} s"
         f"   {'met' if loaded[1] <= idle[1] + segment else 'NOT MET'}\n"
     )
 
+
+def report_ready(ready: dict[int, list[float]]) -> None:
     print("(e) time to ready: from starting capsd's process to state ready on the control socket (polled every 20 ms)")
-    for count, seconds in m["ready"].items():
+    for count, seconds in ready.items():
         print(runs(f"{count} worker{'s' if count > 1 else ''}", seconds))
     print()
 
+
+def report_rss(measured: dict[str, tuple[int, list[int]]]) -> None:
     print("(f) RSS in MiB: supervisor (its process and multiprocessing's resource tracker), each worker")
-    for label, (supervisor, workers) in m["rss"].items():
+    for label, (supervisor, workers) in measured.items():
         print(
             f"  {label:<38} supervisor {supervisor / MIB:6.1f}   workers {' '.join(f'{w / MIB:6.1f}' for w in workers)}"
         )
+    print()
+
+
+def report_long_file(g: dict[str, Any]) -> None:
+    times = g["times"]
+    print(
+        f"(g) 1 file x {LONG_FILE_S} s, file client: 60 s frames, seg_duration {FILE_SEG[0]:g}, seg_overlap"
+        f" {FILE_SEG[1]:g} ({g['segments']} segments), its home slot {g['home']} of 2; from connecting to the final result"
+    )
+    print(runs("capsd, 1 worker", times[1]))
+    print(runs("capsd, 2 workers (work stealing)", times[2]))
+    print(f"  in the best runs: 1 worker: {g['cpu'][1]}; 2 workers: {g['cpu'][2]}")
+    speedup = min(times[1]) / min(times[2])
+    print(f"  speedup 2 workers / 1 worker          {verdict(speedup, speedup >= 1.8, '>= 1.8x')}\n")
+
+
+def report_random_ids(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"(h) the 4 files of (a) at once, 4 connections, task ids from uuid.uuid1() (home slot crc32 % 2, colliding"
+        f" by chance); {len(rows)} draws, one run per side"
+    )
+    print("  draw  home slots   1 worker    2 workers            2 workers, work_stealing = false")
+    for n, row in enumerate(rows, 1):
+        slots = " ".join(map(str, row["slots"]))
+        print(
+            f"  {n:4}  {slots:<10} {row['1w']:7.2f} s   {row['2w']:7.2f} s  {row['1w'] / row['2w']:5.2f}x"
+            f"     {row['strict']:7.2f} s  {row['1w'] / row['strict']:5.2f}x"
+        )
+    stealing = statistics.mean(row["1w"] / row["2w"] for row in rows)
+    strict = statistics.mean(row["1w"] / row["strict"] for row in rows)
+    print(f"  mean speedup 2 workers / 1 worker     {verdict(stealing, stealing >= 1.8, '>= 1.8x')}")
+    print(f"  the same with work_stealing = false   {strict:.2f}x")
+    print("  per draw, 2 workers with stealing, then without:")
+    for n, row in enumerate(rows, 1):
+        print(f"  {n:4}  {row['2w cpu']}\n        {row['strict cpu']}")
+    print()
+
+
+def report(m: dict[str, Any], repeat: int) -> None:
+    print(f"model: heavy self-test paraformer, threads {THREADS}; best of {repeat} runs, sides alternating\n")
+    if "scaling" in m:
+        report_scaling(m["scaling"])
+    if "mic" in m:
+        report_mic(m["mic"], m["segment"])
+    if "ready" in m:
+        report_ready(m["ready"])
+    if "rss" in m:
+        report_rss(m["rss"])
+    if "long" in m:
+        report_long_file(m["long"])
+    if "random" in m:
+        report_random_ids(m["random"])
+
+
+def sections(text: str) -> set[str]:
+    """--only: letters of the measurements to run, e.g. "g,h"."""
+    chosen = set(text.replace(",", "").replace(" ", ""))
+    if not chosen or not chosen <= set(SECTIONS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give letters out of {SECTIONS}, e.g. g,h")
+    return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best is compared (default 3)")
     parser.add_argument("--dictations", type=int, default=30, help="dictations idle and under load in (d) (default 30)")
+    parser.add_argument("--draws", type=int, default=5, help="draws of random task ids in (h) (default 5)")
+    parser.add_argument(
+        "--only", type=sections, default=set(SECTIONS), help="measurements to run, e.g. g,h ((a)-(c) go together)"
+    )
     args = parser.parse_args()
+    only: set[str] = args.only
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="capsd-bench-") as tmp:
         model_dir = models(Path(tmp))["heavy"]
         load_recognizer(model_dir)
         daemons: dict[int, Capsd] = {}
-        m: dict[str, Any] = {"ready": {1: [], 2: []}}
+        m: dict[str, Any] = {}
+        ready: dict[int, list[float]] = {1: [], 2: []}
         spawn = multiprocessing.get_context("spawn")
         try:
-            for _ in range(args.repeat):
+            for _ in range(args.repeat if "e" in only else 1):
                 for count in (1, 2):
                     if count in daemons:
                         daemons.pop(count).stop()
                     daemons[count], seconds = start_capsd(Path(tmp), model_dir, count, THREADS)
-                    m["ready"][count].append(seconds)
-            m["rss"] = {f"{c} worker{'s' if c > 1 else ''}, idle after start": rss(d) for c, d in daemons.items()}
-            m["segment"] = segment_decode(args.repeat)
-            m["mic"] = mic_latency(daemons[2], args.dictations)
-            m["rss"]["2 workers, idle after (d)"] = rss(daemons[2])
-            with ProcessPoolExecutor(2, spawn, initializer=load_recognizer, initargs=(model_dir,)) as pool:
-                m |= measure(daemons, pool, args.repeat)
+                    ready[count].append(seconds)
+            if "e" in only:
+                m["ready"] = ready
+            if "f" in only:
+                m["rss"] = {f"{c} worker{'s' if c > 1 else ''}, idle after start": rss(d) for c, d in daemons.items()}
+            if "d" in only:
+                m["segment"] = segment_decode(args.repeat)
+                m["mic"] = mic_latency(daemons[2], args.dictations)
+                if "f" in only:
+                    m["rss"]["2 workers, idle after (d)"] = rss(daemons[2])
+            if only & set("abc"):
+                with ProcessPoolExecutor(2, spawn, initializer=load_recognizer, initargs=(model_dir,)) as pool:
+                    m["scaling"] = measure(daemons, pool, args.repeat)
+            if "g" in only:
+                m["long"] = one_long_file(daemons, args.repeat)
+            if "h" in only:
+                strict, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, work_stealing=False)
+                try:
+                    m["random"] = random_ids(daemons, strict, args.draws)
+                finally:
+                    strict.stop()
         finally:
             for daemon in daemons.values():
                 daemon.stop()
