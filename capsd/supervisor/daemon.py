@@ -7,6 +7,7 @@ Its loop reads as a list of duties, like gunicorn's arbiter: `start_slots`, `wat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -109,6 +110,8 @@ class Daemon:
         await asyncio.wait([all_ready, self.done], return_when=asyncio.FIRST_COMPLETED)
         if self.done.done():
             all_ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await all_ready  # retrieved, so that asyncio does not report it
             return self.done.result()
         return None
 
