@@ -155,8 +155,9 @@ class Daemon:
         """Every restart decision, in one place: what the exit costs, and what comes next."""
         pid = slot.incarnation.pid if slot.incarnation else None
         if not slot.ever_ready:
-            cause = "was not ready within load_timeout_s" if reason is ExitReason.NOT_LOADED else "died"
-            self.startup_failed(slot, f"the worker of slot {slot.index} {cause} while loading the model (exit code {exitcode})")
+            loading = f"was not ready within load_timeout_s = {self.cfg.workers.load_timeout_s:g} s"
+            cause = loading if reason is ExitReason.NOT_LOADED else "died while loading the model"
+            self.startup_failed(slot, f"the worker of slot {slot.index} {cause} (exit code {exitcode})")
             return
         slot.last_exit = LastExit(reason.reported, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
         slot.restarts += 1
