@@ -89,17 +89,21 @@ def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any
     digits = "1234567890" * 8
     samples, starts = synth(digits)
 
-    async def scenario() -> tuple[dict[str, Any], tuple[int, str]]:
+    async def scenario() -> tuple[dict[str, Any], tuple[int, str], dict[str, Any], dict[str, Any]]:
         async with connect(capsd.url) as ws:
             await send_file(ws, "finishing", samples, seg=(15, 2))
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
             capsd.proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
             readyz = await asyncio.to_thread(get, capsd, "/readyz")
-            return await receive(ws, {"finishing"}), readyz
+            status = await asyncio.to_thread(capsd.status)  # still answered while the stop drains
+            restart = await asyncio.to_thread(capsd.control, cmd="restart-worker", slot=0)
+            return await receive(ws, {"finishing"}), readyz, status, restart
 
-    frames, readyz = asyncio.run(scenario())
+    frames, readyz, status, restart = asyncio.run(scenario())
     assert readyz == (503, "stopping\n")
+    assert status["state"] == "stopping" and status["slots"][0]["tasks_in_progress"] == 1
+    assert not restart["ok"] and "stopping" in restart["error"]
     assert_exact(frames["finishing"], digits, starts)  # the task in progress still finishes
     assert capsd.proc.wait(30) == 0
 

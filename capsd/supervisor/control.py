@@ -231,6 +231,8 @@ class ControlServer:
     async def dispatch(self, request: Request) -> dict[str, Any]:
         if request.cmd == "status":
             return self.daemon.status()
+        if self.daemon.state == "stopping":
+            raise ControlError("capsd is stopping: only status is answered")
         if request.slot is not None:
             return await self.restart_worker(request.slot, request.force, request.timeout)
         # Rolling: one slot at a time, the next once the previous replacement is ready, so never

@@ -83,6 +83,7 @@ class Daemon:
             log.error("cannot listen", error=str(e))
             self.front.stop_accepting()
             await self.front.close()
+            self.control.stop()
             return os.EX_CONFIG
         watcher = asyncio.create_task(self.watch_workers())
         runners = [asyncio.create_task(slot.run()) for slot in self.slots]
@@ -284,7 +285,6 @@ class Daemon:
         self.state = "stopping"
         notify.notify(stopping=1, status="stopping")
         self.front.stop_accepting()
-        self.control.stop()
         deadline = time.monotonic() + (self.cfg.server.stop_timeout_s if code == os.EX_OK else 0)
         while any(slot.open_tasks for slot in self.slots) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)  # polled: once, at a stop, for at most stop_timeout_s
@@ -293,6 +293,7 @@ class Daemon:
                 task.fail("shutting_down", "capsd is stopping")
         # Nothing needs the workers now: they stop while the connections close.
         await asyncio.gather(self.front.close(), self.stop_workers())
+        self.control.stop()  # status answered to the end: what a drain still holds is what operators ask
         log.info("capsd stopped", exit_code=code)
 
     async def stop_workers(self) -> None:
