@@ -13,8 +13,10 @@ a random part into a decode, and waits for the slot to come back. At the end it 
   `lost_tasks` in capsd's "worker exited" log lines and the tasks of its "task failed" lines;
   one crash exit per kill, each kill grew the slot's restarts by one; status counts agree;
 - workers are stateless, so a kill fails at most the one task whose segment was in the worker:
-  each kill's "worker exited" line (found by the killed pid) names at most one task, a kill of an
-  idle worker none, and the failed tasks are as many as the kills that hit a segment;
+  each kill's "worker exited" line (found by the killed pid) names at most one task, and the failed
+  tasks are as many as the kills that hit a segment. A kill of a worker status showed idle just
+  before may still hit one: a job can be handed over between the status read and the kill (or
+  the end-of-file that tells capsd). Such kills are counted and shown, not failed;
 - the supervisor's RSS grew by at most max(10 MiB, 10 %) from the warm-up (first minute) to the
   end, its open files and threads by at most 10; capsd exits 0 on SIGTERM.
 Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode:
@@ -248,7 +250,7 @@ def main() -> int:
     per_kill = [(kill, exit_of.get(kill.pid)) for kill in run.kills]
     idle = [(k, e) for k, e in per_kill if k.state == "idle"]
     busy = [(k, e) for k, e in per_kill if k.state != "idle"]
-    hits = [e for _, e in busy if e and e.lost]
+    hits = [e for _, e in per_kill if e and e.lost]
     idle_lost = [f"slot {k.slot} pid {k.pid} lost {e.lost}" for k, e in idle if e and e.lost]
     unlogged = [f"slot {k.slot} pid {k.pid}" for k in run.kills if k.pid not in exit_of]
     restarts, done, tasks_failed = (sum(s[k] for s in slots) for k in ("restarts", "tasks_done", "tasks_failed"))
@@ -260,8 +262,7 @@ def main() -> int:
         f"kills without a worker exited line for their pid: {unlogged}": not unlogged,
         f"worker exits that lost more than one task: {[e for e in exits if len(e.lost) > 1]}":
             all(len(e.lost) <= 1 for e in exits),
-        f"kills of an idle worker that failed a task: {idle_lost}": not idle_lost,
-        f"{len(failed)} failed tasks, {len(hits)} kills mid-decode that hit a segment": len(failed) == len(hits),
+        f"{len(failed)} failed tasks, {len(hits)} kills that hit a segment": len(failed) == len(hits),
         f"status counts {done} done, {tasks_failed} failed": (done, tasks_failed) == (exact, len(failed)),
         f"supervisor RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB": rss1 - rss0 <= max(RSS_BOUND[0], RSS_BOUND[1] * rss0),
         f"supervisor open files {fds0} -> {fds1}, threads {threads0} -> {threads1}":
@@ -289,8 +290,10 @@ def main() -> int:
     print(
         f"tasks failed per kill: idle worker {idle_failed} in {len(idle)} kills ({idle_failed / max(1, len(idle)):.2f}"
         f" per kill); mid-decode {busy_failed} in {len(busy)} kills ({busy_failed / max(1, len(busy)):.2f} per kill),"
-        f" {len(hits)} of them hit a segment"
+        f" {len(hits)} kills hit a segment"
     )
+    if idle_lost:
+        print(f"  idle in status just before the kill, a job handed over meanwhile: {idle_lost}")
     print(
         f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
         f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
