@@ -87,7 +87,7 @@ def test_the_smallest_stride_cannot_flood_a_slot(start_capsd: Any) -> None:
     depths = []
 
     async def flood(ws: Any) -> None:
-        for _ in range(30):
+        for _ in range(200):  # 12,000 segments: more than the test lasts
             await ws.send(frame(hostile, minute, False, "file", (1, 0)))
 
     async def scenario() -> None:
@@ -125,30 +125,45 @@ def test_closing_the_connection_cancels_tasks_past_their_final_frame(start_capsd
 
 
 def test_a_task_that_never_ends_is_held_back_not_queued(start_capsd: Any, heavy_model: Path) -> None:
-    """60 s frames, never is_final, faster than the heavy model decodes them: the connection is
-    not read while more than front.MAX_WAITING_AUDIO_BYTES of its audio waits."""
+    """60 s frames, never is_final, with both workers stopped so that nothing drains: the
+    connection is not read once more than front.MAX_WAITING_AUDIO_BYTES of its audio waits, so
+    the client stalls; then the workers go on and the slot's dictation is served."""
     capsd = start_capsd({"workers": {"count": 2}, "model": {"dir": str(heavy_model)}})
     hostile = "endless"
     minute, _ = synth("1234567890" * 12)
-    sent, depths = [0], []
+    sent = [0]
+    workers = [capsd.worker_pid(i) for i in range(2)]
 
     async def stream(ws: Any) -> None:
         for _ in range(40):
             await ws.send(frame(hostile, minute, False, "file", (25, 2)))
             sent[0] += 1
 
-    async def scenario() -> None:
-        async with connect(capsd.url) as ws:
-            streaming = asyncio.create_task(stream(ws))
-            for _ in range(3):
-                await asyncio.sleep(3)
-                depths.append(slot_status(capsd, hostile)["queue_depth"])
-            await dictate(capsd.url, same_slot(hostile, 2))
-            streaming.cancel()
+    def stalled() -> bool:
+        before = sent[0]
+        time.sleep(2)
+        return sent[0] == before > 0
 
-    asyncio.run(scenario())
-    # 16 MiB is ~4.4 min of audio: ~10 segments of 27 s, plus the frame being parsed.
-    assert max(depths) <= 16, depths
+    async def scenario() -> int:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            async with connect(capsd.url) as ws:
+                streaming = asyncio.create_task(stream(ws))
+                await asyncio.to_thread(wait_for, stalled, 20, "the client held back")
+                depth = slot_status(capsd, hostile)["queue_depth"]
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
+                await dictate(capsd.url, same_slot(hostile, 2))
+                streaming.cancel()
+                return depth
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+
+    depth = asyncio.run(scenario())
+    # 16 MiB is ~4.4 min of audio: ~10 segments of 27 s, plus the frame being cut.
+    assert depth <= 16, depth
     assert sent[0] < 20, sent  # the rest waits in the client: TCP backpressure
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
 
