@@ -124,13 +124,13 @@ async def keep_busy(
 
 
 def start_capsd(
-    tmp: Path, model_dir: Path, count: int, threads: int, work_stealing: bool = True
+    tmp: Path, model_dir: Path, count: int, threads: int, work_stealing: bool = True, metrics: bool = True
 ) -> tuple[Capsd, float]:
     """A capsd with `count` workers in a new directory under `tmp`, and its time to ready: seconds
     from starting its process until the control socket reports state ready (polled every 20 ms)."""
     directory = Path(tempfile.mkdtemp(prefix=f"w{count}-", dir=tmp))
     workers = {"count": count, "threads": threads, "work_stealing": work_stealing}
-    config = {"workers": workers, "model": {"dir": str(model_dir)}}
+    config = {"server": {"metrics": metrics}, "workers": workers, "model": {"dir": str(model_dir)}}
     start = time.perf_counter()
     daemon = Capsd(directory, config, wait=False)
     for _ in range(3000):  # 60 s

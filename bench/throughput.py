@@ -30,6 +30,9 @@
     capsd with 1 worker, with 2 workers, and with 2 workers and `work_stealing = false` (a task's
     segments decoded only on its home slot). One run per side and draw; the target is on the mean
     speedup of 2 workers over 1 with stealing (>= 1.8x), shown beside the same without stealing.
+(i) The cost of metrics: the 4 files of (a) on 2 workers with `[server] metrics = true`, its
+    /metrics scraped every second as Prometheus would, and on a second daemon with metrics off;
+    sides alternating; target: on / off within noise (<= 1.05x).
 
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
 built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d),
@@ -49,7 +52,9 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -82,7 +87,7 @@ from tests.support.daemon import Capsd
 THREADS = 1
 LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
 LONG_FILE_S = 600  # (g)
-SECTIONS = "abcdefgh"
+SECTIONS = "abcdefghi"
 MIB = 2**20
 _recognizer: Any = None  # one per process of the reference pool
 
@@ -405,6 +410,41 @@ def report_random_ids(rows: list[dict[str, Any]]) -> None:
     print()
 
 
+def metrics_cost(daemons: dict[bool, Capsd], repeat: int) -> dict[bool, list[float]]:
+    """(i): the 4 files of (a) on 2 workers with [server] metrics on, scraped every second as
+    Prometheus would, and off; sides alternating."""
+    files = four_files()
+    ids = task_ids([0, 0, 1, 1], 2)
+    tasks = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+    digits = {task_id: d for task_id, (_, d) in zip(ids, files)}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeat):
+        for on in (True, False):
+            stop = threading.Event()
+            scraper = threading.Thread(target=scrape, args=(daemons[on], stop)) if on else None
+            if scraper:
+                scraper.start()
+            times[on].append(serve(daemons[on], tasks, digits)[0])
+            stop.set()
+            if scraper:
+                scraper.join()
+    return times
+
+
+def scrape(daemon: Capsd, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as response:
+            response.read()
+
+
+def report_metrics_cost(times: dict[bool, list[float]]) -> None:
+    print("(i) the 4 files of (a) on 2 workers, [server] metrics on (scraped every second) and off")
+    print(runs("metrics on, scraped", times[True]))
+    print(runs("metrics off", times[False]))
+    ratio = min(times[True]) / min(times[False])
+    print(f"  on / off                              {verdict(ratio, ratio <= 1.05, '<= 1.05x (noise)')}\n")
+
+
 def report(m: dict[str, Any], repeat: int) -> None:
     print(f"model: heavy self-test paraformer, threads {THREADS}; best of {repeat} runs, sides alternating\n")
     if "scaling" in m:
@@ -419,6 +459,8 @@ def report(m: dict[str, Any], repeat: int) -> None:
         report_long_file(m["long"])
     if "random" in m:
         report_random_ids(m["random"])
+    if "metrics" in m:
+        report_metrics_cost(m["metrics"])
 
 
 def sections(text: str) -> set[str]:
@@ -474,6 +516,12 @@ def main() -> None:
                     m["random"] = random_ids(daemons, strict, args.draws)
                 finally:
                     strict.stop()
+            if "i" in only:
+                off, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, metrics=False)
+                try:
+                    m["metrics"] = metrics_cost({True: daemons[2], False: off}, args.repeat)
+                finally:
+                    off.stop()
         finally:
             for daemon in daemons.values():
                 daemon.stop()
