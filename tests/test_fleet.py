@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import http.client
 import io
 import os
 import shutil
@@ -27,7 +26,7 @@ from websockets.protocol import State
 
 from capsd.protocol import FILE_SEG, file_frames
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, wait_for
+from tests.support.checks import assert_exact, http_get, wait_for
 from tests.support.client import connect, receive, send_file, send_mic
 from tests.support.daemon import Capsd, free_port
 
@@ -94,13 +93,7 @@ class HAProxy:
         )
 
     def get(self, path: str, port: int | None = None) -> tuple[int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=30)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            conn.close()
+        return http_get(port or self.port, path)
 
     def logs(self) -> str:
         return self.log_path.read_text()
@@ -142,14 +135,8 @@ def tasks(capsd: Capsd, key: str = "tasks_done") -> int:
 
 def scrape(capsd: Capsd) -> dict[str, float]:
     """GET /metrics of one capsd, directly: each metric summed over its labels."""
-    conn = http.client.HTTPConnection("127.0.0.1", capsd.port, timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        assert response.status == 200
-        body = response.read().decode()
-    finally:
-        conn.close()
+    status, body = http_get(capsd.port, "/metrics")
+    assert status == 200
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(body):
         for sample in family.samples:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import os
 import signal
 import subprocess
@@ -16,19 +15,9 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, run_client, task_ids_for_slots, wait_for
+from tests.support.checks import assert_exact, http_get, run_client, task_ids_for_slots, wait_for
 from tests.support.client import connect, frame, receive, send_file
 from tests.support.daemon import Capsd
-
-
-def get(capsd: Capsd, path: str) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", capsd.port, timeout=30)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
 
 
 def stop_loading_workers(capsd: Capsd, timeout: float = 30) -> list[psutil.Process]:
@@ -50,9 +39,9 @@ def stop_loading_workers(capsd: Capsd, timeout: float = 30) -> list[psutil.Proce
 
 def test_livez_readyz_and_404_beside_capsWriter_clients(start_capsd: Any) -> None:
     capsd = start_capsd()
-    assert get(capsd, "/livez") == (200, "alive\n")
-    assert get(capsd, "/readyz") == (200, "ready\n")
-    status, body = get(capsd, "/anything")
+    assert http_get(capsd.port, "/livez") == (200, "alive\n")
+    assert http_get(capsd.port, "/readyz") == (200, "ready\n")
+    status, body = http_get(capsd.port, "/anything")
     assert status == 404 and "/readyz" in body
     samples, starts = synth("1234")
     assert_exact(asyncio.run(run_client(capsd.url, [("dictation", "mic", samples, (15, 2))]))["dictation"], "1234", starts)
@@ -63,12 +52,12 @@ def test_readyz_is_503_while_the_workers_load(start_capsd: Any) -> None:
     workers = stop_loading_workers(capsd)
     try:
         wait_for(capsd.socket.exists, 30, "the control socket")
-        assert get(capsd, "/readyz") == (503, "starting: the workers are loading the model\n")
-        assert get(capsd, "/livez")[0] == 200
+        assert http_get(capsd.port, "/readyz") == (503, "starting: the workers are loading the model\n")
+        assert http_get(capsd.port, "/livez")[0] == 200
     finally:
         for p in workers:
             p.send_signal(signal.SIGCONT)
-    wait_for(lambda: get(capsd, "/readyz")[0] == 200, 60, "ready")
+    wait_for(lambda: http_get(capsd.port, "/readyz")[0] == 200, 60, "ready")
 
 
 def test_readyz_is_503_when_no_worker_is_ready(start_capsd: Any) -> None:
@@ -77,11 +66,11 @@ def test_readyz_is_503_when_no_worker_is_ready(start_capsd: Any) -> None:
     workers = stop_loading_workers(capsd)  # the replacement, stopped while it loads
     try:
         wait_for(lambda: capsd.status()["slots"][0]["state"] == "restarting", 30, "restarting")
-        assert get(capsd, "/readyz") == (503, "no worker is ready\n")
+        assert http_get(capsd.port, "/readyz") == (503, "no worker is ready\n")
     finally:
         for p in workers:
             p.send_signal(signal.SIGCONT)
-    wait_for(lambda: get(capsd, "/readyz")[0] == 200, 60, "ready again")
+    wait_for(lambda: http_get(capsd.port, "/readyz")[0] == 200, 60, "ready again")
 
 
 def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any, heavy_model: Path) -> None:
@@ -95,7 +84,7 @@ def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any
             await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
             capsd.proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
-            readyz = await asyncio.to_thread(get, capsd, "/readyz")
+            readyz = await asyncio.to_thread(http_get, capsd.port, "/readyz")
             status = await asyncio.to_thread(capsd.status)  # still answered while the stop drains
             restart = await asyncio.to_thread(capsd.control, cmd="restart-worker", slot=0)
             return await receive(ws, {"finishing"}), readyz, status, restart
@@ -109,7 +98,7 @@ def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any
 
 
 def scrape(capsd: Capsd) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, body = get(capsd, "/metrics")
+    status, body = http_get(capsd.port, "/metrics")
     assert status == 200
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -166,8 +155,8 @@ def test_metrics_count_what_was_done_and_agree_with_status(start_capsd: Any, hea
 
 def test_metrics_off_answers_404(start_capsd: Any) -> None:
     capsd = start_capsd({"server": {"metrics": False}})
-    assert get(capsd, "/metrics")[0] == 404
-    assert get(capsd, "/readyz")[0] == 200
+    assert http_get(capsd.port, "/metrics")[0] == 404
+    assert http_get(capsd.port, "/readyz")[0] == 200
 
 
 def test_capsctl_status_shows_cpu_and_audio_rates_and_watches_until_ctrl_c(start_capsd: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import time
 from typing import Any
 
@@ -58,3 +59,14 @@ def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """A plain GET on 127.0.0.1:port, as a balancer's health check or a scraper does."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
