@@ -14,8 +14,6 @@ import math
 import os
 import socket
 import stat
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,19 +256,13 @@ class ControlServer:
         else:
             slot.drain(ExitReason.REQUESTED, drain)  # the daemon forces it at the deadline
 
-        def replaced() -> bool:
-            new = slot.incarnation
-            return new is not None and new is not old and new.ready
+        async def replaced() -> None:
+            await asyncio.shield(old.exited)
+            await slot.ready_event.wait()  # cleared when the old one ended, set when a new one is ready
 
-        if not await _until(replaced, drain + READY_TIMEOUT_S):
-            raise ControlError(f"slot {index}: the new worker is not ready after {drain + READY_TIMEOUT_S:g} s")
+        try:
+            await asyncio.wait_for(replaced(), drain + READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ControlError(f"slot {index}: the new worker is not ready after {drain + READY_TIMEOUT_S:g} s") from None
         return {"slot": index, "old_pid": old.pid, "new_pid": slot.incarnation.pid}
 
-
-async def _until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
