@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import tempfile
 import time
@@ -43,7 +42,7 @@ from typing import Any, NamedTuple
 
 import psutil
 import websockets
-from common import machine
+from common import conclude, machine
 
 from capsd.protocol import clip
 from capsd.selftest.build import build_paraformer
@@ -298,14 +297,7 @@ def main() -> int:
         f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
         f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
     )
-    for problem in run.problems:
-        print(f"  problem: {problem}")
-    if run.problems:
-        print(f"capsd log kept: {capsd.log_path}\nchaos: FAIL ({len(run.problems)} problems)")
-        return 1
-    shutil.rmtree(tmp)
-    print("chaos: PASS")
-    return 0
+    return conclude("chaos", run.problems, capsd.log_path, tmp)
 
 
 if __name__ == "__main__":

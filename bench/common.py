@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -161,3 +162,16 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise LookupError(f"no VmHWM for pid {pid}")
+
+
+def conclude(name: str, problems: list[str], log_path: Path, tmp: str | Path) -> int:
+    """A soak's last lines and exit status: PASS (its temporary directory removed), or FAIL with
+    each problem and the capsd log kept."""
+    for problem in problems:
+        print(f"  problem: {problem}")
+    if problems:
+        print(f"capsd log kept: {log_path}\n{name}: FAIL ({len(problems)} problems)")
+        return 1
+    shutil.rmtree(tmp)
+    print(f"{name}: PASS")
+    return 0

@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import random
-import shutil
 import subprocess
 import tempfile
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import MIC_FRAME_S, machine
+from common import MIC_FRAME_S, conclude, machine
 from websockets.exceptions import ConnectionClosed
 
 from capsd import config, preflight
@@ -347,14 +346,9 @@ def main() -> int:
     print(f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end")
     print(f"supervisor: open descriptors {fds0} -> {fds1}, threads {threads0} -> {threads1} ({SETTLE_S} s after)")
     print(f"slots after: {held} tasks or segments held; capsd exited {exitcode} on SIGTERM in {stopped_in:.1f} s")
-    for problem in soak.failed + soak.problems:
-        print(f"  problem: {problem}")
-    if soak.problems:
-        print(f"capsd log kept: {capsd.log_path}\nhostile: FAIL ({'; '.join(soak.problems)})")
-        return 1
-    shutil.rmtree(tmp)
-    print("hostile: PASS")
-    return 0
+    for failed in soak.failed:
+        print(f"  failed dictation: {failed}")
+    return conclude("hostile", soak.problems, capsd.log_path, tmp)
 
 
 if __name__ == "__main__":
