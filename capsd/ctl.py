@@ -1,4 +1,4 @@
-"""capsctl: status and restart-worker over the control socket, transcribe over the WebSocket."""
+"""capsctl: status, scale and restart-worker over the control socket, transcribe over the WebSocket."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from capsd.config import SYSTEM_SOCKET, control_socket
 from capsd.protocol import RATE, file_frames
 from capsd.supervisor.control import DRAIN_TIMEOUT_S, READY_TIMEOUT_S
 
-EX_FAILED = 1  # the transcription got an error frame (no sysexits name for it)
+EX_FAILED = 1  # the transcription got an error frame, or capsd could not do what was asked
+EX_PLAN_REFUSED = os.EX_TEMPFAIL  # 75: scale refused by the memory plan; nothing changed, retry when memory is free
 DEFAULT_URL = "ws://127.0.0.1:6016"
 STATUS_TIMEOUT_S, TRANSCRIBE_TIMEOUT_S = 10.0, 300.0  # without --timeout
 MAX_TIMEOUT_S = 86400  # a day; a socket timeout must fit in a C timeval
@@ -75,7 +76,7 @@ COUNTED = ("rss_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks
 
 def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
-    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5} {:>5}  {}"
+    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5} {:>5}  {:<20} {}"
 
     def counted(figures: dict[str, int]) -> list[int]:
         return [figures["rss_bytes"] // mib, *(figures[key] for key in COUNTED[1:])]
@@ -85,15 +86,16 @@ def status_table(status: dict[str, Any]) -> str:
         f"{status['connections']} connections, audio recognised {status['audio_per_second']:.1f} s per second, "
         f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
         row.format("SLOT", "PID", "STATE", "RSS_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "SEGMENTS",
-                   "BUSY", "CPU", "LAST_EXIT"),
+                   "BUSY", "CPU", "MODEL", "LAST_EXIT"),
     ]
     for s in status["slots"]:
         last = s["last_exit"]
         last_text = f"{last['reason']} ({last['exitcode']}) at {last['at']}" if last else "-"
         shares = f"{s['busy_share']:.0%}", f"{s['cpu_share']:.0%}"
-        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), *shares, last_text))
+        model = f"{s['model']['type']} {Path(s['model']['dir']).name}"
+        lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), *shares, model, last_text))
     total = {key: sum(s[key] for s in status["slots"]) for key in COUNTED}
-    lines.append(row.format("total", "", "", *counted(total), "", "", ""))
+    lines.append(row.format("total", "", "", *counted(total), "", "", "", ""))
     return "\n".join(lines)
 
 
@@ -158,7 +160,7 @@ def global_options(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a subcommand not given an option leaves alone the one given before its name.
     timeout_help = (
         f"how long to wait for capsd (default: status {STATUS_TIMEOUT_S:g} s, transcribe {TRANSCRIBE_TIMEOUT_S:g} s);"
-        f" restart-worker: how long the drain may take before the restart is forced (default {DRAIN_TIMEOUT_S:g} s)"
+        f" restart-worker and scale: how long a drain may take before it is forced (default {DRAIN_TIMEOUT_S:g} s)"
     )
     parser.add_argument(
         "--socket", metavar="PATH", default=argparse.SUPPRESS, help="control socket (default: as capsd resolves it)"
@@ -180,9 +182,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     restart = commands.add_parser("restart-worker", help="restart slot N, or all one at a time (graceful unless --force)")
     restart.add_argument("slot", metavar="N|all", type=slot_number)
     restart.add_argument("--force", action="store_true", help="kill at once; its tasks fail with worker_restarted")
+    scale = commands.add_parser(
+        "scale", help=f"change the number of slots (memory plan checked first; refused: exit {EX_PLAN_REFUSED})"
+    )
+    scale.add_argument("count", metavar="N", type=slot_count)
     file = commands.add_parser("transcribe", help="send a WAV file as CapsWriter does; print the text")
     file.add_argument("file", metavar="FILE.wav", type=Path)
-    for command in (status, restart, file):
+    for command in (status, restart, scale, file):
         global_options(command)
     return parser.parse_args(argv, argparse.Namespace(socket=None, url=DEFAULT_URL, timeout=None))
 
@@ -195,6 +201,17 @@ def slot_number(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a slot number or 'all'") from None
+
+
+def slot_count(text: str) -> int:
+    """scale's argument: a number of slots, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed is a number of slots, at least 1")
+    return count
 
 
 def show_status(path: Path, args: argparse.Namespace) -> str:
@@ -219,16 +236,32 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(args.watch)
         except KeyboardInterrupt:  # Ctrl-C ends --watch, as it ends top
             return os.EX_OK
+    drain = args.timeout or DRAIN_TIMEOUT_S
+    if args.command == "scale":
+        # The drain of the slots that go, or the new workers loading the model, then a margin.
+        payload = {"cmd": "scale", "count": args.count, "timeout": args.timeout}
+        reply = request(path, payload, drain + READY_TIMEOUT_S + 30)
+        check(reply)
+        print(f"{reply['before']} -> {reply['count']} slots; {reply['plan']}")
+        return os.EX_OK
     payload = {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}
     # Per slot: the drain, then the new worker loading the model, then a margin.
     slots = len(request(path, {"cmd": "status"}, STATUS_TIMEOUT_S)["slots"]) if args.slot == "all" else 1
-    reply = request(path, payload, slots * ((args.timeout or DRAIN_TIMEOUT_S) + READY_TIMEOUT_S) + 30)
-    if not reply["ok"]:
-        code = os.EX_DATAERR if reply["error"].startswith("no slot") else EX_FAILED
-        raise CtlError(reply["error"], code)
+    reply = request(path, payload, slots * (drain + READY_TIMEOUT_S) + 30)
+    check(reply)
     for restarted in reply.get("restarted", [reply]):
         print(f"slot {restarted['slot']}: old pid {restarted['old_pid']}, new pid {restarted['new_pid']}")
     return os.EX_OK
+
+
+def check(reply: dict[str, Any]) -> None:
+    """A refusal as capsctl's exit code: a bad slot number, the memory plan, anything else."""
+    if reply["ok"]:
+        return
+    error = reply["error"]
+    if reply.get("refused") == "memory plan":
+        raise CtlError(error, EX_PLAN_REFUSED)
+    raise CtlError(error, os.EX_DATAERR if error.startswith("no slot") else EX_FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,8 +76,8 @@ class Plan:
     fits: bool
     max_count: int  # the largest worker count that fits; 0 if not even one
 
-    def message(self) -> str:
-        """One line for an operator."""
+    def message(self, fix: str = "") -> str:
+        """One line for an operator; `fix`: how to ask for what fits (default: the config key)."""
         sums = (
             f"{_workers(self.count)} x {format_bytes(self.worker_bytes)}"
             f" + supervisor {format_bytes(self.supervisor_bytes)}"
@@ -91,7 +91,7 @@ class Plan:
             )
         advice = (
             f"at most {_workers(self.max_count)} {'fits' if self.max_count == 1 else 'fit'};"
-            f" set [workers] count = {self.max_count}"
+            f" {fix or f'set [workers] count = {self.max_count}'}"
             if self.max_count
             else "not even 1 worker fits; free memory, raise the limit, lower memory_reserve_mb or use a smaller model"
         )

@@ -27,8 +27,9 @@ def model_dir(cfg: Config) -> Path:
     return Path(cfg.model.dir) if cfg.model.dir else models.EMBEDDED_MODEL_DIR
 
 
-def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
-    """Raise ConfigError naming every problem; spawns nothing."""
+def worker(cfg: Config) -> tuple[WorkerSpec, int]:
+    """The worker `cfg` describes and its planned peak memory; ConfigError names every problem
+    with the model files. Used at start, by check-config and by a reload that changes [model]."""
     try:
         files = models.resolve_files(cfg.model.type, model_dir(cfg), cfg.model.files)
     except ValueError as e:
@@ -47,6 +48,21 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         LONGEST_SEGMENT_S,  # the arena keeps its peak (docs/design.md#the-arena-keeps-its-peak)
         punctuation_bytes=sum(p.stat().st_size for p in punctuation_files),
     )
+    spec = WorkerSpec(
+        cfg.model.type,
+        files,
+        cfg.workers.threads,
+        punctuation=cfg.model.punctuation if cfg.format.punc else "",
+        log_level=cfg.log.level,
+        log_format=cfg.log.format,
+        model_dir=str(model_dir(cfg)),
+    )
+    return spec, worker_bytes
+
+
+def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
+    """Raise ConfigError naming every problem; spawns nothing."""
+    spec, worker_bytes = worker(cfg)
     plan = memory.plan(
         cfg.workers.count,
         worker_bytes,
@@ -56,14 +72,6 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
     )
     if not plan.fits:
         raise ConfigError(plan.message())
-    spec = WorkerSpec(
-        cfg.model.type,
-        files,
-        cfg.workers.threads,
-        punctuation=cfg.model.punctuation if cfg.format.punc else "",
-        log_level=cfg.log.level,
-        log_format=cfg.log.format,
-    )
     return Preflight(spec, plan)
 
 

@@ -403,6 +403,12 @@ def test_an_unreadable_config_is_refused(work: Path, command: list[str]) -> None
         (b'{"cmd": "restart-worker", "slot": 0, "timeout": 1' + b"0" * 400 + b"}\n", "timeout = 1000"),
         (b'{"cmd": "restart-worker", "slot": 0, "timeout": true}\n', "timeout = True"),
         (b'{"cmd": "restart-worker", "slot": 0, "pid": 1}\n', "restart-worker takes no 'pid'"),
+        (b'{"cmd": "scale"}\n', "count = None"),
+        (b'{"cmd": "scale", "count": 0}\n', "count = 0"),
+        (b'{"cmd": "scale", "count": 2.0}\n', "count = 2.0"),
+        (b'{"cmd": "scale", "count": true}\n', "count = True"),
+        (b'{"cmd": "scale", "count": 2, "timeout": 0}\n', "timeout = 0"),
+        (b'{"cmd": "scale", "count": 2, "slot": 1}\n', "scale takes no 'slot'"),
     ],
 )
 def test_parse_request_refuses(line: bytes, words: str) -> None:
@@ -418,6 +424,7 @@ def test_parse_request_accepts() -> None:
     assert parse_request(line) == Request("restart-worker", 0, True, 2.0)
     assert parse_request(b'{"cmd": "restart-worker", "slot": 0, "timeout": null}').timeout is None
     assert parse_request(b'{"cmd": "restart-worker", "slot": "all"}') == Request("restart-worker", None)
+    assert parse_request(b'{"cmd": "scale", "count": 3, "timeout": 5}') == Request("scale", timeout=5.0, count=3)
 
 
 def test_an_invalid_control_request_does_nothing_and_says_why(start_capsd: Any) -> None:

@@ -148,6 +148,8 @@ class FakeWorker:
         self.ready, self.jobs, self.started = True, 0, 0.0
         self.process = FakeProcess()
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.loaded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.loaded.set_result(True)
         self.job: Decode | Format | None = None
         self.sent = asyncio.Event()
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
@@ -296,3 +298,30 @@ def test_a_short_final_segment_is_merged_without_a_worker() -> None:
 
     client = run(scenario)
     assert client.frames[-1]["is_final"] and client.frames[-1]["tokens"] == ["七"]
+
+
+def test_a_slot_scaled_away_hands_its_waiting_jobs_over_and_its_tasks_finish_elsewhere() -> None:
+    async def scenario() -> tuple[Pool, Client, list[str]]:
+        pool = Pool(stealing=False)  # without stealing, only the handover can serve them
+        client = Client()
+        task = make_task(pool.slots[1], client)
+        pool.slots[1].accept(task)
+        task.submit(segment(0))  # in slot 1's worker
+        task.submit(segment(1))  # waiting in slot 1's queue
+        await asyncio.sleep(0)
+        pool.slots[1].retire(lambda task_id: pool.slots[0])
+        moved = [len(pool.slots[0].queue) + (pool.slots[0].in_flight is not None), len(pool.slots[1].queue)]
+        task.submit(segment(2, last=True))  # still to come: to slot 0 as well
+        await pool.workers[1].answer("一")  # the job in hand finishes, then the worker is stopped
+        await pool.workers[0].answer("二")
+        await pool.workers[0].answer("三")
+        await pool.close()
+        return pool, client, [str(n) for n in moved]
+
+    pool, client, moved = run(scenario)
+    assert moved == ["1", "0"]
+    assert pool.exits == [(1, ExitReason.REQUESTED, None)]  # stopped, nothing lost
+    assert [f["is_final"] for f in client.frames].count(True) == 1 and "error" not in client.frames[-1]
+    assert client.frames[-1]["text"] == "123"
+    assert pool.slots[1].tasks_done == 1 and not pool.slots[1].open_tasks  # still its home, to the end
+    assert client.queued_jobs == 0

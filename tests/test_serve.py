@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.selftest.tones import synth, token_digits, write_wav
 from tests.support.checks import FRAME_FIELDS, assert_exact, run_client, task_ids_for_slots, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
@@ -192,7 +193,8 @@ def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: i
     assert status["state"] == "ready" and status["slots"][0]["tasks_done"] == 1
     assert set(status["slots"][0]) == {"slot", "pid", "state", "rss_bytes", "queue_depth", "tasks_in_progress",
                                        "tasks_done", "tasks_failed", "restarts", "last_exit", "uptime_s",
-                                       "segments_decoded", "busy_share", "cpu_share"}  # fmt: skip
+                                       "segments_decoded", "busy_share", "cpu_share", "model"}  # fmt: skip
+    assert status["slots"][0]["model"] == {"type": "paraformer", "dir": str(EMBEDDED_MODEL_DIR), "punctuation": ""}
     assert status["memory"]["planned_bytes"] > 0 and status["memory"]["available_bytes"] > 0
     missing = subprocess.run([*ctl, "--socket", str(tmp_path / "nope.sock"), "status"], capture_output=True, text=True)
     assert missing.returncode == 69 and "not running" in missing.stderr
@@ -205,12 +207,11 @@ def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: i
 
 def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(start_capsd: Any) -> None:
     capsd = start_capsd({"workers": {"queue_limit": 10}})
-    text = capsd.config_path.read_text().replace("queue_limit = 10", "queue_limit = 20\ncount = 2")
+    text = capsd.config_path.read_text().replace("queue_limit = 10", "queue_limit = 20\nthreads = 2")
     capsd.config_path.write_text(text)
     capsd.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "config changes need a restart" in capsd.logs())
-    assert "[workers] queue_limit" in capsd.logs() and "[workers] count" in capsd.logs()
-    assert len(capsd.status()["slots"]) == 1
+    assert "[workers] queue_limit" in capsd.logs() and "[workers] threads" in capsd.logs()
     capsd.config_path.write_text(text.replace("queue_limit = 20", "queue_limit = 0"))
     capsd.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in capsd.logs())

@@ -424,6 +424,30 @@ def test_reload_rereads_the_config_in_place(service: Service) -> None:
     assert service.show("MainPID", "ActiveState") == {**main, "ActiveState": "active"}
 
 
+def test_reload_after_changing_count_scales_the_running_service(service: Service) -> None:
+    service.running()
+    main = service.show("MainPID")
+    config = service.sandbox.path(CONFIG)
+    original = config.read_text()
+    try:
+        for count in (3, 1):
+            config.write_text(re.sub(r"(?m)^count = \d+$", f"count = {count}", original))
+            service.sandbox.run("systemctl", "reload", "capsd")
+
+            def scaled(count: int = count) -> dict[str, Any] | None:
+                status = service.status()
+                return status if [s["state"] for s in status["slots"]] == ["ready"] * count else None
+
+            poll(f"{count} slots, every one ready", scaled)
+            assert any(e["MESSAGE"].startswith(f"pool scaled slots={count} ") for e in service.journal())
+            assert len(service.cgroup_pids()) >= count + 1  # the main process and a worker per slot
+    finally:
+        config.write_text(original)
+        service.sandbox.run("systemctl", "reload", "capsd")
+    poll("2 slots again", lambda: len(service.running()["slots"]) == 2)
+    assert service.show("MainPID", "ActiveState") == {**main, "ActiveState": "active"}
+
+
 def test_stop_exits_0_and_leaves_no_process(service: Service) -> None:
     status = service.running()
     pids = service.cgroup_pids()  # as the host sees them; capsctl shows the sandbox's

@@ -21,21 +21,25 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from capsd.config import control_socket, fallback_runtime_dir
-from capsd.supervisor.slot import DRAIN_TIMEOUT_S, ExitReason
+from capsd.supervisor.slot import DRAIN_TIMEOUT_S
 
 if TYPE_CHECKING:
     from capsd.supervisor.daemon import Daemon
 
 log = structlog.get_logger("capsd.control")
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 120.0  # a restarted or added worker not ready by then: the change is given up
 MAX_REQUEST_BYTES = 64 * 1024  # one request line; capsctl's are under 100 bytes
 IDLE_TIMEOUT_S = 10.0  # a connection without a whole request line by then is answered and closed
 UNIX_PATH_MAX = 107  # sockaddr_un.sun_path: 108 bytes with the terminating NUL
-COMMANDS = {"status": set(), "restart-worker": {"slot", "force", "timeout"}}  # each command's keys
+COMMANDS = {"status": set(), "restart-worker": {"slot", "force", "timeout"}, "scale": {"count", "timeout"}}
 
 
 class ControlError(Exception):
-    pass
+    refused = ""  # a kind of refusal capsctl has an exit code for
+
+
+class PlanRefused(ControlError):
+    refused = "memory plan"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Request:
     slot: int | None = 0  # None: every slot, one after another (a rolling restart)
     force: bool = False
     timeout: float | None = None  # the drain limit; None: slot.DRAIN_TIMEOUT_S
+    count: int = 0  # scale: the new number of slots
 
 
 def parse_request(line: bytes) -> Request:
@@ -62,16 +67,22 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f"bad request: {cmd} takes no {', '.join(map(_show, unknown))}")
     if cmd == "status":
         return Request(cmd)
-    slot, force, timeout = request.get("slot"), request.get("force", False), request.get("timeout")
+    timeout = request.get("timeout")
+    seconds = None if timeout is None else _seconds(timeout)
+    if timeout is not None and seconds is None:
+        raise ControlError(f"bad request: timeout = {_show(timeout)}: allowed is null or a positive number of seconds")
+    if cmd == "scale":
+        count = request.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ControlError(f"bad request: count = {_show(count)}: allowed is a number of slots, at least 1")
+        return Request(cmd, timeout=seconds, count=count)
+    slot, force = request.get("slot"), request.get("force", False)
     if slot == "all":
         slot = None
     elif not isinstance(slot, int) or isinstance(slot, bool):
         raise ControlError(f"bad request: slot = {_show(slot)}: allowed is a slot number (an integer) or \"all\"")
     if not isinstance(force, bool):
         raise ControlError(f"bad request: force = {_show(force)}: allowed is true or false")
-    seconds = None if timeout is None else _seconds(timeout)
-    if timeout is not None and seconds is None:
-        raise ControlError(f"bad request: timeout = {_show(timeout)}: allowed is null or a positive number of seconds")
     return Request(cmd, slot, force, seconds)
 
 
@@ -91,8 +102,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
+def _error(message: str, refused: str = "") -> dict[str, Any]:
+    return {"ok": False, "error": message, **({"refused": refused} if refused else {})}
 
 
 # -- the socket's path ------------------------------------------------------------------------
@@ -224,45 +235,21 @@ class ControlServer:
         try:
             return {"ok": True, **await self.dispatch(parse_request(line))}
         except ControlError as e:
-            return _error(str(e))
+            return _error(str(e), e.refused)
 
     async def dispatch(self, request: Request) -> dict[str, Any]:
+        daemon = self.daemon
         if request.cmd == "status":
-            return self.daemon.status()
-        if self.daemon.state == "stopping":
-            raise ControlError("capsd is stopping: only status is answered")
-        if request.slot is not None:
-            return await self.restart_worker(request.slot, request.force, request.timeout)
-        # Rolling: one slot at a time, the next once the previous replacement is ready, so never
-        # more than one slot is down (and, with stealing, the others take its waiting segments).
-        log.info("rolling restart requested", slots=len(self.daemon.slots), force=request.force)
-        restarted = [
-            await self.restart_worker(index, request.force, request.timeout) for index in range(len(self.daemon.slots))
-        ]
-        return {"restarted": restarted}
-
-    async def restart_worker(self, index: int, force: bool, timeout: float | None) -> dict[str, Any]:
-        slots = self.daemon.slots
-        if not 0 <= index < len(slots):
-            raise ControlError(f"no slot {index}: slots are 0..{len(slots) - 1}")
-        slot = slots[index]
-        old = slot.incarnation
-        if old is None or not old.ready:
-            raise ControlError(f"slot {index} is {slot.state.value}; try again when it is ready")
-        log.info("restart requested", slot=index, pid=old.pid, force=force)
-        drain = 0.0 if force else timeout or DRAIN_TIMEOUT_S
-        if force:
-            slot.kill(ExitReason.REQUESTED)
-        else:
-            slot.drain(ExitReason.REQUESTED, drain)  # the daemon forces it at the deadline
-
-        async def replaced() -> None:
-            await asyncio.shield(old.exited)
-            await slot.ready_event.wait()  # cleared when the old one ended, set when a new one is ready
-
-        try:
-            await asyncio.wait_for(replaced(), drain + READY_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ControlError(f"slot {index}: the new worker is not ready after {drain + READY_TIMEOUT_S:g} s") from None
-        return {"slot": index, "old_pid": old.pid, "new_pid": slot.incarnation.pid}
-
+            return daemon.status()
+        if daemon.state != "ready":
+            raise ControlError(f"capsd is {daemon.state}: only status is answered")
+        if daemon.changing.locked():
+            raise ControlError("another change of the pool is under way; try again when it has ended")
+        async with daemon.changing:
+            if request.cmd == "scale":
+                return await daemon.scale(request.count, request.timeout or DRAIN_TIMEOUT_S)
+            if request.slot is None:
+                return {"restarted": await daemon.rolling_restart(request.force, request.timeout)}
+            if not 0 <= request.slot < daemon.count:
+                raise ControlError(f"no slot {request.slot}: slots are 0..{daemon.count - 1}")
+            return await daemon.restart(daemon.slots[request.slot], request.force, request.timeout)

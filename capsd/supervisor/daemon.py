@@ -1,7 +1,8 @@
 """The supervisor: start the slots, serve, watch the workers, stop gracefully.
 
 Its loop reads as a list of duties, like gunicorn's arbiter: `start_slots`, `watch_workers`
-(hung and bloated workers), `count_crash` (restart intensity, OTP style), `stop`.
+(hung and bloated workers), `count_crash` (restart intensity, OTP style), `stop`; and the pool's
+changes while it serves (docs/design.md#changing-the-pool): `scale`, `restart`, `change_model`.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+import psutil
 import structlog
 
-from capsd import __version__
+from capsd import __version__, memory, preflight
 from capsd import log as logs
 from capsd.config import Config, ConfigError
-from capsd.preflight import Preflight
-from capsd.protocol import clip
+from capsd.protocol import LONGEST_SEGMENT_S, clip, route
 from capsd.supervisor import control, notify
+from capsd.supervisor.control import READY_TIMEOUT_S, ControlError, PlanRefused
 from capsd.supervisor.front import Front
 from capsd.supervisor.metrics import Metrics
-from capsd.supervisor.slot import ExitReason, Incarnation, LastExit, Slot, SlotState
+from capsd.supervisor.slot import DRAIN_TIMEOUT_S, ExitReason, Incarnation, LastExit, Slot, SlotState
 from capsd.supervisor.task import Formatting, Task
+from capsd.worker.main import WorkerSpec
 
 log = structlog.get_logger("capsd.supervisor")
 
@@ -41,28 +44,69 @@ RELOADABLE = {
                 "load_timeout_s"},
     "log": {"level", "format"},
 }
+# What SIGHUP changes by changing the pool while it serves (docs/design.md#changing-the-pool).
+POOL = {"workers": {"count"}, "model": {"type", "dir", "files", "punctuation"}}
+
+
+def model_key(spec: WorkerSpec) -> tuple[object, ...]:
+    """Workers alike in memory: the same model files, punctuation and threads."""
+    return spec.model_type, tuple(sorted(spec.files.items())), spec.punctuation, spec.threads
 
 
 class Daemon:
-    def __init__(self, cfg: Config, preflight: Preflight, reload: Callable[[], Config]) -> None:
+    def __init__(self, cfg: Config, checked: preflight.Preflight, reload: Callable[[], Config]) -> None:
         self.cfg = cfg
         self.reload = reload
-        self.plan = preflight.plan
+        self.plan = checked.plan
+        self.spec = checked.spec  # what new workers run
+        self.estimates = {model_key(self.spec): checked.plan.worker_bytes}  # planned peak per model
+        self.peaks: dict[tuple[object, ...], int] = {}  # measured peak per model (VmHWM)
+        self.count = cfg.workers.count  # slots new tasks route to: slots[:count]
+        self.changing = asyncio.Lock()  # one change of the pool at a time
         self.started = time.monotonic()
         self.state = "starting"
         self.crashes: deque[float] = deque()
         self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.metrics = Metrics(self.status)
-        self.slots = [
-            Slot(i, preflight.spec, cfg.workers.queue_limit, cfg.workers.work_stealing, self.worker_exited, self.metrics)
-            for i in range(cfg.workers.count)
-        ]
-        for slot in self.slots:
-            slot.peers = self.slots
-        formatting = Formatting(cfg.format.num, cfg.format.spell, punctuate=bool(preflight.spec.punctuation))
-        self.front = Front(cfg.server, self.slots, formatting, self.not_ready, self.metrics)
+        # In index order: the active slots 0..count-1, then slots scaled away that still home tasks.
+        self.slots: list[Slot] = []
+        self.runners: dict[Slot, asyncio.Task[None]] = {}
+        for index in range(self.count):
+            self.add_slot(index)
+        self.front = Front(cfg.server, self.home, self.formatting(), self.not_ready, self.metrics)
         self.control = control.ControlServer(cfg.control.socket, self)
+        self.background: set[asyncio.Task[None]] = set()
+
+    def formatting(self) -> Formatting:
+        return Formatting(self.cfg.format.num, self.cfg.format.spell, punctuate=bool(self.spec.punctuation))
+
+    def home(self, task_id: str) -> Slot:
+        """A new task's home slot (docs/design.md#routing-is-crc32)."""
+        return self.slots[route(task_id, self.count)]
+
+    def add_slot(self, index: int) -> Slot:
+        """Slot `index`, new, or one scaled away that still homes tasks, active again."""
+        if index < len(self.slots) and self.slots[index].index == index:
+            slot = self.slots[index]
+            slot.unretire()
+            slot.spec = self.spec
+        else:
+            slot = Slot(index, self.spec, self.cfg.workers.queue_limit, self.cfg.workers.work_stealing,
+                        self.worker_exited, self.metrics)  # fmt: skip
+            slot.peers = self.slots
+            self.slots.insert(index, slot)
+            runner = asyncio.get_running_loop().create_task(slot.run())
+            runner.add_done_callback(self.runner_ended)
+            self.runners[slot] = runner
+        return slot
+
+    def remove_slot(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+        slot.stopping = True
+        slot.wakeup.set()
+        self.runners.pop(slot)
+        log.info("slot removed", slot=slot.index, slots=len(self.slots))
 
     def finish(self, code: int) -> None:
         if not self.done.done():
@@ -84,11 +128,9 @@ class Daemon:
             self.front.stop_accepting()
             await self.front.close()
             self.control.stop()
+            self.cancel_runners()
             return os.EX_CONFIG
         watcher = asyncio.create_task(self.watch_workers())
-        runners = [asyncio.create_task(slot.run()) for slot in self.slots]
-        for runner in runners:
-            runner.add_done_callback(self.runner_ended)
         code = await self.start_slots()
         if code is None:
             self.state = "ready"
@@ -98,9 +140,12 @@ class Daemon:
             code = await self.done
         watcher.cancel()
         await self.stop(code)
-        for runner in runners:
-            runner.cancel()
+        self.cancel_runners()
         return code
+
+    def cancel_runners(self) -> None:
+        for runner in self.runners.values():
+            runner.cancel()
 
     async def start_slots(self) -> int | None:
         """Start every worker in parallel; ready when all have loaded (None), else an exit code."""
@@ -124,15 +169,17 @@ class Daemon:
 
     def startup_failed(self, slot: Slot, reason: str) -> None:
         # A worker that dies before it is ready has a bad model or environment: restarting it
-        # would loop forever, so refuse to start, like uvicorn's STARTUP_FAILURE.
+        # would loop forever, so refuse to start, like uvicorn's STARTUP_FAILURE. A slot added
+        # by a scale fails alone: the scale is given up.
         slot.failed = True
-        log.error("startup failed", slot=slot.index, reason=reason)
-        self.finish(os.EX_CONFIG)
+        log.error("startup failed" if self.state == "starting" else "new slot failed", slot=slot.index, reason=reason)
+        if self.state == "starting":
+            self.finish(os.EX_CONFIG)
 
     def start_worker(self, slot: Slot, attempt: int = 0) -> None:
         """Start the slot's worker; one that cannot be spawned (descriptors, processes, memory)
         is tried again after 0.5, 1, 2 ... s, each failure counted against restart intensity."""
-        if slot.stopping or self.done.done():
+        if slot.stopping or slot.retiring or slot.failed or self.done.done():
             return
         try:
             slot.start()
@@ -154,7 +201,21 @@ class Daemon:
 
     def worker_exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Task | None) -> None:
         """Every restart decision, in one place: what the exit costs, and what comes next."""
-        pid = slot.incarnation.pid if slot.incarnation else None
+        inc = slot.incarnation
+        pid = inc.pid if inc else None
+        if slot.retiring:  # scaled away: its worker is not replaced
+            slot.incarnation = None
+            log.info("worker stopped: slot scaled away", slot=slot.index, pid=pid, exitcode=exitcode)
+            if lost is not None:  # the drain's deadline passed
+                lost.fail(reason.code, f"slot {slot.index} was scaled away and its worker forced to stop")
+            return
+        if inc is not None and not inc.ready and inc.spec != slot.ready_spec:
+            # A new model that passed the checks but does not load: back to the one that does.
+            log.error("new model failed to load: the slot keeps the running model", slot=slot.index, pid=pid,
+                      exitcode=exitcode, model=inc.spec.model)  # fmt: skip
+            slot.spec = slot.ready_spec
+            self.start_worker(slot)
+            return
         if not slot.ever_ready:
             loading = f"was not ready within load_timeout_s = {self.cfg.workers.load_timeout_s:g} s"
             cause = loading if reason is ExitReason.NOT_LOADED else "died while loading the model"
@@ -192,9 +253,11 @@ class Daemon:
         last_ping, last_status = 0.0, ""
         while True:
             now = time.monotonic()
-            for slot in self.slots:
+            for slot in list(self.slots):
                 slot.sample_cpu(now)
                 self.check_worker(slot, now)
+                if slot.retiring and not slot.open_tasks and slot.worker_gone:
+                    self.remove_slot(slot)  # its last task ended
             ping = watchdog is not None and now - last_ping >= watchdog
             status = self.summary()
             if ping or status != last_status:
@@ -217,6 +280,8 @@ class Daemon:
             return
         if not inc.jobs:  # a fresh worker is as small as it gets: recycling it would loop
             return
+        key = model_key(inc.spec)
+        self.peaks[key] = max(self.peaks.get(key, 0), inc.peak_rss())
         rss = inc.rss()
         if rss > self.plan.worker_bytes and not inc.over_plan:
             inc.over_plan = True
@@ -252,13 +317,14 @@ class Daemon:
         return None
 
     def handle_sighup(self) -> None:
-        """Reread the config; apply what can change while running, say what cannot."""
+        """Reread the config; apply what can change while running, say what cannot. A changed
+        [workers] count or [model] changes the pool while it serves, in the background."""
         try:
             new = self.reload()
         except ConfigError as e:
             log.error("reload refused: keeping the running config", reason=str(e))
             return
-        applied, kept = [], []
+        applied, kept, pool = [], [], []
         sections = {}
         for section in (f.name for f in dataclasses.fields(Config) if f.name != "source"):
             old_values, new_values = getattr(self.cfg, section), getattr(new, section)
@@ -269,16 +335,153 @@ class Daemon:
             }
             allowed = {k: v for k, v in changes.items() if k in RELOADABLE.get(section, ())}
             applied += [f"[{section}] {k}" for k in allowed]
-            kept += [f"[{section}] {k}" for k in changes if k not in allowed]
+            pool += [f"[{section}] {k}" for k in changes if k in POOL.get(section, ())]
+            kept += [f"[{section}] {k}" for k in changes if k not in allowed and k not in POOL.get(section, ())]
             sections[section] = dataclasses.replace(old_values, **allowed)
         self.cfg = dataclasses.replace(self.cfg, **sections)
         self.front.cfg = self.cfg.server
         for slot in self.slots:
             slot.set_queue_limit(self.cfg.workers.queue_limit)
         logs.setup(self.cfg.log.level, self.cfg.log.format)
-        log.info("config reloaded", applied=applied or "nothing changed")
+        log.info("config reloaded", applied=applied or "nothing changed", changing_the_pool=pool or "no")
         if kept:
             log.warning("config changes need a restart: systemctl restart capsd", not_applied=kept)
+        if pool:
+            task = asyncio.get_running_loop().create_task(self.reconfigure(new))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+
+    async def reconfigure(self, new: Config) -> None:
+        """A reload's new [model], then its new count; each refused alone, with the reason logged."""
+        async with self.changing:
+            if new.model != self.cfg.model:
+                await self.change_model(new)
+            if new.workers.count != self.count:
+                try:
+                    await self.scale(new.workers.count)
+                except ControlError as e:
+                    log.error("scale refused: keeping the running count", count=self.count, reason=str(e))
+
+    # -- changing the pool while it serves (docs/design.md#changing-the-pool) -------------------
+
+    def worker_bytes(self, spec: WorkerSpec) -> int:
+        """A worker's planned peak: the estimate, or more if workers of this model measured more."""
+        key = model_key(spec)
+        return max(self.estimates[key], self.peaks.get(key, 0))
+
+    def plan_for(self, count: int, worker_bytes: int) -> memory.Plan:
+        """The memory plan for `count` workers while capsd runs: what it holds now is available
+        to it, as well as what the machine or cgroup has free."""
+        free = memory.read_available()
+        held = _rss_of_tree()
+        detail = f"{free.detail}, plus {memory.format_bytes(held)} capsd holds"
+        available = memory.Available(free.bytes + held, free.limit, detail)
+        reserve = self.cfg.workers.memory_reserve_mb * memory.MIB
+        return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S)
+
+    async def scale(self, count: int, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, object]:
+        """Grow: the memory plan first, then new slots, routed to once all are ready. Shrink:
+        the slots that go take no new task and hand their waiting jobs to the others; their
+        workers stop after the job in hand; each slot goes when its last task ends."""
+        before = self.count
+        if count > before:
+            plan = self.plan_for(count, self.worker_bytes(self.spec))
+            if not plan.fits:
+                raise PlanRefused(plan.message(fix=f"capsctl scale {plan.max_count}"))
+            added = [self.add_slot(index) for index in range(before, count)]
+            for slot in added:
+                self.start_worker(slot)
+            loaded = await asyncio.gather(*(self.loaded(slot) for slot in added))
+            if not all(loaded):
+                for slot in added:
+                    slot.retire(self.home)
+                failed = [slot.index for slot, ok in zip(added, loaded) if not ok]
+                raise ControlError(f"the worker of slot {failed[0]} did not load; the pool keeps {before} slots")
+            self.plan, self.count = plan, count
+        elif count < before:
+            self.count = count
+            going = self.slots[count:before]
+            for slot in going:
+                slot.retire(self.home, timeout)
+            await asyncio.gather(*(asyncio.shield(slot.incarnation.exited) for slot in going if slot.incarnation))
+            self.plan = self.plan_for(count, self.worker_bytes(self.spec))
+        self.cfg = dataclasses.replace(self.cfg, workers=dataclasses.replace(self.cfg.workers, count=count))
+        log.info("pool scaled", slots=count, before=before, plan=self.plan.message())
+        return {"count": count, "before": before, "plan": self.plan.message()}
+
+    async def loaded(self, slot: Slot) -> bool:
+        """Whether the slot's current (or next) worker becomes ready."""
+        if slot.failed:  # a new slot whose worker could not start
+            return False
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                if slot.incarnation is None or slot.incarnation.exited.done():  # spawn to be retried
+                    await slot.ready_event.wait()
+                return await asyncio.shield(slot.incarnation.loaded)
+        except TimeoutError:
+            return False
+
+    async def restart(self, slot: Slot, force: bool = False, timeout: float | None = None) -> dict[str, object]:
+        """Replace the slot's worker (graceful: after the job in hand), return when the new one is ready."""
+        old = slot.incarnation
+        if old is None or not old.ready:
+            raise ControlError(f"slot {slot.index} is {slot.state.value}; try again when it is ready")
+        log.info("restart requested", slot=slot.index, pid=old.pid, force=force)
+        if force:
+            slot.kill(ExitReason.REQUESTED)
+        else:
+            slot.drain(ExitReason.REQUESTED, timeout or DRAIN_TIMEOUT_S)  # forced at the deadline
+        await asyncio.shield(old.exited)
+        if not await self.loaded(slot):
+            raise ControlError(f"slot {slot.index}: the new worker did not load")
+        return {"slot": slot.index, "old_pid": old.pid, "new_pid": slot.incarnation.pid}
+
+    async def rolling_restart(self, force: bool = False, timeout: float | None = None) -> list[dict[str, object]]:
+        """One slot at a time, the next once the previous replacement is ready: never more than
+        one slot down (and, with stealing, the others take its waiting jobs)."""
+        log.info("rolling restart", slots=self.count, force=force)
+        return [await self.restart(slot, force, timeout) for slot in self.slots[: self.count]]
+
+    async def change_model(self, new: Config) -> None:
+        """Check the new [model] as check-config would and plan old and new side by side, then
+        roll every slot onto it; if a worker cannot load it, roll back."""
+        try:
+            spec, estimate = preflight.worker(dataclasses.replace(self.cfg, model=new.model))
+        except ConfigError as e:
+            log.error("model change refused: keeping the running model", reason=str(e))
+            return
+        self.estimates.setdefault(model_key(spec), estimate)
+        # During the roll each slot runs one model or the other: plan every slot at the larger.
+        plan = self.plan_for(self.count, max(self.worker_bytes(self.spec), self.worker_bytes(spec)))
+        if not plan.fits:
+            log.error("model change refused: keeping the running model", reason=plan.message())
+            return
+        old = self.spec
+        log.info("model change: rolling restart", slots=self.count, model=spec.model, before=old.model)
+        if not await self.roll(spec):
+            log.error("model change failed: rolling back to the running model", model=spec.model)
+            await self.roll(old)
+            return
+        self.plan = self.plan_for(self.count, self.worker_bytes(spec))
+        self.cfg = dataclasses.replace(self.cfg, model=new.model)
+        self.front.formatting = self.formatting()
+        log.info("model changed", model=spec.model)
+
+    async def roll(self, spec: WorkerSpec) -> bool:
+        """Every active slot onto `spec`, one at a time; False at the first worker that does not load it."""
+        self.spec = spec
+        for slot in self.slots[: self.count]:
+            if slot.ready_spec == spec:
+                continue
+            slot.spec = spec
+            try:
+                await self.loaded(slot)  # a slot restarting after a crash is replaced once ready
+                await self.restart(slot)
+            except ControlError:
+                return False
+            if slot.ready_spec != spec:  # reverted by worker_exited
+                return False
+        return True
 
     async def stop(self, code: int) -> None:
         """Stop accepting, let tasks finish (not when giving up), fail the rest, stop workers."""
@@ -305,7 +508,7 @@ class Daemon:
         ready = sum(slot.state in (SlotState.READY, SlotState.BUSY) for slot in self.slots)
         tasks = sum(len(slot.open_tasks) for slot in self.slots)
         restarts = sum(slot.restarts for slot in self.slots)
-        return f"{ready}/{len(self.slots)} slots ready, {tasks} tasks in progress, {restarts} restarts"
+        return f"{ready}/{self.count} slots ready, {tasks} tasks in progress, {restarts} restarts"
 
     def status(self) -> dict[str, object]:
         return {
@@ -314,7 +517,22 @@ class Daemon:
             "version": __version__,
             "state": self.state,
             "slots": [slot.status() for slot in self.slots],
-            "memory": {"planned_bytes": self.plan.total_bytes, "available_bytes": self.plan.available_bytes},
+            "memory": {
+                "planned_bytes": self.plan.total_bytes,
+                "available_bytes": self.plan.available_bytes,
+                "worker_bytes": self.worker_bytes(self.spec),  # what growth plans per worker
+                "worker_peak_bytes": self.peaks.get(model_key(self.spec), 0),  # measured, workers of this model
+            },
             "connections": len(self.front.clients),
             "audio_per_second": round(self.metrics.audio_per_second(), 3),
         }
+
+
+def _rss_of_tree() -> int:
+    """The resident memory of capsd: this process and its children (workers, resource tracker)."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total

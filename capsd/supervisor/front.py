@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from capsd.config import ServerConfig
-from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame, route
+from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame
 from capsd.segment import Segmenter
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.slot import Slot
@@ -191,13 +191,13 @@ class Front:
     def __init__(
         self,
         cfg: ServerConfig,
-        slots: Sequence[Slot],
+        home: Callable[[str], Slot],
         formatting: Formatting,
         not_ready: Callable[[], str | None],
         metrics: Metrics,
     ) -> None:
         self.cfg = cfg
-        self.slots = slots
+        self.home = home  # a new task's home slot
         self.formatting = formatting
         self.not_ready = not_ready  # why capsd is not ready for new tasks, or None (GET /readyz)
         self.metrics = metrics
@@ -315,7 +315,7 @@ class Front:
 
     def open_task(self, client: Client, frame: AudioFrame) -> Task | None:
         """A new task, or None when it is refused (with its final frame)."""
-        slot = self.slots[route(frame.task_id, len(self.slots))]
+        slot = self.home(frame.task_id)
         if not self.accepting:  # tasks in progress may finish; new ones cannot
             refusal = ("shutting_down", "capsd is stopping")
         elif len(client.receiving) >= MAX_OPEN_TASKS:
@@ -352,7 +352,7 @@ class Front:
             return
         error_frame = Result(e.task_id).to_json(error=("bad_request", str(e)))
         if e.task_id:  # a task refused at its first frame
-            self.slots[route(e.task_id, len(self.slots))].count(e.source, "bad_request")
+            self.home(e.task_id).count(e.source, "bad_request")
         else:
             self.metrics.bad_frames.inc()
         if e.task_id and not e.is_final:

@@ -14,6 +14,7 @@ Life cycle (`SlotState`, derived from the incarnation and what it is doing):
     ready, busy --drain--> draining --job done, process replaced--> restarting --ready--> ready
     any --process ended--> restarting --ready--> ready
     starting --process ended before ready--> failed (capsd refuses to start)
+    any --retire (scaled down)--> draining --last task homed here ended--> gone
 """
 
 from __future__ import annotations
@@ -116,12 +117,14 @@ class Incarnation:
         finally:
             child.close()  # else our copy keeps the pipe open and we never see the worker's death
         self.pid: int = self.process.pid  # type: ignore[assignment]
+        self.spec = spec
         self.started = time.monotonic()
         self.ready = False
         self.jobs = 0  # jobs done; a fresh worker over max_rss_mb is not recycled again
         self.over_plan = False  # warned once that its RSS exceeds the memory plan's estimate
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
+        self.loaded: asyncio.Future[bool] = self.loop.create_future()  # True at Ready, False if it died first
         # Sends run in a thread of their own: a stopped worker must block only its own slot.
         self.sender = ThreadPoolExecutor(1, thread_name_prefix=f"capsd-send-{slot.index}")
         self.slot = slot
@@ -165,6 +168,14 @@ class Incarnation:
         except psutil.Error:
             return 0
 
+    def peak_rss(self) -> int:
+        """The most memory this process has held (VmHWM): what its model costs at its peak."""
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+        except (OSError, ValueError):
+            return 0
+
     def cpu_seconds(self) -> float | None:
         try:
             times = psutil.Process(self.pid).cpu_times()
@@ -184,7 +195,9 @@ class Slot:
         metrics: Metrics | None = None,
     ) -> None:
         self.index = index
-        self.spec = spec
+        self.spec = spec  # what the next incarnation runs
+        self.ready_spec = spec  # what the last incarnation that became ready ran
+        self.peak = 0  # the highest peak RSS seen of a worker running `spec`
         self.queue_limit = queue_limit
         self.stealing = stealing
         self.on_worker_exit = on_exit  # the daemon decides what follows
@@ -209,6 +222,7 @@ class Slot:
         self.wakeup = asyncio.Event()
         self.ready_event = asyncio.Event()  # set at each incarnation's Ready
         self.stopping = False
+        self.retiring = False  # scaled down: takes no new task, goes when its last task ends
 
     # -- life cycle: the slot reports, the daemon decides -------------------------------------
 
@@ -221,6 +235,8 @@ class Slot:
     def on_message(self, inc: Incarnation, message: Any) -> None:
         if isinstance(message, Ready):
             inc.ready = self.ever_ready = True
+            inc.loaded.set_result(True)
+            self.ready_spec = inc.spec
             self.ready_event.set()
             self.wakeup.set()
             log.info("worker ready", slot=self.index, pid=inc.pid, load_s=round(time.monotonic() - inc.started, 2))
@@ -230,6 +246,8 @@ class Slot:
     def on_exit(self, inc: Incarnation, exitcode: int | None) -> None:
         inc.close()
         inc.exited.set_result(exitcode)
+        if not inc.loaded.done():
+            inc.loaded.set_result(False)
         reason = self.exit_reason or ExitReason.CRASHED
         self.exit_reason = self.drain_reason = None
         lost = self.in_flight.task if self.in_flight else None
@@ -278,6 +296,11 @@ class Slot:
             self.room.set()
 
     @property
+    def worker_gone(self) -> bool:
+        """No worker process, or one that has ended."""
+        return self.incarnation is None or self.incarnation.exited.done()
+
+    @property
     def full(self) -> bool:
         return len(self.queue) >= self.queue_limit
 
@@ -289,9 +312,11 @@ class Slot:
         """Queue a job of a task homed here. Beyond queue_limit new tasks are refused and the
         connections with jobs here are not read, so the queue stays near its limit."""
         task.time_submit = time.time()
-        item = Waiting(task, work, task.time_submit)
+        self._push(Waiting(task, work, task.time_submit))
+
+    def _push(self, item: Waiting) -> None:
         self.queue.push(item)
-        task.owner.queued(self, item.nbytes)
+        item.task.owner.queued(self, item.nbytes)
         if self.full:
             self.room.clear()
         for slot in self.peers if self.stealing else (self,):
@@ -323,8 +348,28 @@ class Slot:
 
     def _forget(self, task: Task) -> None:
         self.open_tasks.discard(task)
-        for item in self.queue.drop(task):
+        queue_slot = task.queue_slot
+        for item in queue_slot.queue.drop(task):
+            queue_slot._left_queue(item)
+
+    def retire(self, home: Callable[[str], Slot], timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Scaled down (docs/design.md#changing-the-pool): take no new job; the jobs waiting here
+        and those still to come of the tasks queued here move to the slot `home` names for their
+        task; the worker finishes its job in hand and stops. The tasks homed here keep it as
+        their home (their line in status) until they end."""
+        self.retiring = True
+        for task in {task for slot in self.peers for task in slot.open_tasks if task.queue_slot is self}:
+            task.queue_slot = home(task.task_id)
+        moved, self.queue = list(self.queue), JobQueue()
+        for item in moved:
             self._left_queue(item)
+            item.task.queue_slot._push(item)
+        self.drain(ExitReason.REQUESTED, timeout)
+
+    def unretire(self) -> None:
+        """Scaled up again before it was gone: a slot like any other."""
+        self.retiring = self.failed = False
+        self.drain_reason = None
 
     def _next(self) -> Waiting | None:
         others = [slot.queue for slot in self.peers if slot is not self] if self.stealing else []
@@ -422,6 +467,8 @@ class Slot:
         inc = self.incarnation
         if self.failed:
             return SlotState.FAILED
+        if self.retiring:
+            return SlotState.DRAINING
         if inc is None or not inc.ready:
             return SlotState.RESTARTING if self.ever_ready else SlotState.STARTING
         if self.drain_reason:
@@ -446,4 +493,5 @@ class Slot:
             "segments_decoded": self.segments_decoded,
             "busy_share": round(self.busy_share(now), 3),
             "cpu_share": round(self.cpu_share(), 3),
+            "model": (inc.spec if inc else self.spec).model,
         }

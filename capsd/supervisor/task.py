@@ -67,7 +67,7 @@ class Task:
     task_id: str
     source: str  # "mic" | "file"
     time_start: float
-    slot: Slot  # its home: its queue, its queue_limit, its line in status
+    slot: Slot  # its home: its queue_limit, its line in status, and its queue ...
     segmenter: Segmenter
     owner: Owner
     formatting: Formatting = field(default_factory=Formatting)
@@ -78,6 +78,11 @@ class Task:
     merged: int = 0  # segments merged, in order
     final_received: float | None = None  # time.monotonic() when the client's is_final frame came
     done: bool = False  # its final frame is sent (or owed), or it was cancelled
+    # ... unless its home was scaled away: then its jobs wait in another slot's queue.
+    queue_slot: Slot = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue_slot = self.slot
 
     def submit(self, segment: Segment) -> None:
         """A segment cut from the client's audio: to its home slot's queue, or, if too short to
@@ -85,7 +90,7 @@ class Task:
         if len(segment.samples) < MIN_DECODE_SAMPLES:
             self.segment_decoded(segment, [], [], time.time())
         else:
-            self.slot.submit(self, segment)
+            self.queue_slot.submit(self, segment)
 
     def segment_decoded(self, segment: Segment, tokens: list[str], timestamps: list[float], submitted: float) -> None:
         if self.done:
@@ -105,7 +110,7 @@ class Task:
             self._send(Result(self.task_id, self.time_start, last.submitted, time.time(), self.partial.duration,
                               text, text, self.partial.tokens, self.partial.timestamps))  # fmt: skip
         elif self.formatting.punctuate:
-            self.slot.submit(self, self.partial.text)
+            self.queue_slot.submit(self, self.partial.text)
         else:
             self.finish(self.partial.text, last.submitted)
 

@@ -38,6 +38,12 @@ class WorkerSpec:
     punctuation: str = ""  # punctuation model dir, "" = none
     log_level: str = "info"
     log_format: str = "auto"
+    model_dir: str = ""  # where `files` are, as status shows it
+
+    @property
+    def model(self) -> dict[str, str]:
+        """The model as status shows it, per slot."""
+        return {"type": self.model_type, "dir": self.model_dir, "punctuation": self.punctuation}
 
 
 class Recognizer:

@@ -1,0 +1,174 @@
+"""Changing the pool while it serves, with real processes: scale, a model change by SIGHUP, the
+memory plan that learns (docs/design.md#changing-the-pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from capsd.models import EMBEDDED_MODEL_DIR
+from capsd.protocol import route
+from capsd.selftest.tones import synth
+from tests.support.checks import assert_exact, http_get, run_client, wait_for
+from tests.support.client import connect, receive, send_file
+
+FILE_DIGITS, MIC_DIGITS = "1234567890" * 12, "4711" * 5  # 60 s and 10 s
+
+
+def capsctl(capsd: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), *args],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def homed_on(slot: int, count: int, prefix: str) -> str:
+    return next(f"{prefix}-{n}" for n in range(1000) if route(f"{prefix}-{n}", count) == slot)
+
+
+def load(url: str, tag: str) -> Any:
+    """Two file tasks and a dictation from their own connections; returns their frames."""
+    file_audio, _ = synth(FILE_DIGITS)
+    mic_audio, _ = synth(MIC_DIGITS)
+    jobs = [(f"{tag}-file-{i}", "file", file_audio, (15, 2)) for i in range(2)] + [(f"{tag}-mic", "mic", mic_audio, (15, 2))]
+    return asyncio.gather(*(run_client(url, [job]) for job in jobs))
+
+
+def assert_all_exact(results: list[dict[str, Any]], tag: str) -> None:
+    frames: dict[str, Any] = {}
+    for result in results:
+        frames |= result
+    _, file_starts = synth(FILE_DIGITS)
+    _, mic_starts = synth(MIC_DIGITS)
+    for i in range(2):
+        assert_exact(frames[f"{tag}-file-{i}"], FILE_DIGITS, file_starts)
+    assert_exact(frames[f"{tag}-mic"], MIC_DIGITS, mic_starts)
+
+
+def test_scale_2_to_3_to_1_while_tasks_stream_fails_nothing(start_capsd: Any) -> None:
+    # Without stealing, a slot scaled away can only be emptied by handing its jobs over.
+    capsd = start_capsd({"workers": {"count": 2, "work_stealing": False}})
+    samples, starts = synth(FILE_DIGITS)
+
+    async def scenario() -> dict[str, Any]:
+        growing = load(capsd.url, "grow")
+        grown = await asyncio.to_thread(capsctl, capsd, "scale", "3")
+        assert grown.returncode == 0, grown.stderr
+        assert "2 -> 3 slots" in grown.stdout
+        assert_all_exact(await growing, "grow")
+        slots = capsd.status()["slots"]
+        assert [s["slot"] for s in slots] == [0, 1, 2] and all(s["state"] == "ready" for s in slots)
+        assert 'capsd_queue_depth{slot="2"}' in http_get(capsd.port, "/metrics")[1]  # metrics follow
+        # A task homed on slot 2 under the new count, its worker stopped mid-job so that its
+        # segments wait in slot 2's queue when the pool shrinks under it.
+        kept = homed_on(2, 3, "kept")
+        worker = capsd.worker_pid(2)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            async with connect(capsd.url) as ws:
+                await send_file(ws, kept, samples, seg=(15, 2))
+                await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][2]["queue_depth"] >= 3, 30)
+                shrinking = asyncio.create_task(asyncio.to_thread(capsctl, capsd, "scale", "1"))
+                await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][2]["state"] == "draining", 30)
+                status = capsd.status()
+                assert status["slots"][2]["queue_depth"] == 0  # handed over to slot 0
+                assert status["slots"][2]["tasks_in_progress"] == 1  # still its home
+                during = load(capsd.url, "shrink")  # new tasks meanwhile: all to slot 0
+                os.kill(worker, signal.SIGCONT)  # the job in hand finishes, then the worker stops
+                shrunk = await shrinking
+                assert shrunk.returncode == 0, shrunk.stderr
+                assert_all_exact(await during, "shrink")
+                return await receive(ws, {kept})
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # gone once it has stopped
+                os.kill(worker, signal.SIGCONT)
+
+    frames = asyncio.run(scenario())
+    assert_exact(frames[next(iter(frames))], FILE_DIGITS, starts)
+    wait_for(lambda: [s["slot"] for s in capsd.status()["slots"]] == [0], 10, "slots 1 and 2 to go")
+    status = capsd.status()
+    assert status["slots"][0]["tasks_failed"] == 0 and status["slots"][0]["restarts"] == 0
+    assert "pool scaled" in capsd.logs() and "slot removed" in capsd.logs()
+    depths = [line.split()[0] for line in http_get(capsd.port, "/metrics")[1].splitlines()
+              if line.startswith("capsd_queue_depth{")]  # fmt: skip
+    assert depths == ['capsd_queue_depth{slot="0"}']
+
+
+def test_a_scale_the_memory_plan_refuses_changes_nothing(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    before = capsd.status()
+    refused = capsctl(capsd, "scale", "100000")
+    assert refused.returncode == 75, refused.stderr  # its own exit code (EX_TEMPFAIL)
+    assert "memory plan does not fit: 100000 workers" in refused.stderr and "capsctl scale" in refused.stderr
+    after = capsd.status()
+    assert [(s["slot"], s["pid"]) for s in after["slots"]] == [(s["slot"], s["pid"]) for s in before["slots"]]
+    assert capsctl(capsd, "scale", "0").returncode == 64
+    samples, starts = synth("31337")
+    assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "31337", starts)
+
+
+def change_model(capsd: Any, model_dir: Path) -> None:
+    text = capsd.config_path.read_text()
+    capsd.config_path.write_text(text + f'[model]\ndir = "{model_dir}"\n')
+    capsd.proc.send_signal(signal.SIGHUP)
+
+
+def test_a_new_model_by_sighup_rolls_in_under_load(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    old = [capsd.worker_pid(i) for i in range(2)]
+
+    async def scenario() -> list[dict[str, Any]]:
+        during = load(capsd.url, "roll")
+        change_model(capsd, heavy_model)
+        await asyncio.to_thread(wait_for, lambda: "model changed" in capsd.logs(), 120, "the model change")
+        return await during
+
+    assert_all_exact(asyncio.run(scenario()), "roll")
+    status = capsd.status()
+    assert all(s["model"]["dir"] == str(heavy_model) for s in status["slots"])
+    assert set(old).isdisjoint(s["pid"] for s in status["slots"])
+    assert all(s["tasks_failed"] == 0 for s in status["slots"])
+    samples, starts = synth("2718")  # and the new model serves
+    assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "2718", starts)
+
+
+def test_a_model_change_to_a_missing_file_is_refused_and_the_old_model_kept(start_capsd: Any, tmp_path: Path) -> None:
+    capsd = start_capsd()
+    pid = capsd.worker_pid(0)
+    change_model(capsd, tmp_path / "no-such-model")
+    wait_for(lambda: "model change refused" in capsd.logs(), 30, "the refusal")
+    assert "does not exist" in capsd.logs()
+    slot = capsd.status()["slots"][0]
+    assert slot["pid"] == pid and slot["model"]["dir"] == str(EMBEDDED_MODEL_DIR)
+
+
+def test_a_model_that_does_not_load_is_rolled_back(start_capsd: Any, tmp_path: Path) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    broken = tmp_path / "broken"
+    shutil.copytree(EMBEDDED_MODEL_DIR, broken)
+    for onnx in broken.glob("*.onnx"):
+        onnx.write_bytes(b"not an onnx model")  # passes the file checks, fails to load
+    change_model(capsd, broken)
+    wait_for(lambda: "model change failed" in capsd.logs(), 60, "the roll back")
+    wait_for(lambda: all(s["state"] == "ready" for s in capsd.status()["slots"]), 60, "every slot ready")
+    assert all(s["model"]["dir"] == str(EMBEDDED_MODEL_DIR) for s in capsd.status()["slots"])
+    samples, starts = synth("1618")
+    assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "1618", starts)
+
+
+def test_the_plan_learns_the_peak_workers_measured(start_capsd: Any) -> None:
+    capsd = start_capsd()
+    estimate = capsd.status()["memory"]["worker_bytes"]
+    samples, _ = synth("1234567890" * 24)  # 120 s, one segment: the longest a client may send
+    asyncio.run(run_client(capsd.url, [("long", "file", samples, (60, 59.99))]))
+    pid = capsd.worker_pid(0)
+    hwm = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))) * 1024  # fmt: skip
+    memory = wait_for(lambda: (m := capsd.status()["memory"])["worker_peak_bytes"] and m, 10, "a measured peak")
+    assert 0.9 * hwm <= memory["worker_peak_bytes"] <= hwm
+    assert memory["worker_bytes"] == max(estimate, memory["worker_peak_bytes"])
