@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import route
 from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, http_get, run_client, wait_for
-from tests.support.client import connect, receive, send_file
+from tests.support.client import connect, receive, send_file, send_mic
 
 FILE_DIGITS, MIC_DIGITS = "1234567890" * 12, "4711" * 5  # 60 s and 10 s
 
@@ -32,11 +33,17 @@ def homed_on(slot: int, count: int, prefix: str) -> str:
 
 
 def load(url: str, tag: str) -> Any:
-    """Two file tasks and a dictation from their own connections; returns their frames."""
+    """Two file tasks and a dictation spoken in real time (10 s), each from its own connection."""
     file_audio, _ = synth(FILE_DIGITS)
     mic_audio, _ = synth(MIC_DIGITS)
-    jobs = [(f"{tag}-file-{i}", "file", file_audio, (15, 2)) for i in range(2)] + [(f"{tag}-mic", "mic", mic_audio, (15, 2))]
-    return asyncio.gather(*(run_client(url, [job]) for job in jobs))
+    files = [run_client(url, [(f"{tag}-file-{i}", "file", file_audio, (15, 2))]) for i in range(2)]
+    return asyncio.gather(*files, dictate(url, f"{tag}-mic", mic_audio))
+
+
+async def dictate(url: str, task_id: str, samples: Any) -> dict[str, Any]:
+    async with connect(url) as ws:
+        await send_mic(ws, task_id, samples, frame_s=0.1, pace=0.1)
+        return await receive(ws, {task_id})
 
 
 def assert_all_exact(results: list[dict[str, Any]], tag: str) -> None:
@@ -122,13 +129,24 @@ def test_a_new_model_by_sighup_rolls_in_under_load(start_capsd: Any, heavy_model
     capsd = start_capsd({"workers": {"count": 2}})
     old = [capsd.worker_pid(i) for i in range(2)]
 
+    samples: list[tuple[int, int]] = []  # (slots not ready, tasks in progress) while it rolls
+
     async def scenario() -> list[dict[str, Any]]:
         during = load(capsd.url, "roll")
+        await asyncio.sleep(0.5)  # the dictation has begun
         change_model(capsd, heavy_model)
-        await asyncio.to_thread(wait_for, lambda: "model changed" in capsd.logs(), 120, "the model change")
+        deadline = time.monotonic() + 120
+        while "model changed" not in capsd.logs():
+            assert time.monotonic() < deadline, "no model change in 120 s"
+            slots = capsd.status()["slots"]
+            samples.append((sum(s["state"] not in ("ready", "busy") for s in slots),
+                            sum(s["tasks_in_progress"] for s in slots)))  # fmt: skip
+            await asyncio.sleep(0.05)
         return await during
 
     assert_all_exact(asyncio.run(scenario()), "roll")
+    assert max(down for down, _ in samples) == 1  # one slot at a time
+    assert any(down and tasks for down, tasks in samples)  # a slot was replaced while tasks ran
     status = capsd.status()
     assert all(s["model"]["dir"] == str(heavy_model) for s in status["slots"])
     assert set(old).isdisjoint(s["pid"] for s in status["slots"])
