@@ -190,3 +190,19 @@ def test_the_plan_learns_the_peak_workers_measured(start_capsd: Any) -> None:
     memory = wait_for(lambda: (m := capsd.status()["memory"])["worker_peak_bytes"] and m, 10, "a measured peak")
     assert 0.9 * hwm <= memory["worker_peak_bytes"] <= hwm
     assert memory["worker_bytes"] == max(estimate, memory["worker_peak_bytes"])
+
+
+def test_a_new_slot_whose_worker_does_not_load_leaves_the_pool_as_it_was(start_capsd: Any, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(EMBEDDED_MODEL_DIR, model)
+    capsd = start_capsd({"model": {"dir": str(model)}})
+    pid = capsd.worker_pid(0)
+    for onnx in model.glob("*.onnx"):  # the running worker has loaded it; a new one cannot
+        onnx.write_bytes(b"not an onnx model")
+    failed = capsctl(capsd, "scale", "2")
+    assert failed.returncode == 1 and "did not load; the pool keeps 1 slots" in failed.stderr, failed.stderr
+    wait_for(lambda: len(capsd.status()["slots"]) == 1, 10, "the new slot to go")
+    assert capsd.worker_pid(0) == pid and capsd.proc.poll() is None
+    assert "cannot load the model" in capsd.logs() and "Traceback" not in capsd.logs()  # one line
+    samples, starts = synth("42")
+    assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "42", starts)

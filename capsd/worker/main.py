@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -81,7 +82,11 @@ def main(conn: Connection, spec: WorkerSpec, slot: int) -> None:
     memory.hand_back_freed_memory()
     logs.setup(spec.log_level, spec.log_format)
     structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
-    recognizer = Recognizer(spec)
+    try:
+        recognizer = Recognizer(spec)
+    except (RuntimeError, OSError, ValueError) as e:  # a model that passed the checks but does not load
+        log.error("cannot load the model", model=spec.model, error=str(e))
+        sys.exit(1)  # one line in the log, not a traceback; the supervisor sees the exit
     conn.send(Ready(os.getpid()))
     while True:
         try:
