@@ -197,7 +197,6 @@ class Slot:
         self.index = index
         self.spec = spec  # what the next incarnation runs
         self.ready_spec = spec  # what the last incarnation that became ready ran
-        self.peak = 0  # the highest peak RSS seen of a worker running `spec`
         self.queue_limit = queue_limit
         self.stealing = stealing
         self.on_worker_exit = on_exit  # the daemon decides what follows
@@ -309,8 +308,9 @@ class Slot:
         self.open_tasks.add(task)
 
     def submit(self, task: Task, work: Segment | str) -> None:
-        """Queue a job of a task homed here. Beyond queue_limit new tasks are refused and the
-        connections with jobs here are not read, so the queue stays near its limit."""
+        """Queue a job of a task whose jobs wait here (its home, unless that was scaled away).
+        Beyond queue_limit new tasks are refused and the connections with jobs here are not
+        read, so the queue stays near its limit."""
         task.time_submit = time.time()
         self._push(Waiting(task, work, task.time_submit))
 
