@@ -21,6 +21,12 @@ a random part into a decode, and waits for the slot to come back. At the end it 
   end, its open files and threads by at most 10; capsd exits 0 on SIGTERM.
 Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode:
 `python bench/chaos.py --minutes 10 --heavy`.
+
+--pool changes the pool instead of killing workers (docs/design.md#changing-the-pool): every
+3-10 s `capsctl scale` to 1-3 slots, `capsctl restart-worker all`, or a model flip by SIGHUP
+between the self-test model and the heavy one. Then no task may fail at all, no worker may exit
+unasked, every change must succeed, and the tasks done (capsd_tasks_total, which outlives the
+slots that go) must be the exact ones.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -47,6 +55,7 @@ from common import conclude, machine
 from capsd.protocol import clip
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
+from tests.support.checks import http_get
 from tests.support.client import connect, send_file, send_mic
 from tests.support.daemon import Capsd
 
@@ -54,6 +63,7 @@ TASK_TIMEOUT_S = 120  # from the task's last frame sent to its final frame
 GRACE_S = 3  # after a client's last task, so a late duplicate final frame is still seen
 MIC_FRAME_S = 0.1
 KILL_EVERY_S = (2, 8)
+CHANGE_EVERY_S = (3, 10)
 RSS_BOUND = (10 * 2**20, 0.10)
 HANDLES_BOUND = 10  # open files, threads
 
@@ -87,6 +97,7 @@ class Run:
     frames: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
     finals: dict[str, asyncio.Event] = field(default_factory=dict)
     kills: list[Kill] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -152,6 +163,40 @@ async def killer(capsd: Capsd, workers: int, rng: random.Random, deadline: float
             )
 
 
+async def changer(capsd: Capsd, heavy: Path, rng: random.Random, deadline: float, run: Run) -> None:
+    """--pool: a change of the pool every 3-10 s, each waited for before the next."""
+    config, flips = capsd.config_path.read_text(), 0
+    while time.monotonic() + CHANGE_EVERY_S[1] + 30 < deadline:
+        await asyncio.sleep(rng.uniform(*CHANGE_EVERY_S))
+        change = rng.choice(["scale", "scale", "restart", "model"])
+        if change == "model":
+            flips += 1
+            model = heavy if flips % 2 else ""
+            capsd.config_path.write_text(config + f'[model]\ndir = "{model}"\n')
+            capsd.proc.send_signal(signal.SIGHUP)
+            for _ in range(1200):
+                if capsd.logs().count("] model changed ") == flips:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                run.problems.append(f"model change {flips} to {model or 'self-test'}: not done in 120 s")
+            run.changes.append("model")
+            continue
+        args = ["scale", str(rng.randint(1, 3))] if change == "scale" else ["restart-worker", "all"]
+        ctl = [sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), *args]
+        done = await asyncio.to_thread(subprocess.run, ctl, capture_output=True, text=True)
+        if done.returncode:
+            run.problems.append(f"capsctl {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
+        run.changes.append(" ".join(args))
+
+
+def tasks_done(capsd: Capsd) -> int:
+    """capsd_tasks_total{outcome="done"}: counted in the registry, not in the slots that go."""
+    lines = http_get(capsd.port, "/metrics")[1].splitlines()
+    return sum(int(float(line.split()[-1])) for line in lines
+               if line.startswith("capsd_tasks_total{") and 'outcome="done"' in line)  # fmt: skip
+
+
 def usage(pid: int) -> tuple[int, int, int]:
     """RSS, open files and threads of a process."""
     process = psutil.Process(pid)
@@ -211,6 +256,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent client connections (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for tasks and kills (default 0)")
     parser.add_argument("--heavy", action="store_true", help="the CPU-heavy self-test model (kills land mid-decode)")
+    parser.add_argument("--pool", action="store_true", help="change the pool (scale, roll, model) instead of killing")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="capsd-chaos-"))
@@ -218,8 +264,9 @@ def main() -> int:
         "workers": {"count": args.workers, "restart_intensity": 1000, "restart_period_s": 60},
         "log": {"format": "console"},
     }
-    if args.heavy:
+    if args.heavy or args.pool:
         build_paraformer(tmp / "heavy", heavy=True)
+    if args.heavy and not args.pool:  # --pool starts on the self-test model and flips
         config["model"] = {"dir": str(tmp / "heavy")}
     print(f"machine: {machine()}")
     capsd, run = Capsd(tmp, config), Run()
@@ -228,8 +275,10 @@ def main() -> int:
 
     async def soak() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         warm = asyncio.create_task(usage_at(capsd.proc.pid, started + min(60, args.minutes * 30)))
+        chaos = random.Random(f"{args.seed}-killer")
+        disorder = changer(capsd, tmp / "heavy", chaos, deadline, run) if args.pool else None
         await asyncio.gather(
-            killer(capsd, args.workers, random.Random(f"{args.seed}-killer"), deadline, run),
+            disorder or killer(capsd, args.workers, chaos, deadline, run),
             *(client(n, capsd.url, random.Random(f"{args.seed}-{n}"), deadline, run) for n in range(args.clients)),
         )
         return await warm, usage(capsd.proc.pid)
@@ -238,6 +287,7 @@ def main() -> int:
         (rss0, fds0, threads0), (rss1, fds1, threads1) = asyncio.run(soak())
         duration = time.monotonic() - started
         slots = capsd.status()["slots"]
+        done_total = tasks_done(capsd)
     finally:
         exitcode = capsd.stop()
 
@@ -253,7 +303,13 @@ def main() -> int:
     idle_lost = [f"slot {k.slot} pid {k.pid} lost {e.lost}" for k, e in idle if e and e.lost]
     unlogged = [f"slot {k.slot} pid {k.pid}" for k in run.kills if k.pid not in exit_of]
     restarts, done, tasks_failed = (sum(s[k] for s in slots) for k in ("restarts", "tasks_done", "tasks_failed"))
-    checks = {
+    pool_checks = {
+        f"failed tasks: {failed}": not failed,
+        f"worker exits not asked for: {[e for e in exits if e.reason != 'requested']}":
+            all(e.reason == "requested" for e in exits),
+        f"capsd_tasks_total done {done_total}, exact {exact}": done_total == exact,
+    }  # fmt: skip
+    kill_checks = {
         f"failed tasks: clients {sorted(failed)}, logs lost {sorted(lost)}, logs failed {sorted(logged_failed)}":
             failed_clipped == lost == logged_failed,
         f"{len(run.kills)} kills, {restarts} restarts, worker exits logged {exits}":
@@ -263,6 +319,9 @@ def main() -> int:
             all(len(e.lost) <= 1 for e in exits),
         f"{len(failed)} failed tasks, {len(hits)} kills that hit a segment": len(failed) == len(hits),
         f"status counts {done} done, {tasks_failed} failed": (done, tasks_failed) == (exact, len(failed)),
+    }  # fmt: skip
+    checks = {
+        **(pool_checks if args.pool else kill_checks),
         f"supervisor RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB": rss1 - rss0 <= max(RSS_BOUND[0], RSS_BOUND[1] * rss0),
         f"supervisor open files {fds0} -> {fds1}, threads {threads0} -> {threads1}":
             fds1 - fds0 <= HANDLES_BOUND and threads1 - threads0 <= HANDLES_BOUND,
@@ -271,14 +330,23 @@ def main() -> int:
     run.problems += [problem for problem, ok in checks.items() if not ok]
 
     sources = Counter(t.source for t in run.tasks.values())
+    model = "self-test and heavy models in turn" if args.pool else f"{'heavy' if args.heavy else 'self-test'} model"
     print(
         f"chaos: {args.minutes:g} min, {args.workers} workers, {args.clients} clients, seed {args.seed},"
-        f" {'heavy' if args.heavy else 'self-test'} model, {duration:.0f} s in all"
+        f" {model}, {duration:.0f} s in all"
     )
     print(
         f"tasks: {len(run.tasks)} ({dict(sources)}), exact {exact}, failed {len(failed)}"
         f" {dict(Counter(failed.values()))}, lost in killed workers per the logs {len(lost)}"
     )
+    print(
+        f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
+        f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
+    )
+    if args.pool:
+        print(f"pool changes: {len(run.changes)} {dict(Counter(run.changes))}; worker exits logged {len(exits)},"
+              f" all requested; slots at the end {len(slots)}")  # fmt: skip
+        return conclude("chaos --pool", run.problems, capsd.log_path, tmp)
     print(
         f"kills: {len(run.kills)} {dict(Counter(k.state for k in run.kills))}, restarts {restarts},"
         f" worker exits logged {len(exits)}"
@@ -293,10 +361,6 @@ def main() -> int:
     )
     if idle_lost:
         print(f"  idle in status just before the kill, a job handed over meanwhile: {idle_lost}")
-    print(
-        f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
-        f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
-    )
     return conclude("chaos", run.problems, capsd.log_path, tmp)
 
 

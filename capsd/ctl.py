@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scale = commands.add_parser(
         "scale", help=f"change the number of slots (memory plan checked first; refused: exit {EX_PLAN_REFUSED})"
     )
-    scale.add_argument("count", metavar="N", type=slot_count)
+    scale.add_argument("count", metavar="N", type=slot_count, help="the new number of slots, at least 1")
     file = commands.add_parser("transcribe", help="send a WAV file as CapsWriter does; print the text")
     file.add_argument("file", metavar="FILE.wav", type=Path)
     for command in (status, restart, scale, file):

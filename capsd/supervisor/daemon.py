@@ -440,7 +440,11 @@ class Daemon:
         """One slot at a time, the next once the previous replacement is ready: never more than
         one slot down (and, with stealing, the others take its waiting jobs)."""
         log.info("rolling restart", slots=self.count, force=force)
-        return [await self.restart(slot, force, timeout) for slot in self.slots[: self.count]]
+        restarted = []
+        for slot in self.slots[: self.count]:
+            await self.loaded(slot)  # a slot restarting after a crash is replaced once ready
+            restarted.append(await self.restart(slot, force, timeout))
+        return restarted
 
     async def change_model(self, new: Config) -> None:
         """Check the new [model] as check-config would and plan old and new side by side, then
@@ -475,7 +479,7 @@ class Daemon:
                 continue
             slot.spec = spec
             try:
-                await self.loaded(slot)  # a slot restarting after a crash is replaced once ready
+                await self.loaded(slot)  # as in rolling_restart
                 await self.restart(slot)
             except ControlError:
                 return False
