@@ -395,8 +395,8 @@ class Daemon:
             if not all(loaded):
                 for slot in added:
                     slot.retire(self.home)
-                failed = [slot.index for slot, ok in zip(added, loaded) if not ok]
-                raise ControlError(f"the worker of slot {failed[0]} did not load; the pool keeps {before} slots")
+                failed = next(slot.index for slot, ok in zip(added, loaded) if not ok)
+                raise ControlError(f"the worker of slot {failed} did not load; the pool keeps {before} slots")
             self.plan, self.count = plan, count
         elif count < before:
             self.count = count
