@@ -20,13 +20,14 @@ from tests.support.client import connect, frame, receive, send_file
 from tests.support.daemon import Capsd
 
 
-def stop_loading_workers(capsd: Capsd, timeout: float = 30) -> list[psutil.Process]:
+def stop_loading_workers(capsd: Capsd, timeout: float = 30, old: int = 0) -> list[psutil.Process]:
     """SIGSTOP capsd's worker processes as soon as they run (multiprocessing's spawn_main), before
-    they have loaded the model."""
+    they have loaded the model; not `old`, a worker just killed that may linger for an instant."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            workers = [p for p in psutil.Process(capsd.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+            workers = [p for p in psutil.Process(capsd.proc.pid).children()
+                       if p.pid != old and "spawn_main" in " ".join(p.cmdline())]  # fmt: skip
         except psutil.Error:
             workers = []
         if workers:
@@ -62,8 +63,9 @@ def test_readyz_is_503_while_the_workers_load(start_capsd: Any) -> None:
 
 def test_readyz_is_503_when_no_worker_is_ready(start_capsd: Any) -> None:
     capsd = start_capsd()
-    os.kill(capsd.worker_pid(0), signal.SIGKILL)
-    workers = stop_loading_workers(capsd)  # the replacement, stopped while it loads
+    old = capsd.worker_pid(0)
+    os.kill(old, signal.SIGKILL)
+    workers = stop_loading_workers(capsd, old=old)  # the replacement, stopped while it loads
     try:
         wait_for(lambda: capsd.status()["slots"][0]["state"] == "restarting", 30, "restarting")
         assert http_get(capsd.port, "/readyz") == (503, "no worker is ready\n")
