@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import FRAME_FIELDS, assert_exact, wait_for
+from tests.support.checks import FRAME_FIELDS, assert_exact, stop_while_decoding, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
 
 
@@ -54,10 +54,7 @@ def test_a_task_refused_while_stopping_is_answered_after_its_final_frame(start_c
 
     async def scenario() -> dict[str, Any]:
         async with connect(capsd.url) as ws:
-            await send_file(ws, "finishing", long_file, seg=(15, 2))
-            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
-            capsd.proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
+            await stop_while_decoding(capsd, ws, long_file)
             await ws.send(frame("too-late", mic[:1600], False, "mic", (15, 2)))
             await asyncio.to_thread(wait_for, lambda: "task refused" in capsd.logs(), 30, "the refusal")
             await send_mic(ws, "too-late", mic[1600:])

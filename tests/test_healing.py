@@ -16,7 +16,7 @@ import psutil
 
 from capsd.protocol import route
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import assert_exact, run_client, task_ids_for_slots, wait_for
+from tests.support.checks import assert_exact, run_client, stop_while_decoding, task_ids_for_slots, wait_for
 from tests.support.client import connect, receive, send_file, send_mic
 
 
@@ -207,10 +207,7 @@ def test_sigterm_lets_tasks_in_progress_finish_refuses_new_ones_and_exits_0(
 
     async def scenario() -> dict[str, Any]:
         async with connect(capsd.url) as ws:
-            await send_file(ws, "finishing", samples, seg=(15, 2))
-            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 10, "busy")
-            capsd.proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 10, "stopping")
+            await stop_while_decoding(capsd, ws, samples)
             await send_file(ws, "too-late", samples[:16000], seg=(15, 2))
             return await receive(ws, {"finishing", "too-late"})
 

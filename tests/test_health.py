@@ -15,7 +15,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, http_get, run_client, task_ids_for_slots, wait_for
+from tests.support.checks import assert_exact, http_get, run_client, stop_while_decoding, task_ids_for_slots, wait_for
 from tests.support.client import connect, frame, receive, send_file
 from tests.support.daemon import Capsd
 
@@ -82,10 +82,7 @@ def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any
 
     async def scenario() -> tuple[dict[str, Any], tuple[int, str], dict[str, Any], dict[str, Any]]:
         async with connect(capsd.url) as ws:
-            await send_file(ws, "finishing", samples, seg=(15, 2))
-            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
-            capsd.proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
+            await stop_while_decoding(capsd, ws, samples)
             readyz = await asyncio.to_thread(http_get, capsd.port, "/readyz")
             status = await asyncio.to_thread(capsd.status)  # still answered while the stop drains
             restart = await asyncio.to_thread(capsd.control, cmd="restart-worker", slot=0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import signal
 import time
 from typing import Any
 
@@ -49,6 +51,15 @@ async def run_client(url: str, jobs: list[tuple[str, str, np.ndarray, tuple[floa
             else:
                 await send_mic(ws, task_id, samples, seg=seg)
         return await receive(ws, {job[0] for job in jobs})
+
+
+async def stop_while_decoding(capsd: Any, ws: Any, samples: np.ndarray, task_id: str = "finishing") -> None:
+    """A graceful stop with a task in progress: send a file task, and once slot 0's worker is
+    decoding it, SIGTERM capsd; returns when capsd has logged that it is stopping."""
+    await send_file(ws, task_id, samples, seg=(15, 2))
+    await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
+    capsd.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
 
 
 def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
