@@ -76,13 +76,15 @@ class WorkersConfig:
     count: int = _key(1, **_at_least(1))
     threads: int = _key(1, **_at_least(1))
     max_rss_mb: int = _key(0, ">= 0 (0 = off)", lambda v: v >= 0)
-    heartbeat_timeout_s: float = _key(30.0, "> 0", lambda v: v > 0)
+    # A worker beats twice a second (docs/design.md#deadlines): one second is the least that can tell.
+    heartbeat_timeout_s: float = _key(30.0, **_at_least(1))
     restart_intensity: int = _key(5, **_at_least(0))
     restart_period_s: float = _key(60.0, "> 0", lambda v: v > 0)
     queue_limit: int = _key(256, **_at_least(1))
     work_stealing: bool = _key(True)
     load_timeout_s: float = _key(120.0, "> 0", lambda v: v > 0)
     memory_reserve_mb: int = _key(512, **_at_least(0))
+    retry_lost_jobs: int = _key(0, "0 (off) or 1 (a lost job runs once more)", lambda v: v in (0, 1))
 
 
 @dataclass(frozen=True)

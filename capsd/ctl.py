@@ -19,10 +19,12 @@ import numpy as np
 from capsd.cli import Parser
 from capsd.config import SYSTEM_SOCKET, control_socket
 from capsd.protocol import RATE, file_frames
-from capsd.supervisor.control import DRAIN_TIMEOUT_S, READY_TIMEOUT_S
+from capsd.supervisor.control import DRAIN_TIMEOUT_S, BadRequest, NoSlot, PlanRefused
 
 EX_FAILED = 1  # the transcription got an error frame, or capsd could not do what was asked
 EX_PLAN_REFUSED = os.EX_TEMPFAIL  # 75: scale refused by the memory plan; nothing changed, retry when memory is free
+# What capsd refused, as capsctl's exit code; anything else capsd could not do is EX_FAILED.
+EXIT_CODES = {BadRequest.refused: os.EX_USAGE, NoSlot.refused: os.EX_DATAERR, PlanRefused.refused: EX_PLAN_REFUSED}
 DEFAULT_URL = "ws://127.0.0.1:6016"
 STATUS_TIMEOUT_S, TRANSCRIBE_TIMEOUT_S = 10.0, 300.0  # without --timeout
 MAX_TIMEOUT_S = 86400  # a day; a socket timeout must fit in a C timeval
@@ -34,9 +36,11 @@ class CtlError(Exception):
         self.code = code
 
 
-def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+def request(path: Path, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """One request, one reply. `timeout` None: capsd bounds the reply itself (every drain has a
+    deadline, every worker load_timeout_s), so capsctl waits for it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(timeout or STATUS_TIMEOUT_S)
         try:
             sock.connect(str(path))
         except FileNotFoundError:
@@ -48,6 +52,7 @@ def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, An
         except OSError as e:
             raise CtlError(f"cannot connect to {path}: {e.strerror or e}", os.EX_UNAVAILABLE) from None
         data = b""
+        sock.settimeout(timeout)
         try:
             sock.sendall(json.dumps(payload).encode() + b"\n")
             while not data.endswith(b"\n"):
@@ -236,18 +241,14 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(args.watch)
         except KeyboardInterrupt:  # Ctrl-C ends --watch, as it ends top
             return os.EX_OK
-    drain = args.timeout or DRAIN_TIMEOUT_S
     if args.command == "scale":
-        # The drain of the slots that go, or the new workers loading the model, then a margin.
         payload = {"cmd": "scale", "count": args.count, "timeout": args.timeout}
-        reply = request(path, payload, drain + READY_TIMEOUT_S + 30)
+        reply = request(path, payload, None)
         check(reply)
         print(f"{reply['before']} -> {reply['count']} slots; {reply['plan']}")
         return os.EX_OK
     payload = {"cmd": "restart-worker", "slot": args.slot, "force": args.force, "timeout": args.timeout}
-    # Per slot: the drain, then the new worker loading the model, then a margin.
-    slots = len(request(path, {"cmd": "status"}, STATUS_TIMEOUT_S)["slots"]) if args.slot == "all" else 1
-    reply = request(path, payload, slots * (drain + READY_TIMEOUT_S) + 30)
+    reply = request(path, payload, None)
     check(reply)
     for restarted in reply.get("restarted", [reply]):
         print(f"slot {restarted['slot']}: old pid {restarted['old_pid']}, new pid {restarted['new_pid']}")
@@ -258,10 +259,7 @@ def check(reply: dict[str, Any]) -> None:
     """A refusal as capsctl's exit code: a bad slot number, the memory plan, anything else."""
     if reply["ok"]:
         return
-    error = reply["error"]
-    if reply.get("refused") == "memory plan":
-        raise CtlError(error, EX_PLAN_REFUSED)
-    raise CtlError(error, os.EX_DATAERR if error.startswith("no slot") else EX_FAILED)
+    raise CtlError(reply["error"], EXIT_CODES.get(reply.get("refused"), EX_FAILED))
 
 
 def main(argv: list[str] | None = None) -> int:

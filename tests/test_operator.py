@@ -469,7 +469,7 @@ def test_an_idle_control_connection_is_closed(start_capsd: Any) -> None:
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
-        assert json.loads(data) == {"ok": False, "error": "no request line within 10 s"}
+        assert json.loads(data) == {"ok": False, "error": "bad request: no request line within 10 s", "refused": "bad request"}
     assert 5 < time.monotonic() - started < 50
     assert capsd.status()["state"] == "ready"
 

@@ -194,7 +194,7 @@ class Pool:
 
     def __init__(self, stealing: bool) -> None:
         spec = WorkerSpec("paraformer", {}, 1)
-        self.exits: list[tuple[int, ExitReason, Task | None]] = []
+        self.exits: list[tuple[int, ExitReason, Waiting | None]] = []
         self.slots = [Slot(i, spec, 100, stealing, self.exited) for i in range(2)]
         self.workers = []
         for slot in self.slots:
@@ -204,11 +204,11 @@ class Pool:
             self.workers.append(slot.incarnation)
         self.runners = [asyncio.create_task(slot.run()) for slot in self.slots]
 
-    def exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Task | None) -> None:
+    def exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Waiting | None) -> None:
         self.exits.append((slot.index, reason, lost))
         slot.incarnation = None  # no replacement here: the slot stays "restarting"
         if lost:
-            lost.fail(reason.code, "the worker died")
+            lost.task.fail(reason.code, "the worker died")
 
     async def close(self) -> None:
         for runner in self.runners:
@@ -266,7 +266,7 @@ def test_a_worker_dying_mid_job_fails_exactly_the_task_of_that_job() -> None:
         return pool, home0, home1
 
     pool, home0, home1 = run(scenario)
-    assert pool.exits == [(1, ExitReason.CRASHED, pool.exits[0][2])] and pool.exits[0][2].task_id == "long"
+    assert pool.exits == [(1, ExitReason.CRASHED, pool.exits[0][2])] and pool.exits[0][2].task.task_id == "long"
     assert [f.get("error", {}).get("code") for f in home0.frames] == ["worker_crashed"]
     assert home1.frames[-1]["is_final"] and home1.frames[-1]["tokens"] == ["二"]
     assert pool.slots[0].tasks_failed == 1 and pool.slots[1].tasks_done == 1

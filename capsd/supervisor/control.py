@@ -27,15 +27,27 @@ if TYPE_CHECKING:
     from capsd.supervisor.daemon import Daemon
 
 log = structlog.get_logger("capsd.control")
-READY_TIMEOUT_S = 120.0  # a restarted or added worker not ready by then: the change is given up
 MAX_REQUEST_BYTES = 64 * 1024  # one request line; capsctl's are under 100 bytes
 IDLE_TIMEOUT_S = 10.0  # a connection without a whole request line by then is answered and closed
 UNIX_PATH_MAX = 107  # sockaddr_un.sun_path: 108 bytes with the terminating NUL
 COMMANDS = {"status": set(), "restart-worker": {"slot", "force", "timeout"}, "scale": {"count", "timeout"}}
 
 
+MAX_COUNT = 1_000_000  # slots a scale may ask for: the memory plan refuses far fewer; this keeps its sums finite
+
+
 class ControlError(Exception):
-    refused = ""  # a kind of refusal capsctl has an exit code for
+    """capsd could not do what was asked; `refused` is the kind, which capsctl maps to its exit code."""
+
+    refused = "failed"
+
+
+class BadRequest(ControlError):
+    refused = "bad request"
+
+
+class NoSlot(ControlError):
+    refused = "no slot"
 
 
 class PlanRefused(ControlError):
@@ -56,33 +68,33 @@ def parse_request(line: bytes) -> Request:
     try:
         request = json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
-        raise ControlError("bad request: not a line of JSON") from None
+        raise BadRequest("bad request: not a line of JSON") from None
     if not isinstance(request, dict):
-        raise ControlError("bad request: not a JSON object")
+        raise BadRequest("bad request: not a JSON object")
     cmd = request.get("cmd")
     if not isinstance(cmd, str) or cmd not in COMMANDS:
-        raise ControlError(f"bad request: cmd = {_show(cmd)}: allowed is one of {', '.join(map(repr, COMMANDS))}")
+        raise BadRequest(f"bad request: cmd = {_show(cmd)}: allowed is one of {', '.join(map(repr, COMMANDS))}")
     unknown = sorted(set(request) - COMMANDS[cmd] - {"cmd"})
     if unknown:
-        raise ControlError(f"bad request: {cmd} takes no {', '.join(map(_show, unknown))}")
+        raise BadRequest(f"bad request: {cmd} takes no {', '.join(map(_show, unknown))}")
     if cmd == "status":
         return Request(cmd)
     timeout = request.get("timeout")
     seconds = None if timeout is None else _seconds(timeout)
     if timeout is not None and seconds is None:
-        raise ControlError(f"bad request: timeout = {_show(timeout)}: allowed is null or a positive number of seconds")
+        raise BadRequest(f"bad request: timeout = {_show(timeout)}: allowed is null or a positive number of seconds")
     if cmd == "scale":
         count = request.get("count")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ControlError(f"bad request: count = {_show(count)}: allowed is a number of slots, at least 1")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+            raise BadRequest(f"bad request: count = {_show(count)}: allowed is a number of slots, 1..{MAX_COUNT}")
         return Request(cmd, timeout=seconds, count=count)
     slot, force = request.get("slot"), request.get("force", False)
     if slot == "all":
         slot = None
     elif not isinstance(slot, int) or isinstance(slot, bool):
-        raise ControlError(f"bad request: slot = {_show(slot)}: allowed is a slot number (an integer) or \"all\"")
+        raise BadRequest(f"bad request: slot = {_show(slot)}: allowed is a slot number (an integer) or \"all\"")
     if not isinstance(force, bool):
-        raise ControlError(f"bad request: force = {_show(force)}: allowed is true or false")
+        raise BadRequest(f"bad request: force = {_show(force)}: allowed is true or false")
     return Request(cmd, slot, force, seconds)
 
 
@@ -102,8 +114,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _error(message: str, refused: str = "") -> dict[str, Any]:
-    return {"ok": False, "error": message, **({"refused": refused} if refused else {})}
+def _error(message: str, refused: str = BadRequest.refused) -> dict[str, Any]:
+    return {"ok": False, "error": message, "refused": refused}
 
 
 # -- the socket's path ------------------------------------------------------------------------
@@ -227,7 +239,7 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return _error(f"no request line within {IDLE_TIMEOUT_S:g} s")
+            return _error(f"bad request: no request line within {IDLE_TIMEOUT_S:g} s")
         except ValueError:  # the line outgrew the reader's limit
             return _error(f"bad request: longer than {MAX_REQUEST_BYTES >> 10} KiB")
         if not line:
@@ -251,5 +263,5 @@ class ControlServer:
             if request.slot is None:
                 return {"restarted": await daemon.rolling_restart(request.force, request.timeout)}
             if not 0 <= request.slot < daemon.count:
-                raise ControlError(f"no slot {request.slot}: slots are 0..{daemon.count - 1}")
+                raise NoSlot(f"no slot {request.slot}: slots are 0..{daemon.count - 1}")
             return await daemon.restart(daemon.slots[request.slot], request.force, request.timeout)

@@ -25,11 +25,12 @@ from capsd import log as logs
 from capsd.config import Config, ConfigError
 from capsd.protocol import LONGEST_SEGMENT_S, clip, route
 from capsd.supervisor import control, notify
-from capsd.supervisor.control import READY_TIMEOUT_S, ControlError, PlanRefused
+from capsd.supervisor.control import ControlError, PlanRefused
 from capsd.supervisor.front import Front
 from capsd.supervisor.metrics import Metrics
+from capsd.supervisor.queue import Waiting
 from capsd.supervisor.slot import DRAIN_TIMEOUT_S, ExitReason, Incarnation, LastExit, Slot, SlotState
-from capsd.supervisor.task import Formatting, Task
+from capsd.supervisor.task import Formatting
 from capsd.worker.main import WorkerSpec
 
 log = structlog.get_logger("capsd.supervisor")
@@ -37,11 +38,14 @@ log = structlog.get_logger("capsd.supervisor")
 WATCH_INTERVAL_S = 0.5
 # A worker that cannot be spawned is tried again after 0.5, 1, 2 ... s, at most 30 s apart.
 SPAWN_RETRY_S, SPAWN_RETRY_MAX_S = 0.5, 30.0
+# This many distinct jobs lost to crashed or hung workers within restart_period_s: the machine,
+# not a job, is at fault, and lost jobs are not retried until that window clears.
+RETRY_PAUSE_JOBS = 3
 # What SIGHUP can change in a running daemon; anything else needs a restart.
 RELOADABLE = {
     "server": {"max_connections", "stop_timeout_s"},
     "workers": {"max_rss_mb", "heartbeat_timeout_s", "restart_intensity", "restart_period_s", "queue_limit",
-                "load_timeout_s"},
+                "load_timeout_s", "retry_lost_jobs"},
     "log": {"level", "format"},
 }
 # What SIGHUP changes by changing the pool while it serves (docs/design.md#changing-the-pool).
@@ -66,6 +70,14 @@ class Daemon:
         self.started = time.monotonic()
         self.state = "starting"
         self.crashes: deque[float] = deque()
+        self.spawn_retries: dict[Slot, asyncio.TimerHandle] = {}  # pending, per slot
+        # Retrying lost jobs (docs/design.md#retrying-a-lost-job): (when, job) of each job lost
+        # to a crashed or hung worker, within restart_period_s; what was retried; poison jobs.
+        self.job_faults: deque[tuple[float, int]] = deque()
+        self.retries_were_paused = False
+        self.retried = self.poison_jobs = 0
+        self.wanted: Config | None = None  # the latest reload's config, for the pool to reach
+        self.reconciling: asyncio.Task[None] | None = None
         self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.metrics = Metrics(self.status)
@@ -177,9 +189,13 @@ class Daemon:
             self.finish(os.EX_CONFIG)
 
     def start_worker(self, slot: Slot, attempt: int = 0) -> None:
-        """Start the slot's worker; one that cannot be spawned (descriptors, processes, memory)
-        is tried again after 0.5, 1, 2 ... s, each failure counted against restart intensity."""
-        if slot.stopping or slot.retiring or slot.failed or self.done.done():
+        """Start the slot's worker, unless it has one; one that cannot be spawned (descriptors,
+        processes, memory) is tried again after 0.5, 1, 2 ... s, each failure counted against
+        restart intensity. While a graceful stop lets tasks finish, a dead worker is replaced too."""
+        if pending := self.spawn_retries.pop(slot, None):
+            pending.cancel()
+        giving_up = self.done.done() and (self.done.result() != os.EX_OK or not self.open_tasks())
+        if slot.stopping or slot.retiring or slot.failed or giving_up or not slot.worker_gone:
             return
         try:
             slot.start()
@@ -191,7 +207,10 @@ class Daemon:
             delay = min(SPAWN_RETRY_MAX_S, SPAWN_RETRY_S * 2**attempt)
             log.error("cannot start worker", slot=slot.index, error=str(e), retry_in_s=delay)
             self.count_crash(slot)
-            asyncio.get_running_loop().call_later(delay, self.start_worker, slot, attempt + 1)
+            self.spawn_retries[slot] = asyncio.get_running_loop().call_later(delay, self.start_worker, slot, attempt + 1)
+
+    def open_tasks(self) -> int:
+        return sum(len(slot.open_tasks) for slot in self.slots)
 
     def check_loaded(self, slot: Slot, inc: Incarnation) -> None:
         """load_timeout_s after a worker started: one still loading is killed, as a crash."""
@@ -199,7 +218,7 @@ class Daemon:
             log.warning("worker not ready in time", slot=slot.index, pid=inc.pid, load_timeout_s=self.cfg.workers.load_timeout_s)
             slot.kill(ExitReason.NOT_LOADED)
 
-    def worker_exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Task | None) -> None:
+    def worker_exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Waiting | None) -> None:
         """Every restart decision, in one place: what the exit costs, and what comes next."""
         inc = slot.incarnation
         pid = inc.pid if inc else None
@@ -207,7 +226,7 @@ class Daemon:
             slot.incarnation = None
             log.info("worker stopped: slot scaled away", slot=slot.index, pid=pid, exitcode=exitcode)
             if lost is not None:  # the drain's deadline passed
-                lost.fail(reason.code, f"slot {slot.index} was scaled away and its worker forced to stop")
+                self.job_lost(slot, lost, reason, exitcode, f"slot {slot.index} was scaled away and its worker forced to stop")
             return
         if inc is not None and not inc.ready and inc.spec != slot.ready_spec:
             # A new model that passed the checks but does not load: back to the one that does.
@@ -226,12 +245,57 @@ class Daemon:
         self.metrics.restarts.labels(str(slot.index), reason.reported).inc()
         level = log.info if not reason.counts and lost is None else log.warning
         level("worker exited", slot=slot.index, pid=pid, reason=reason.value, exitcode=exitcode,
-              lost_tasks=[clip(lost.task_id)] if lost else [])  # fmt: skip
+              lost_tasks=[clip(lost.task.task_id)] if lost else [])  # fmt: skip
         if lost is not None:
-            lost.fail(reason.code, f"the worker of slot {slot.index} ended ({reason.value}, exit code {exitcode})")
+            self.job_lost(slot, lost, reason, exitcode, f"the worker of slot {slot.index} ended ({reason.value}, exit code {exitcode})")
         if reason.counts:
             self.count_crash(slot)
         self.start_worker(slot)
+
+    def job_lost(self, slot: Slot, item: Waiting, reason: ExitReason, exitcode: int | None, message: str) -> None:
+        """A job whose worker died: its task fails with the reason's code, or, with
+        `retry_lost_jobs`, the job runs once more (docs/design.md#retrying-a-lost-job)."""
+        task = item.task
+        if task.done:
+            return
+        fault = reason.counts  # capsd's own kills (a forced restart or drain) are not the job's fault
+        if fault:
+            self.job_faults.append((time.monotonic(), item.job))
+        allowed = self.cfg.workers.retry_lost_jobs
+        inc = slot.incarnation
+        death = f"slot {slot.index} pid {inc.pid if inc else None} {reason.value} (exit code {exitcode})"
+        if not allowed:
+            task.fail(reason.code, message)
+        elif item.faults + fault > allowed:
+            self.poison_jobs += 1
+            self.metrics.poison_jobs.inc()
+            log.error("poison job: not run again", task=clip(task.task_id), audio_s=round(item.audio_s, 2),
+                      model=(inc.spec if inc else slot.spec).model, workers=[*item.deaths, death])  # fmt: skip
+            task.fail(reason.code, f"{message}; this job ended {item.faults + fault} workers and is not run again")
+        elif self.retries_paused():
+            task.fail(reason.code, f"{message}; lost jobs are not retried while workers keep dying")
+        else:
+            self.retried += 1
+            self.metrics.retried_jobs.inc()
+            log.info("job retried", task=clip(task.task_id), slot=slot.index, reason=reason.value, job=item.job)
+            task.queue_slot.retry(item, slot, death, fault)
+
+    def retries_paused(self) -> bool:
+        """Whether RETRY_PAUSE_JOBS distinct jobs were lost to crashed or hung workers within
+        restart_period_s; a change either way is logged once."""
+        now = time.monotonic()
+        while self.job_faults and self.job_faults[0][0] < now - self.cfg.workers.restart_period_s:
+            self.job_faults.popleft()
+        jobs = len({job for _, job in self.job_faults})
+        paused = jobs >= RETRY_PAUSE_JOBS
+        if paused != self.retries_were_paused:
+            self.retries_were_paused = paused
+            if paused:
+                log.warning("lost jobs not retried: workers keep dying", jobs=jobs,
+                            period_s=self.cfg.workers.restart_period_s)  # fmt: skip
+            else:
+                log.info("lost jobs retried again")
+        return paused
 
     def count_crash(self, slot: Slot) -> None:
         now = time.monotonic()
@@ -258,6 +322,8 @@ class Daemon:
                 self.check_worker(slot, now)
                 if slot.retiring and not slot.open_tasks and slot.worker_gone:
                     self.remove_slot(slot)  # its last task ended
+            if self.retries_were_paused:
+                self.retries_paused()  # logs when retries resume
             ping = watchdog is not None and now - last_ping >= watchdog
             status = self.summary()
             if ping or status != last_status:
@@ -267,10 +333,10 @@ class Daemon:
 
     def check_worker(self, slot: Slot, now: float) -> None:
         workers, inc = self.cfg.workers, slot.incarnation
-        if inc is None or not inc.ready:
+        if inc is None or not inc.ready or inc.exited.done() or inc.aborting:
             return
-        if slot.in_flight and now - slot.busy_since > workers.heartbeat_timeout_s:
-            log.warning("worker hung", slot=slot.index, pid=inc.pid, busy_s=round(now - slot.busy_since, 1))
+        if why := slot.hung(now, workers.heartbeat_timeout_s):
+            log.warning("worker hung: SIGABRT, then SIGKILL", slot=slot.index, pid=inc.pid, why=why)
             slot.kill(ExitReason.HUNG)
             return
         if slot.drain_reason and now > slot.drain_deadline:
@@ -282,11 +348,11 @@ class Daemon:
             return
         key = model_key(inc.spec)
         self.peaks[key] = max(self.peaks.get(key, 0), inc.peak_rss())
-        rss = inc.rss()
-        if rss > self.plan.worker_bytes and not inc.over_plan:
+        rss, estimate = inc.rss(), self.estimates.get(key, self.plan.worker_bytes)  # of the model it runs
+        if rss > estimate and not inc.over_plan:
             inc.over_plan = True
             log.warning("worker above its memory estimate", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20,
-                        estimate_mb=self.plan.worker_bytes >> 20)  # fmt: skip
+                        estimate_mb=estimate >> 20)  # fmt: skip
         if workers.max_rss_mb and not slot.drain_reason and rss > workers.max_rss_mb * 2**20:
             log.warning("worker over max_rss_mb", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20)
             slot.drain(ExitReason.RSS)
@@ -318,7 +384,11 @@ class Daemon:
 
     def handle_sighup(self) -> None:
         """Reread the config; apply what can change while running, say what cannot. A changed
-        [workers] count or [model] changes the pool while it serves, in the background."""
+        [workers] count or [model] changes the pool while it serves, in the background. Ignored
+        from the first moment of a stop: nothing is started that the stop would have to undo."""
+        if self.done.done():
+            log.info("reload ignored: capsd is stopping")
+            return
         try:
             new = self.reload()
         except ConfigError as e:
@@ -346,21 +416,28 @@ class Daemon:
         log.info("config reloaded", applied=applied or "nothing changed", changing_the_pool=pool or "no")
         if kept:
             log.warning("config changes need a restart: systemctl restart capsd", not_applied=kept)
-        if pool:
-            task = asyncio.get_running_loop().create_task(self.reconfigure(new))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
+        if pool or self.reconciling is not None:
+            self.wanted = new
+            if self.reconciling is None:
+                self.reconciling = asyncio.get_running_loop().create_task(self.reconcile())
 
-    async def reconfigure(self, new: Config) -> None:
-        """A reload's new [model], then its new count; each refused alone, with the reason logged."""
-        async with self.changing:
-            if new.model != self.cfg.model:
-                await self.change_model(new)
-            if new.workers.count != self.count:
-                try:
-                    await self.scale(new.workers.count)
-                except ControlError as e:
-                    log.error("scale refused: keeping the running count", count=self.count, reason=str(e))
+    async def reconcile(self) -> None:
+        """Bring the pool to the latest reload's [model], then its count, each refused alone with
+        the reason logged. A reload during a change is reached once that change ends: the last
+        reload wins."""
+        try:
+            while (new := self.wanted) is not None and not self.done.done():
+                self.wanted = None
+                async with self.changing:
+                    if new.model != self.cfg.model:
+                        await self.change_model(new)
+                    if new.workers.count != self.count and not self.done.done():
+                        try:
+                            await self.scale(new.workers.count)
+                        except ControlError as e:
+                            log.error("scale refused: keeping the running count", count=self.count, reason=str(e))
+        finally:
+            self.reconciling = None
 
     # -- changing the pool while it serves (docs/design.md#changing-the-pool) -------------------
 
@@ -410,16 +487,18 @@ class Daemon:
         return {"count": count, "before": before, "plan": self.plan.message()}
 
     async def loaded(self, slot: Slot) -> bool:
-        """Whether the slot's current (or next) worker becomes ready."""
+        """Whether the slot's current (or next) worker becomes ready. A worker not ready within
+        load_timeout_s is killed, so the wait is bounded by the config, not by a number of its own."""
         if slot.failed:  # a new slot whose worker could not start
             return False
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                if slot.incarnation is None or slot.incarnation.exited.done():  # spawn to be retried
-                    await slot.ready_event.wait()
-                return await asyncio.shield(slot.incarnation.loaded)
-        except TimeoutError:
-            return False
+        inc = slot.incarnation
+        if inc is None or inc.exited.done():  # its spawn is to be retried
+            try:
+                await asyncio.wait_for(slot.ready_event.wait(), self.cfg.workers.load_timeout_s + SPAWN_RETRY_MAX_S)
+            except asyncio.TimeoutError:
+                return False
+            return True
+        return await asyncio.shield(inc.loaded)
 
     async def restart(self, slot: Slot, force: bool = False, timeout: float | None = None) -> dict[str, object]:
         """Replace the slot's worker (graceful: after the job in hand), return when the new one is ready."""
@@ -475,7 +554,7 @@ class Daemon:
         """Every active slot onto `spec`, one at a time; False at the first worker that does not load it."""
         self.spec = spec
         for slot in self.slots[: self.count]:
-            if slot.ready_spec == spec:
+            if slot.ready_spec == spec and slot.spec == spec:
                 continue
             slot.spec = spec
             try:
@@ -527,6 +606,7 @@ class Daemon:
                 "worker_bytes": self.worker_bytes(self.spec),  # what growth plans per worker
                 "worker_peak_bytes": self.peaks.get(model_key(self.spec), 0),  # measured, workers of this model
             },
+            "retries": {"retried": self.retried, "poison_jobs": self.poison_jobs, "paused": self.retries_were_paused},
             "connections": len(self.front.clients),
             "audio_per_second": round(self.metrics.audio_per_second(), 3),
         }

@@ -41,6 +41,10 @@ class Metrics:
                                  buckets=BUCKETS, registry=r)  # fmt: skip
         self.restarts = Counter("capsd_worker_restarts", "Worker processes replaced, by slot and reason",
                                 ["slot", "reason"], registry=r)  # fmt: skip
+        self.retried_jobs = Counter("capsd_jobs_retried", "Jobs run once more after their worker died "
+                                    "([workers] retry_lost_jobs)", registry=r)  # fmt: skip
+        self.poison_jobs = Counter("capsd_poison_jobs", "Jobs that ended more workers than retry_lost_jobs allows: "
+                                   "their tasks failed", registry=r)  # fmt: skip
         Info("capsd_build", "capsd's version", registry=r).info({"version": __version__})
         if status is not None:
             r.register(StatusCollector(status))

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from collections import deque
@@ -41,15 +42,24 @@ from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.task import Task
 from capsd.worker import main as worker
 from capsd.worker.main import WorkerSpec
-from capsd.worker.messages import Decode, Decoded, Format, Job, Ready, Reply, Stop
+from capsd.worker.messages import Beat, Decode, Decoded, Format, Job, Ready, Reply, Stop
 
 log = structlog.get_logger("capsd.slot")
 
 # spawn, not fork: the supervisor runs an event loop and threads (docs/design.md#fork-with-a-running-loop).
 _mp = multiprocessing.get_context("spawn")
-_jobs = itertools.count(1)
 DRAIN_TIMEOUT_S = 30.0  # a graceful recycle waits this long for the job in its worker, then forces
 BUSY_WINDOW_S = 60.0  # status shows the share of this last stretch spent on jobs
+# A job's deadline (docs/design.md#deadlines): its audio times the slot's measured seconds per
+# audio second, times this, and never less than heartbeat_timeout_s.
+DEADLINE_FACTOR = 4.0
+RTF_WEIGHT = 0.3  # each finished decode's share in the slot's measured speed
+ABORT_GRACE_S = 2.0  # a hung worker has this long after SIGABRT to write where it was stuck
+
+
+def job_deadline(audio_s: float, rtf: float, heartbeat_timeout_s: float) -> float:
+    """Seconds a worker may spend on a job of `audio_s` seconds at `rtf` seconds per audio second."""
+    return max(heartbeat_timeout_s, audio_s * rtf * DEADLINE_FACTOR)
 
 
 class SlotState(Enum):
@@ -107,7 +117,7 @@ class Incarnation:
         self.loop = asyncio.get_running_loop()
         self.conn, child = _mp.Pipe(duplex=True)
         self.process = _mp.Process(
-            target=worker.main, args=(child, spec, slot.index), name=f"capsd-slot-{slot.index}", daemon=True
+            target=worker.main, args=(child, spec, slot.index, os.getpid()), name=f"capsd-slot-{slot.index}", daemon=True
         )
         try:
             self.process.start()
@@ -119,9 +129,11 @@ class Incarnation:
         self.pid: int = self.process.pid  # type: ignore[assignment]
         self.spec = spec
         self.started = time.monotonic()
+        self.last_beat = self.started  # when it last said it is alive (written by the reader thread)
         self.ready = False
         self.jobs = 0  # jobs done; a fresh worker over max_rss_mb is not recycled again
         self.over_plan = False  # warned once that its RSS exceeds the memory plan's estimate
+        self.aborting = False  # hung: sent SIGABRT, SIGKILL follows
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
         self.loaded: asyncio.Future[bool] = self.loop.create_future()  # True at Ready, False if it died first
@@ -134,7 +146,11 @@ class Incarnation:
         # EOF on the pipe is the moment the worker dies, whatever killed it.
         try:
             while True:
-                self.loop.call_soon_threadsafe(self.slot.on_message, self, self.conn.recv())
+                message = self.conn.recv()
+                if isinstance(message, Beat):  # twice a second: noted here, the loop not woken
+                    self.last_beat = time.monotonic()
+                else:
+                    self.loop.call_soon_threadsafe(self.slot.on_message, self, message)
         except (EOFError, OSError):
             pass
         self.process.join(5)
@@ -146,7 +162,7 @@ class Incarnation:
     async def send(self, message: Job | Stop) -> None:
         try:
             await self.loop.run_in_executor(self.sender, self.conn.send, message)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: its sender was shut down, it is gone
             raise WorkerGone from None
 
     async def reply(self) -> Reply:
@@ -191,7 +207,7 @@ class Slot:
         spec: WorkerSpec,
         queue_limit: int,
         stealing: bool,
-        on_exit: Callable[[Slot, ExitReason, int | None, Task | None], None],
+        on_exit: Callable[[Slot, ExitReason, int | None, Waiting | None], None],
         metrics: Metrics | None = None,
     ) -> None:
         self.index = index
@@ -208,6 +224,7 @@ class Slot:
         self.open_tasks: set[Task] = set()  # homed here, accepted and not finished
         self.in_flight: Waiting | None = None  # the job in the worker
         self.busy_since = 0.0
+        self.rtf = 0.0  # seconds its worker takes per second of audio, measured (docs/design.md#deadlines)
         self.incarnation: Incarnation | None = None
         self.exit_reason: ExitReason | None = None  # set just before we end an incarnation on purpose
         self.drain_reason: ExitReason | None = None
@@ -234,11 +251,14 @@ class Slot:
     def on_message(self, inc: Incarnation, message: Any) -> None:
         if isinstance(message, Ready):
             inc.ready = self.ever_ready = True
+            inc.last_beat = time.monotonic()
             inc.loaded.set_result(True)
             self.ready_spec = inc.spec
+            self.rtf = message.warm_up_s / message.warm_up_audio_s
             self.ready_event.set()
             self.wakeup.set()
-            log.info("worker ready", slot=self.index, pid=inc.pid, load_s=round(time.monotonic() - inc.started, 2))
+            log.info("worker ready", slot=self.index, pid=inc.pid, load_s=round(time.monotonic() - inc.started, 2),
+                     rtf=round(self.rtf, 4))  # fmt: skip
         else:
             inc.replies.put_nowait(message)
 
@@ -249,18 +269,31 @@ class Slot:
             inc.loaded.set_result(False)
         reason = self.exit_reason or ExitReason.CRASHED
         self.exit_reason = self.drain_reason = None
-        lost = self.in_flight.task if self.in_flight else None
-        self.in_flight = None
+        lost, self.in_flight = self.in_flight, None
         self.ready_event.clear()
+        for slot in self.peers:  # a job retried elsewhere may now have to run here
+            slot.wakeup.set()
         if not self.stopping:
             self.on_worker_exit(self, reason, exitcode, lost)
 
     def kill(self, reason: ExitReason) -> None:
-        """End the current incarnation now; the task whose job is in it fails with reason.code."""
+        """End the current incarnation now; the job in it is lost (its task fails with reason.code,
+        or the job runs once more: the daemon decides). A hung worker gets SIGABRT first, so that
+        its faulthandler writes where it was stuck, and SIGKILL if it is still there ABORT_GRACE_S later."""
         inc = self.incarnation
-        if inc and inc.process.is_alive():
-            self.exit_reason = reason
+        if not (inc and inc.process.is_alive()):
+            return
+        self.exit_reason = reason
+        if reason is not ExitReason.HUNG:
             inc.process.kill()
+            return
+        inc.aborting = True
+        try:
+            os.kill(inc.pid, signal.SIGABRT)
+            os.kill(inc.pid, signal.SIGCONT)  # a stopped process handles SIGABRT only once continued
+        except ProcessLookupError:
+            return
+        inc.loop.call_later(ABORT_GRACE_S, lambda: inc.exited.done() or inc.process.kill())
 
     def drain(self, reason: ExitReason, timeout: float = DRAIN_TIMEOUT_S) -> None:
         """Take no new job, let the one in the worker finish, then replace the process.
@@ -313,6 +346,11 @@ class Slot:
         read, so the queue stays near its limit."""
         task.time_submit = time.time()
         self._push(Waiting(task, work, task.time_submit))
+
+    def retry(self, item: Waiting, lost_on: Slot, death: str, fault: bool) -> None:
+        """A job of a task whose jobs wait here, lost with `lost_on`'s worker, runs once more:
+        before any other job, on another slot where there is one (docs/design.md#retrying-a-lost-job)."""
+        self._push(dataclasses.replace(item, lost_on=lost_on, deaths=(*item.deaths, death), faults=item.faults + fault))
 
     def _push(self, item: Waiting) -> None:
         self.queue.push(item)
@@ -371,9 +409,15 @@ class Slot:
         self.retiring = self.failed = False
         self.drain_reason = None
 
+    @property
+    def serving(self) -> bool:
+        """It has a worker, or will have one, that takes jobs."""
+        return not (self.stopping or self.retiring or self.failed) and not self.worker_gone
+
     def _next(self) -> Waiting | None:
-        others = [slot.queue for slot in self.peers if slot is not self] if self.stealing else []
-        picked = next_job(self.queue, others)
+        others = [slot for slot in self.peers if slot is not self] if self.stealing else []
+        alone = not any(slot.serving for slot in others)
+        picked = next_job(self.queue, [slot.queue for slot in others], self, alone)
         if picked is None:
             return None
         queue, item = picked
@@ -386,7 +430,7 @@ class Slot:
         while not self.stopping:
             inc = self.incarnation
             item = None
-            if inc is not None and inc.ready:
+            if inc is not None and inc.ready and not inc.exited.done():  # never a job to a dead worker
                 if self.drain_reason:
                     await self._replace(inc)
                     continue
@@ -399,26 +443,46 @@ class Slot:
             await self._do(inc, item)
 
     async def _do(self, inc: Incarnation, item: Waiting) -> None:
+        # In flight from this moment: a worker that dies at any instant from here on, mid-send
+        # included, loses this job, and only this one.
         self.in_flight, self.busy_since = item, time.monotonic()
         self.metrics.queue_wait.observe(max(0.0, time.time() - item.submitted))
-        job_id = next(_jobs)
         work = item.work
-        job: Job = Decode(job_id, work.samples) if isinstance(work, Segment) else Format(job_id, work)
+        job: Job = Decode(item.job, work.samples) if isinstance(work, Segment) else Format(item.job, work)
         try:
             await inc.send(job)
             reply = await inc.reply()
         except WorkerGone:
-            return  # on_exit has reported the lost job
+            await asyncio.shield(inc.exited)  # on_exit reports the lost job; the next job waits for a new worker
+            return
         self.in_flight = None
-        self._record_busy(self.busy_since, time.monotonic())
+        now = time.monotonic()
+        self._record_busy(self.busy_since, now)
         if isinstance(work, Segment):
-            self.metrics.decode.observe(time.monotonic() - self.busy_since)
+            self.metrics.decode.observe(now - self.busy_since)
+            if item.audio_s >= 1.0:  # shorter jobs are mostly fixed cost
+                self.rtf += RTF_WEIGHT * ((now - self.busy_since) / item.audio_s - self.rtf)
         inc.jobs += 1
         if isinstance(reply, Decoded) and isinstance(work, Segment):
             self.segments_decoded += 1
             item.task.segment_decoded(work, reply.tokens, reply.timestamps, item.submitted)
         elif not isinstance(reply, Decoded):
             item.task.finish(reply.text, item.submitted)
+
+    def hung(self, now: float, heartbeat_timeout_s: float) -> str | None:
+        """Why the worker counts as hung (docs/design.md#deadlines), or None: its heartbeat
+        stopped, or the job in hand outlived its deadline."""
+        inc = self.incarnation
+        if inc is None or not inc.ready or inc.exited.done():
+            return None
+        silent = now - inc.last_beat
+        if silent > heartbeat_timeout_s:
+            return f"no heartbeat for {silent:.1f} s (heartbeat_timeout_s = {heartbeat_timeout_s:g})"
+        if self.in_flight is not None:
+            busy, deadline = now - self.busy_since, job_deadline(self.in_flight.audio_s, self.rtf, heartbeat_timeout_s)
+            if busy > deadline:
+                return f"one job for {busy:.1f} s, past its deadline of {deadline:.1f} s"
+        return None
 
     async def _replace(self, inc: Incarnation) -> None:
         self.exit_reason = self.drain_reason
@@ -493,5 +557,6 @@ class Slot:
             "segments_decoded": self.segments_decoded,
             "busy_share": round(self.busy_share(now), 3),
             "cpu_share": round(self.cpu_share(), 3),
+            "rtf": round(self.rtf, 4),
             "model": (inc.spec if inc else self.spec).model,
         }

@@ -8,9 +8,13 @@ worker loses only the job it was doing (docs/design.md#stateless-workers).
 
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -21,12 +25,14 @@ import structlog
 from capsd import log as logs
 from capsd import memory, models, textformat
 from capsd.protocol import RATE
-from capsd.worker.messages import Decode, Decoded, Format, Formatted, Ready
+from capsd.worker.messages import BEAT_S, Beat, Decode, Decoded, Format, Formatted, Ready
 
 log = structlog.get_logger("capsd.worker")
 
 # Shorter than one 25 ms fbank window: nothing to recognise, and some models (CTC) raise on it.
 MIN_DECODE_SAMPLES = 400
+WARM_UP_S = 2.0  # audio decoded once at load: the slot's first measure of this worker's speed
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -75,27 +81,69 @@ class Recognizer:
         return self.punctuator(text) if self.punctuator is not None and text else text
 
 
-def main(conn: Connection, spec: WorkerSpec, slot: int) -> None:
+def warm_up(recognizer: Recognizer) -> float:
+    """Decode WARM_UP_S of a tone once; returns the seconds it took (docs/design.md#deadlines)."""
+    t = np.arange(int(WARM_UP_S * RATE), dtype=np.float32) / RATE
+    started = time.monotonic()
+    recognizer.decode((0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    return time.monotonic() - started
+
+
+def end_with_supervisor(supervisor: int) -> None:
+    """A worker must not decode on for a supervisor that is gone: the kernel kills it when the
+    thread that started it ends (each incarnation is started from the supervisor's main thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os._exit(0)
+
+
+class Pipe:
+    """The worker's end of its pipe: replies from the main thread, beats from a thread of their own."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        try:
+            with self.lock:
+                self.conn.send(message)
+        except OSError:  # the supervisor is gone: end at once, quietly
+            os._exit(0)
+
+    def beat(self) -> None:
+        while True:
+            self.send(Beat())
+            time.sleep(BEAT_S)
+
+
+def main(conn: Connection, spec: WorkerSpec, slot: int, supervisor: int) -> None:
+    end_with_supervisor(supervisor)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor alone decides
     # when a worker stops, so a worker ignores SIGINT and ends when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A hung worker gets SIGABRT before SIGKILL: the journal then shows where it was stuck.
+    faulthandler.enable(all_threads=True)
     memory.hand_back_freed_memory()
     logs.setup(spec.log_level, spec.log_format)
     structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
+    pipe = Pipe(conn)
     try:
         recognizer = Recognizer(spec)
     except (RuntimeError, OSError, ValueError) as e:  # a model that passed the checks but does not load
         log.error("cannot load the model", model=spec.model, error=str(e))
         sys.exit(1)  # one line in the log, not a traceback; the supervisor sees the exit
-    conn.send(Ready(os.getpid()))
+    pipe.send(Ready(os.getpid(), warm_up(recognizer), WARM_UP_S))
+    threading.Thread(target=pipe.beat, name="capsd-beat", daemon=True).start()
     while True:
         try:
             job = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         if isinstance(job, Decode):
-            conn.send(Decoded(job.job, *recognizer.decode(job.samples)))
+            pipe.send(Decoded(job.job, *recognizer.decode(job.samples)))
         elif isinstance(job, Format):
-            conn.send(Formatted(job.job, recognizer.punctuate(job.text)))
+            pipe.send(Formatted(job.job, recognizer.punctuate(job.text)))
         else:
             return  # Stop
