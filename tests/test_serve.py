@@ -193,7 +193,8 @@ def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: i
     assert status["state"] == "ready" and status["slots"][0]["tasks_done"] == 1
     assert set(status["slots"][0]) == {"slot", "pid", "state", "rss_bytes", "queue_depth", "tasks_in_progress",
                                        "tasks_done", "tasks_failed", "restarts", "last_exit", "uptime_s",
-                                       "segments_decoded", "busy_share", "cpu_share", "model"}  # fmt: skip
+                                       "segments_decoded", "busy_share", "cpu_share", "rtf", "model"}  # fmt: skip
+    assert status["retries"] == {"retried": 0, "poison_jobs": 0, "paused": False}
     assert status["slots"][0]["model"] == {"type": "paraformer", "dir": str(EMBEDDED_MODEL_DIR), "punctuation": ""}
     assert status["memory"]["planned_bytes"] > 0 and status["memory"]["available_bytes"] > 0
     missing = subprocess.run([*ctl, "--socket", str(tmp_path / "nope.sock"), "status"], capture_output=True, text=True)
