@@ -7,35 +7,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, http_get, run_client, stop_while_decoding, task_ids_for_slots, wait_for
+from tests.support.checks import (
+    assert_exact,
+    http_get,
+    run_client,
+    stop_loading_workers,
+    stop_while_decoding,
+    task_ids_for_slots,
+    wait_for,
+)
 from tests.support.client import connect, frame, receive, send_file
 from tests.support.daemon import Capsd
-
-
-def stop_loading_workers(capsd: Capsd, timeout: float = 30, old: int = 0) -> list[psutil.Process]:
-    """SIGSTOP capsd's worker processes as soon as they run (multiprocessing's spawn_main), before
-    they have loaded the model; not `old`, a worker just killed that may linger for an instant."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            workers = [p for p in psutil.Process(capsd.proc.pid).children()
-                       if p.pid != old and "spawn_main" in " ".join(p.cmdline())]  # fmt: skip
-        except psutil.Error:
-            workers = []
-        if workers:
-            for p in workers:
-                p.send_signal(signal.SIGSTOP)
-            return workers
-        time.sleep(0.005)
-    raise AssertionError("no worker appeared")
 
 
 def test_livez_readyz_and_404_beside_capsWriter_clients(start_capsd: Any) -> None:
@@ -65,7 +53,7 @@ def test_readyz_is_503_when_no_worker_is_ready(start_capsd: Any) -> None:
     capsd = start_capsd()
     old = capsd.worker_pid(0)
     os.kill(old, signal.SIGKILL)
-    workers = stop_loading_workers(capsd, old=old)  # the replacement, stopped while it loads
+    workers = stop_loading_workers(capsd, old=(old,))  # the replacement, stopped while it loads
     try:
         wait_for(lambda: capsd.status()["slots"][0]["state"] == "restarting", 30, "restarting")
         assert http_get(capsd.port, "/readyz") == (503, "no worker is ready\n")

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import route
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, http_get, run_client, wait_for
-from tests.support.client import connect, receive, send_file, send_mic
+from tests.support.checks import assert_exact, http_get, run_client, stop_loading_workers, wait_for
+from tests.support.client import connect, frame, receive, send_file, send_mic
 
 FILE_DIGITS, MIC_DIGITS = "1234567890" * 12, "4711" * 5  # 60 s and 10 s
 
@@ -115,6 +117,8 @@ def test_a_scale_the_memory_plan_refuses_changes_nothing(start_capsd: Any) -> No
     after = capsd.status()
     assert [(s["slot"], s["pid"]) for s in after["slots"]] == [(s["slot"], s["pid"]) for s in before["slots"]]
     assert capsctl(capsd, "scale", "0").returncode == 64
+    huge = capsctl(capsd, "scale", "9" * 400)  # refused by capsd as a bad request, by its kind, not its text
+    assert huge.returncode == 64 and "allowed is a number of slots" in huge.stderr, huge.stderr
     samples, starts = synth("31337")
     assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "31337", starts)
 
@@ -151,6 +155,7 @@ def test_a_new_model_by_sighup_rolls_in_under_load(start_capsd: Any, heavy_model
     assert all(s["model"]["dir"] == str(heavy_model) for s in status["slots"])
     assert set(old).isdisjoint(s["pid"] for s in status["slots"])
     assert all(s["tasks_failed"] == 0 for s in status["slots"])
+    assert "worker above its memory estimate" not in capsd.logs()  # each worker against its own model's
     samples, starts = synth("2718")  # and the new model serves
     assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "2718", starts)
 
@@ -206,3 +211,98 @@ def test_a_new_slot_whose_worker_does_not_load_leaves_the_pool_as_it_was(start_c
     assert "cannot load the model" in capsd.logs() and "Traceback" not in capsd.logs()  # one line
     samples, starts = synth("42")
     assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "42", starts)
+
+
+def reload(capsd: Any, text: str) -> None:
+    """Write the config and SIGHUP, once capsd has read it (a reload's change may still be under way)."""
+    reloads = capsd.logs().count("config reloaded")
+    capsd.config_path.write_text(text)
+    capsd.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: capsd.logs().count("config reloaded") > reloads, 30, "the reload")
+
+
+def test_of_two_reloads_during_one_change_the_last_wins(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"workers": {"count": 2}})
+    config = capsd.config_path.read_text()
+    reload(capsd, config.replace("count = 2", "count = 3"))
+    reload(capsd, config)  # while slot 2 loads
+    wait_for(lambda: capsd.logs().count("pool scaled") == 2, 60, "3 slots, then 2")
+    wait_for(lambda: len(capsd.status()["slots"]) == 2, 30, "2 slots")
+    reload(capsd, config + f'[model]\ndir = "{heavy_model}"\n')
+    reload(capsd, config)  # flipped back while the first roll is under way
+    wait_for(lambda: capsd.logs().count("model changed") == 2, 120, "the roll there and back")
+    status = capsd.status()
+    assert [s["model"]["dir"] for s in status["slots"]] == [str(EMBEDDED_MODEL_DIR)] * 2
+    samples, starts = synth("1066")
+    assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "1066", starts)
+
+
+def test_a_roll_whose_new_worker_misses_load_timeout_s_is_rolled_back_for_good(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"workers": {"load_timeout_s": 5}})
+    old = capsd.worker_pid(0)
+    change_model(capsd, heavy_model)
+    stopped = stop_loading_workers(capsd, old=(old,))  # the new model's worker, stopped while it loads
+    wait_for(lambda: "model change failed" in capsd.logs(), 60, "the roll back")
+    wait_for(lambda: capsd.status()["slots"][0]["state"] == "ready", 60, "the slot ready")
+    assert "worker not ready in time" in capsd.logs()
+    assert capsd.status()["slots"][0]["model"]["dir"] == str(EMBEDDED_MODEL_DIR)
+    restarted = capsctl(capsd, "restart-worker", "0")  # its next worker runs the old model too
+    assert restarted.returncode == 0, restarted.stderr
+    assert capsd.status()["slots"][0]["model"]["dir"] == str(EMBEDDED_MODEL_DIR)
+    assert all(not p.is_running() or p.status() == "zombie" for p in stopped)
+
+
+def test_a_slot_scaled_away_and_back_while_its_spawn_backs_off_gets_one_worker(start_capsd: Any) -> None:
+    """Slot 1's replacement cannot be spawned (capsd may open no descriptor) and is retried with
+    backoff; meanwhile the slot is scaled away (it still homes a task, so it stays) and back. The
+    pending retry must not start a second worker beside the one the scale started."""
+    capsd = start_capsd({"workers": {"count": 2, "restart_intensity": 50}})
+    task_id = homed_on(1, 2, "held")
+    samples, starts = synth("5150")
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url) as ws:
+            await ws.send(frame(task_id, samples, False, "mic", (15, 2)))  # open: slot 1 cannot go
+            await asyncio.to_thread(starve_and_scale, capsd)
+            await ws.send(frame(task_id, samples[:0], True, "mic", (15, 2)))
+            return await receive(ws, {task_id})
+
+    assert_exact(asyncio.run(scenario())[task_id], "5150", starts)
+    time.sleep(10)  # past the retry that was pending
+    workers = [p.pid for p in psutil.Process(capsd.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert sorted(workers) == sorted(s["pid"] for s in capsd.status()["slots"]), workers
+
+
+def starve_and_scale(capsd: Any) -> None:
+    supervisor = psutil.Process(capsd.proc.pid)
+    limits = supervisor.rlimit(psutil.RLIMIT_NOFILE)
+    worker = capsd.worker_pid(1)
+    supervisor.rlimit(psutil.RLIMIT_NOFILE, (3, limits[1]))  # no new descriptor, so no new worker
+    try:
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "retry_in_s=8.0" in capsd.logs(), 60, "the spawn to back off")
+    finally:
+        supervisor.rlimit(psutil.RLIMIT_NOFILE, limits)
+    for count in ("1", "2"):
+        scaled = capsctl(capsd, "scale", count)
+        assert scaled.returncode == 0, scaled.stderr
+
+
+def test_a_reload_during_a_stop_is_ignored(start_capsd: Any, heavy_model: Path) -> None:
+    capsd = start_capsd({"model": {"dir": str(heavy_model)}})
+    audio, starts = synth(FILE_DIGITS)
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url) as ws:
+            await send_file(ws, "finishing", audio, seg=(15, 2))
+            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
+            capsd.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
+            capsd.config_path.write_text(capsd.config_path.read_text() + "[workers]\ncount = 2\n")
+            capsd.proc.send_signal(signal.SIGHUP)
+            return await receive(ws, {"finishing"})
+
+    assert_exact(asyncio.run(scenario())["finishing"], FILE_DIGITS, starts)
+    assert capsd.proc.wait(60) == 0
+    logs = capsd.logs()
+    assert "reload ignored: capsd is stopping" in logs and "pool scaled" not in logs and "critical" not in logs

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import psutil
 
 from capsd.protocol import route
 from capsd.selftest.tones import token_digits
@@ -60,6 +61,25 @@ async def stop_while_decoding(capsd: Any, ws: Any, samples: np.ndarray, task_id:
     await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["state"] == "busy", 30, "busy")
     capsd.proc.send_signal(signal.SIGTERM)
     await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
+
+
+def stop_loading_workers(capsd: Any, timeout: float = 30, old: tuple[int, ...] = ()) -> list[psutil.Process]:
+    """SIGSTOP capsd's new worker processes as soon as they run (multiprocessing's spawn_main),
+    before they have loaded the model; not those in `old`: workers running, or just killed and
+    lingering for an instant."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            workers = [p for p in psutil.Process(capsd.proc.pid).children()
+                       if p.pid not in old and "spawn_main" in " ".join(p.cmdline())]  # fmt: skip
+        except psutil.Error:
+            workers = []
+        if workers:
+            for p in workers:
+                p.send_signal(signal.SIGSTOP)
+            return workers
+        time.sleep(0.005)
+    raise AssertionError("no worker appeared")
 
 
 def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
