@@ -88,7 +88,6 @@ class Daemon:
             self.add_slot(index)
         self.front = Front(cfg.server, self.home, self.formatting(), self.not_ready, self.metrics)
         self.control = control.ControlServer(cfg.control.socket, self)
-        self.background: set[asyncio.Task[None]] = set()
 
     def formatting(self) -> Formatting:
         return Formatting(self.cfg.format.num, self.cfg.format.spell, punctuate=bool(self.spec.punctuation))
@@ -259,9 +258,9 @@ class Daemon:
         if task.done:
             return
         fault = reason.counts  # capsd's own kills (a forced restart or drain) are not the job's fault
-        if fault:
-            self.job_faults.append((time.monotonic(), item.job))
         allowed = self.cfg.workers.retry_lost_jobs
+        if fault and allowed:
+            self.job_faults.append((time.monotonic(), item.job))
         inc = slot.incarnation
         death = f"slot {slot.index} pid {inc.pid if inc else None} {reason.value} (exit code {exitcode})"
         if not allowed:
