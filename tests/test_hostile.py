@@ -23,30 +23,13 @@ from websockets.exceptions import ConnectionClosed
 from capsd import config, preflight
 from capsd.protocol import route
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, wait_for
+from tests.support.checks import GOOD_DIGITS, assert_exact, dictate, wait_for
 from tests.support.client import connect, file_frames, frame, receive, send_file, send_mic
 from tests.support.daemon import Capsd
-
-GOOD_DIGITS = "4711"
-# A dictation on an abused slot waits at most for the segment in progress: a few seconds on a
-# busy machine, never the minutes the abuse would cost without its bound.
-PROMPT_S = 15
 
 
 def same_slot(task_id: str, count: int, prefix: str = "good") -> str:
     return next(f"{prefix}-{n}" for n in range(10_000) if route(f"{prefix}-{n}", count) == route(task_id, count))
-
-
-async def dictate(url: str, task_id: str, within: float = PROMPT_S) -> None:
-    """A CapsWriter dictation: exact, and answered within `within` s of its final frame."""
-    samples, starts = synth(GOOD_DIGITS)
-    async with connect(url) as ws:
-        await send_mic(ws, task_id, samples)
-        sent = time.monotonic()
-        frames = await receive(ws, {task_id}, timeout=120)
-        waited = time.monotonic() - sent
-    assert_exact(frames[task_id], GOOD_DIGITS, starts)
-    assert waited < within, waited
 
 
 def supervisor_budget(capsd: Capsd) -> int:
