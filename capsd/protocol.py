@@ -91,8 +91,8 @@ def _field(obj: dict[str, Any], key: str, kind: type, default: Any = None) -> An
 
 
 def _text(obj: dict[str, Any], key: str, default: str | None = None) -> str:
-    """A string field that is valid Unicode: JSON's escapes can carry a lone surrogate ("\\ud800"),
-    which no UTF-8 encoder takes, so it would fail later in routing, logs or the answer."""
+    """A string field that is valid Unicode: JSON's escapes can carry a lone surrogate, which no
+    UTF-8 encoder takes (docs/design.md#json-strings-that-are-not-unicode)."""
     value = _field(obj, key, str, default)
     try:
         value.encode("utf-8")

@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import FRAME_FIELDS, assert_exact, stop_while_decoding, wait_for
+from tests.support.checks import FRAME_FIELDS, assert_exact, dictate, stop_while_decoding, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
 
 
@@ -100,6 +100,27 @@ def test_a_frame_over_max_message_bytes_is_logged_before_the_1009_close(start_ca
     wait_for(lambda: "frame too big" in capsd.logs(), 10, "the log line")
     line = next(line for line in capsd.logs().splitlines() if "frame too big" in line)
     assert "max_message_bytes=1048576" in line and "peer=" in line
+
+
+def test_a_file_client_asking_for_90_s_segments_is_served_60(start_capsd: Any) -> None:
+    """CapsWriter's own server served any seg_duration; capsd serves above 60 s as 60 (a worker's
+    memory is planned for it) and says so once per connection, at info."""
+    capsd = start_capsd()
+    digits = "1234567890" * 30  # 150 s: 3 frames of 60 s, segments of 62 s
+    samples, starts = synth(digits)
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url, subprotocols=["binary"]) as ws:
+            for task_id in ("ninety", "again"):
+                await send_file(ws, task_id, samples, seg=(90, 2))
+            return await receive(ws, {"ninety", "again"})
+
+    frames = asyncio.run(scenario())
+    asyncio.run(dictate(capsd.url, "dictation"))
+    assert_exact(frames["ninety"], digits, starts)
+    assert_exact(frames["again"], digits, starts)
+    [line] = [line for line in capsd.logs().splitlines() if "seg_duration served as" in line]
+    assert "[info" in line and "asked=90" in line and "served=60" in line and "peer=" in line
 
 
 def test_v1_sends_a_whole_file_as_one_frame(start_capsd: Any) -> None:

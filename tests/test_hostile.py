@@ -283,6 +283,34 @@ def test_a_client_that_never_reads_is_closed_and_its_tasks_cancelled(start_capsd
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
 
 
+def test_task_ids_that_cannot_be_encoded_are_bad_requests_and_harm_nothing(start_capsd: Any) -> None:
+    """300 frames whose task id is a lone surrogate (JSON "\\ud800": valid JSON, no valid
+    Unicode) between the frames of a good task: each answered bad_request with task_id null, the
+    good task exact, a dictation alongside too, and the log a few rate-limited lines."""
+    capsd = start_capsd()
+    samples, starts = synth("31415926")
+    step = len(samples) // 30
+    unencodable = ["\ud800", "a\udfff", "\ud83d\ud83d"]
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        async with connect(capsd.url) as ws:
+            for i in range(300):
+                await ws.send(frame(unencodable[i % 3], samples[:160], i % 2 == 0, "mic", (15, 2)))
+                if i % 10 == 0:
+                    await ws.send(frame("good", samples[i // 10 * step : (i // 10 + 1) * step], False, "mic", (15, 2)))
+            await ws.send(frame("good", samples[30 * step :], True, "mic", (15, 2)))
+            await dictate(capsd.url, "dictation")
+            return await receive(ws, {"good"})
+
+    frames = asyncio.run(scenario())
+    assert_exact(frames["good"], "31415926", starts)
+    assert len(frames[None]) == 300
+    assert all(f["error"]["code"] == "bad_request" and "not valid Unicode" in f["error"]["message"] for f in frames[None])
+    logs = capsd.logs()
+    assert "Traceback" not in logs and "connection closed" not in logs
+    assert 1 <= logs.count("bad frame") <= 10, logs.count("bad frame")
+
+
 def test_a_sigterm_just_after_a_whole_file_still_answers_it(start_capsd: Any) -> None:
     """The frames are still being parsed when the stop begins: the task is answered (its result
     or shutting_down) before the connection closes, three times out of three."""

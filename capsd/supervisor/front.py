@@ -61,6 +61,7 @@ class Client:
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
         self.reading = False  # waiting for the next frame, none half-received
+        self.told_seg_duration = False  # a seg_duration above the ceiling is logged once
         self.closed = False
         self.closing: asyncio.Task[None] | None = None
 
@@ -323,6 +324,10 @@ class Front:
         elif slot.full:
             refusal = ("overloaded", f"slot {slot.index} has {len(slot.queue)} segments waiting")
         else:
+            if frame.asked_seg_duration > frame.seg_duration and not client.told_seg_duration:
+                client.told_seg_duration = True
+                log.info("seg_duration served as the ceiling", peer=str(client.ws.remote_address),
+                         task=clip(frame.task_id), asked=frame.asked_seg_duration, served=frame.seg_duration)  # fmt: skip
             segmenter = Segmenter(frame.seg_duration, frame.seg_overlap)
             task = Task(frame.task_id, frame.source, frame.time_start, slot, segmenter, client, self.formatting)
             client.receiving[frame.task_id] = task
@@ -350,7 +355,9 @@ class Front:
                 del client.receiving[task.task_id]
             task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
             return
-        error_frame = Result(e.task_id).to_json(error=("bad_request", str(e)))
+        now = time.time()
+        time_start = now if e.time_start is None else e.time_start
+        error_frame = Result(e.task_id, time_start, now, now).to_json(error=("bad_request", str(e)))
         if e.task_id:  # a task refused at its first frame
             self.home(e.task_id).count(e.source, "bad_request")
         else:
