@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from capsd import config, preflight
 from capsd.protocol import route
 from capsd.selftest.tones import synth
-from tests.support.checks import GOOD_DIGITS, assert_exact, dictate, wait_for
+from tests.support.checks import GOOD_DIGITS, assert_exact, dictate, task_outcomes, wait_for
 from tests.support.client import connect, file_frames, frame, receive, send_file, send_mic
 from tests.support.daemon import Capsd
 
@@ -256,9 +258,10 @@ def test_long_task_ids_are_refused_and_neither_kept_nor_logged_whole(start_capsd
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
 
 
-def test_a_client_that_never_reads_is_closed_and_its_tasks_cancelled(start_capsd: Any) -> None:
+def test_a_client_that_never_reads_is_closed_and_its_tasks_counted_failed(start_capsd: Any) -> None:
     """Unread results are bounded by front.MAX_OUTBOX_BYTES (8 MiB); then the client is closed
-    with 1008 and its tasks are cancelled, queued segments dropped."""
+    with 1008, logged once with why, and its open tasks are cancelled, queued segments dropped,
+    each counted failed (connection_closed) alike in status and metrics."""
     capsd = start_capsd({"workers": {"count": 2}})
     hostile = "unread-0"
     samples, _ = synth("1234567890" * 120)  # 10 min; 1 s segments: 600 partials of up to 1200 tokens
@@ -274,13 +277,89 @@ def test_a_client_that_never_reads_is_closed_and_its_tasks_cancelled(start_capsd
 
     async def scenario() -> None:
         flooding = asyncio.create_task(flood())
-        await asyncio.to_thread(wait_for, lambda: "client not reading" in capsd.logs(), 120, "the 1008 close")
+        await asyncio.to_thread(wait_for, lambda: "results not read" in capsd.logs(), 120, "the 1008 close")
         await dictate(capsd.url, same_slot(hostile, 2))
         await flooding
 
     asyncio.run(scenario())
     wait_for(lambda: all(s["tasks_in_progress"] == s["queue_depth"] == 0 for s in capsd.status()["slots"]), 30)
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    [line] = closes(capsd)
+    assert "code=1008" in line and "unread_bytes=" in line and "peer=" in line
+    closed = int(re.search(r"tasks=(\d+)", line)[1])
+    assert closed >= 1
+    assert sum(s["tasks_failed"] for s in capsd.status()["slots"]) == closed
+    assert task_outcomes(capsd).keys() <= {"done", "connection_closed"}
+    assert task_outcomes(capsd)["connection_closed"] == closed
+
+
+def closes(capsd: Capsd) -> list[str]:
+    return [line for line in capsd.logs().splitlines() if "connection closed by capsd" in line]
+
+
+async def answered(ws: Any) -> None:
+    """A ping from the client, answered: capsd has read everything the client sent before it."""
+    await (await ws.ping())
+
+
+def test_file_clients_held_back_over_a_minute_are_not_closed_by_keepalive(start_capsd: Any) -> None:
+    """12 CapsWriter file clients send 6 min files at once to one slot, whose worker is stopped for
+    70 s: flow control holds each back once 16 MiB of its audio waits (5 frames), so capsd's pings
+    are answered behind frames it does not read, for longer than the default keepalive allows (a
+    ping every 20 s, 20 s for its pong). None is closed, every task is exact: capsd's keepalive
+    runs only while it reads a connection (docs/design.md#keepalive-only-while-read). A client
+    that stops answering while capsd reads it is still found dead, closed with 1011 and its task
+    counted failed."""
+    capsd = start_capsd({"workers": {"heartbeat_timeout_s": 300}})  # the worker is stopped, not hung
+    digits = "1234567890" * 72  # 6 min: 6 frames of 60 s
+    samples, starts = synth(digits)
+    ids = [f"held-{i}" for i in range(12)]
+    held: list[Any] = []
+
+    async def file_client(task_id: str) -> list[dict[str, Any]]:
+        async with connect(capsd.url) as ws:  # no keepalive of its own; it answers capsd's pings
+            held.append(ws)
+            await send_file(ws, task_id, samples)
+            return (await receive(ws, {task_id}, timeout=600))[task_id]
+
+    def all_held_back() -> bool:
+        depth = capsd.status()["slots"][0]["queue_depth"]
+        time.sleep(3)  # nothing more of any connection read meanwhile
+        slot = capsd.status()["slots"][0]
+        return slot["tasks_in_progress"] == 1 + len(ids) and slot["queue_depth"] == depth
+
+    async def scenario() -> list[list[dict[str, Any]]]:
+        worker = capsd.worker_pid(0)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            async with connect(capsd.url) as silent:
+                await silent.send(frame("silent", synth("1")[0][:1600], False, "mic", (15, 2)))
+                silent.transport.pause_reading()  # from now on it answers no ping: gone, for capsd
+                clients = [asyncio.create_task(file_client(task_id)) for task_id in ids]
+                await asyncio.to_thread(wait_for, all_held_back, 120, "every file client held back")
+                probes = [asyncio.create_task(answered(ws)) for ws in held]
+                await asyncio.sleep(70)
+                assert not any(probe.done() for probe in probes)  # capsd read none of them meanwhile
+                assert all(ws.state is State.OPEN for ws in held)
+                await asyncio.to_thread(wait_for, lambda: "keepalive ping timeout" in capsd.logs(), 30, "1011")
+                os.kill(worker, signal.SIGCONT)
+                await dictate(capsd.url, "dictation")
+                files = await asyncio.gather(*clients)
+                await asyncio.wait_for(asyncio.gather(*probes), 30)
+                silent.transport.resume_reading()
+                return files
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+    files = asyncio.run(scenario())
+    assert len(files) == len(ids)
+    for frames in files:
+        assert_exact(frames, digits, starts)
+    [line] = closes(capsd)
+    assert "code=1011" in line and "keepalive ping timeout" in line and "tasks=1" in line and "peer=" in line
+    slot = capsd.status()["slots"][0]
+    assert (slot["tasks_done"], slot["tasks_failed"]) == (len(ids) + 1, 1)
+    assert task_outcomes(capsd) == {"done": len(ids) + 1, "connection_closed": 1}
 
 
 def test_task_ids_that_cannot_be_encoded_are_bad_requests_and_harm_nothing(start_capsd: Any) -> None:
