@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
 from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from capsd import config, preflight
 from capsd.protocol import route
@@ -417,6 +420,43 @@ def test_a_sigterm_just_after_a_whole_file_still_answers_it(start_capsd: Any) ->
             assert_exact(frames, "1234567890" * 12 + "1", starts)
         assert code == 1001
         assert capsd.proc.wait(30) == 0
+
+
+def test_a_frame_half_received_when_the_stop_begins_is_answered_before_the_close(start_capsd: Any) -> None:
+    """SIGTERM while a client is in the middle of a frame: capsd waits for the rest (at most
+    front.FLUSH_TIMEOUT_S), answers it, then closes with 1001. This client, websockets' sans-I/O
+    protocol on a plain socket, answers capsd's ping only once its frame is sent, as every client
+    does: a control frame never splits a frame (docs/design.md#stopping)."""
+    capsd = start_capsd()
+    protocol = ClientProtocol(parse_uri(capsd.url))
+    events: list[Any] = []
+
+    def exchange(sock: socket.socket) -> bool:
+        """Send what the protocol has to send, then read what comes; False at the end of the stream."""
+        sock.sendall(b"".join(protocol.data_to_send()))
+        data = sock.recv(2**16)
+        protocol.receive_data(data) if data else protocol.receive_eof()
+        events.extend(protocol.events_received())
+        return bool(data)
+
+    with socket.create_connection(("127.0.0.1", capsd.port), timeout=30) as sock:
+        protocol.send_request(protocol.connect())
+        while not events:
+            exchange(sock)  # the handshake's response
+        protocol.send_text(frame("last-words", synth("7")[0], True, "mic", (15, 2)).encode())
+        message = b"".join(protocol.data_to_send())
+        sock.sendall(message[: len(message) // 2])
+        capsd.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in capsd.logs(), 30, "the stop")
+        time.sleep(0.2)
+        sock.sendall(message[len(message) // 2 :])
+        while exchange(sock):
+            pass
+    answers = [json.loads(e.data) for e in events if getattr(e, "opcode", None) is Opcode.TEXT]
+    assert [a["task_id"] for a in answers] == ["last-words"]
+    assert answers[0]["is_final"] and answers[0]["error"]["code"] == "shutting_down"
+    assert protocol.close_code == 1001
+    assert capsd.proc.wait(30) == 0
 
 
 def test_sigterm_with_clients_that_stopped_responding_stops_on_time(start_capsd: Any) -> None:

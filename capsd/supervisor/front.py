@@ -68,7 +68,7 @@ class Client:
         self.drained = asyncio.Event()  # set when queued audio went below its bound
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
-        self.reading = False  # waiting for the next frame, none half-received
+        self.reading = False  # waiting for the next frame
         self.keepalive: asyncio.Task[None] | None = None  # running while the connection is read
         self.told_seg_duration = False  # a seg_duration above the ceiling is logged once
         self.closed = False
@@ -197,10 +197,20 @@ class Client:
         except ConnectionClosed:
             pass
 
-    def settled(self) -> bool:
-        """Nothing half-received, nothing owed: the connection may close without losing a frame."""
-        partial_frame = len(self.ws.protocol.reader.buffer)  # bytes of a frame still arriving
-        return self.reading and not partial_frame and not self.outbox_bytes
+    async def settle(self) -> None:
+        """Until nothing is half-received and nothing owed, so that the connection may close
+        without losing a frame (docs/design.md#stopping). TCP keeps order and a control frame
+        never splits a frame, so once the client's pong to a ping sent now has come, every frame it
+        sent before has arrived whole; once capsd waits for the next one, they are all parsed."""
+        try:
+            await self.pong()
+        except ConnectionClosed:
+            return
+        while not self.reading:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polled: once per connection, at a stop
+        self.release_owed()  # what the frames parsed meanwhile are owed
+        while self.outbox_bytes:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     def cancel_tasks(self) -> None:
         for task in list(self.open):
@@ -441,7 +451,8 @@ class Front:
 
     async def _close_client(self, client: Client) -> None:
         client.release_owed()
-        deadline = time.monotonic() + FLUSH_TIMEOUT_S
-        while not client.settled() and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polled: "settled" reads websockets' state, which has no event
+        try:
+            await asyncio.wait_for(client.settle(), FLUSH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass
         await client.close(CloseCode.GOING_AWAY, "capsd is stopping")
