@@ -94,13 +94,10 @@ def test_a_frame_over_max_message_bytes_is_logged_and_its_connections_tasks_coun
         async with connect(capsd.url) as ws:
             await ws.send(frame("open", samples[:1600], False, "mic", (15, 2)))
             await ws.send(frame("whole-file", samples, True, "file", (15, 2)))
-            try:
+            with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 30)
-            except ConnectionClosed as e:
-                return e.rcvd.code if e.rcvd else None
-            finally:
-                await dictate(capsd.url, "dictation")
-        return None
+        await dictate(capsd.url, "dictation")
+        return closed.value.rcvd.code if closed.value.rcvd else None
 
     assert asyncio.run(scenario()) == 1009
     wait_for(lambda: "frame too big" in capsd.logs(), 10, "the log line")

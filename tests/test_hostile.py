@@ -280,7 +280,7 @@ def test_a_client_that_never_reads_is_closed_and_its_tasks_counted_failed(start_
 
     async def scenario() -> None:
         flooding = asyncio.create_task(flood())
-        await asyncio.to_thread(wait_for, lambda: "results not read" in capsd.logs(), 120, "the 1008 close")
+        await asyncio.to_thread(wait_for, lambda: "client not reading" in capsd.logs(), 120, "the 1008 close")
         await dictate(capsd.url, same_slot(hostile, 2))
         await flooding
 
@@ -329,7 +329,7 @@ def test_file_clients_held_back_over_a_minute_are_not_closed_by_keepalive(start_
         depth = capsd.status()["slots"][0]["queue_depth"]
         time.sleep(3)  # nothing more of any connection read meanwhile
         slot = capsd.status()["slots"][0]
-        return slot["tasks_in_progress"] == 1 + len(ids) and slot["queue_depth"] == depth
+        return slot["tasks_in_progress"] >= len(ids) and slot["queue_depth"] == depth  # the silent one may be gone
 
     async def scenario() -> list[list[dict[str, Any]]]:
         worker = capsd.worker_pid(0)

@@ -80,7 +80,7 @@ class Client:
         if self.closed:
             return
         if self.outbox_bytes and self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
-            self.close(CloseCode.POLICY_VIOLATION, "capsd: results not read", unread_bytes=self.outbox_bytes)
+            self.close(CloseCode.POLICY_VIOLATION, "capsd: client not reading its results", unread_bytes=self.outbox_bytes)
             return
         self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
@@ -177,14 +177,14 @@ class Client:
         while True:
             await asyncio.sleep(KEEPALIVE_INTERVAL_S)
             try:
-                await asyncio.wait_for(self.pong(), KEEPALIVE_TIMEOUT_S)
+                await asyncio.wait_for(self.round_trip(), KEEPALIVE_TIMEOUT_S)
             except asyncio.TimeoutError:
                 self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout", timeout_s=KEEPALIVE_TIMEOUT_S)
                 return
             except ConnectionClosed:
                 return
 
-    async def pong(self) -> None:
+    async def round_trip(self) -> None:
         """A ping, answered: the pong comes after every frame the client sent before the ping."""
         await (await self.ws.ping())
 
@@ -203,7 +203,7 @@ class Client:
         never splits a frame, so once the client's pong to a ping sent now has come, every frame it
         sent before has arrived whole; once capsd waits for the next one, they are all parsed."""
         try:
-            await self.pong()
+            await self.round_trip()
         except ConnectionClosed:
             return
         while not self.reading:  # noqa: ASYNC110
