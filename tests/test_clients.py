@@ -108,6 +108,28 @@ def test_a_frame_over_max_message_bytes_is_logged_and_its_connections_tasks_coun
     assert task_outcomes(capsd) == {"done": 1, "connection_closed": 1}
 
 
+def test_a_protocol_error_closes_the_connection_logged_and_its_tasks_counted_failed(start_capsd: Any) -> None:
+    """A text frame that is not UTF-8: websockets closes with 1007 for capsd; logged once, the task
+    open on the connection counted failed (connection_closed); a dictation alongside is exact."""
+    capsd = start_capsd()
+
+    async def scenario() -> int | None:
+        async with connect(capsd.url) as ws:
+            await ws.send(frame("open", synth("1")[0][:1600], False, "mic", (15, 2)))
+            await ws.send(b'{"task_id": "\xff"}', text=True)  # a text frame, as bytes: not checked here
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 30)
+        await dictate(capsd.url, "dictation")
+        return closed.value.rcvd.code if closed.value.rcvd else None
+
+    assert asyncio.run(scenario()) == 1007
+    wait_for(lambda: "connection closed by capsd" in capsd.logs(), 10, "the log line")
+    [line] = [line for line in capsd.logs().splitlines() if "connection closed by capsd" in line]
+    assert "code=1007" in line and "tasks=1" in line and "peer=" in line
+    assert [s["tasks_failed"] for s in capsd.status()["slots"]] == [1]
+    assert task_outcomes(capsd) == {"done": 1, "connection_closed": 1}
+
+
 def test_a_file_client_asking_for_90_s_segments_is_served_60(start_capsd: Any) -> None:
     """CapsWriter's own server served any seg_duration; capsd serves above 60 s as 60 (a worker's
     memory is planned for it) and says so once per connection, at info."""
