@@ -85,7 +85,7 @@ def realign(tokens: list[str], timestamps: list[float], text: str) -> tuple[list
     """The tokens and timestamps of `text`, a formatted version of these tokens' text
     (numerals, spacing, punctuation), so that a subtitle built from them matches it.
 
-    Characters are matched with difflib (docs/design.md#text-accu-on-the-final-frame): a kept
+    Characters are matched with difflib (docs/design.md#text_accu-on-the-final-frame): a kept
     character keeps its time, a replaced run (一二三 -> 123) takes the times of what it replaces,
     spread evenly, and an inserted one (punctuation) the time of the character before it.
     """

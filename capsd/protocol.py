@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 RATE = 16000
-# Segment parameters a client may ask for. The floor keeps one frame from being cut into a flood
-# of tiny segments (CapsWriter sends 15 and 25); the ceiling bounds a worker's memory.
+# Segment parameters (docs/design.md#segmenting). The floor keeps one frame from being cut into a
+# flood of tiny segments (CapsWriter sends 15 and 25): below it, bad_request. The ceiling bounds a
+# worker's memory: above it, served as the ceiling, since the original server served any length.
 MIN_SEG_DURATION_S = 1.0
 MAX_SEG_DURATION_S = 60.0
 # The longest segment a worker can be handed: seg_duration + seg_overlap, overlap < duration.
@@ -36,11 +37,19 @@ def clip(text: str, limit: int = 64) -> str:
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, task_id: str | None = None, is_final: bool = False, source: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        task_id: str | None = None,
+        is_final: bool = False,
+        source: str = "",
+        time_start: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.task_id = task_id
         self.is_final = is_final
         self.source = source or "unknown"  # "mic" or "file" when the frame said so
+        self.time_start = time_start  # the frame's own, when it could be read
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,11 @@ class AudioFrame:
     samples: np.ndarray  # float32, mono, 16 kHz
     is_final: bool
     time_start: float
-    seg_duration: float
+    seg_duration: float  # as served: at most MAX_SEG_DURATION_S ...
     seg_overlap: float
     context: str
     language: str
+    asked_seg_duration: float  # ... and as the client asked
 
 
 def _number(obj: dict[str, Any], key: str, default: float | None = None) -> float:
@@ -80,6 +90,17 @@ def _field(obj: dict[str, Any], key: str, kind: type, default: Any = None) -> An
     return value
 
 
+def _text(obj: dict[str, Any], key: str, default: str | None = None) -> str:
+    """A string field that is valid Unicode: JSON's escapes can carry a lone surrogate, which no
+    UTF-8 encoder takes (docs/design.md#json-strings-that-are-not-unicode)."""
+    value = _field(obj, key, str, default)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"field {key!r} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 def parse_frame(raw: str | bytes) -> AudioFrame:
     try:
         obj = json.loads(raw)
@@ -87,34 +108,50 @@ def parse_frame(raw: str | bytes) -> AudioFrame:
         raise BadRequest("frame is not JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("frame is not a JSON object")
+    task_id = None
+    try:
+        task_id = _task_id(obj)
+        return _parse_task_frame(obj, task_id)
+    except BadRequest as e:
+        source = obj.get("source") if obj.get("source") in ("mic", "file") else ""
+        raise BadRequest(str(e), task_id, obj.get("is_final") is True, source, _time_start(obj)) from None
+
+
+def _task_id(obj: dict[str, Any]) -> str:
+    """The frame's task id, unless it cannot be echoed faithfully (too long to keep, not valid
+    Unicode): then its error frame carries task_id null."""
     task_id = obj.get("task_id")
     if not isinstance(task_id, str) or not task_id:
         raise BadRequest("field 'task_id' must be a non-empty string")
     if len(task_id) > MAX_TASK_ID_CHARS:
         raise BadRequest(f"field 'task_id' is {len(task_id)} characters long: at most {MAX_TASK_ID_CHARS}")
+    return _text(obj, "task_id")
+
+
+def _time_start(obj: dict[str, Any]) -> float | None:
     try:
-        return _parse_task_frame(obj, task_id)
-    except BadRequest as e:
-        source = obj.get("source") if obj.get("source") in ("mic", "file") else ""
-        raise BadRequest(str(e), task_id, obj.get("is_final") is True, source) from None
+        return _number(obj, "time_start")
+    except BadRequest:
+        return None
 
 
 def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:
-    source = _field(obj, "source", str)
+    source = _text(obj, "source")
     if source not in ("mic", "file"):
         raise BadRequest(f"field 'source' must be 'mic' or 'file', not {clip(source)!r}")
     is_final = _field(obj, "is_final", bool)
     time_start = _number(obj, "time_start")
-    seg_duration = _number(obj, "seg_duration", 15)
+    asked_seg_duration = _number(obj, "seg_duration", 15)
     seg_overlap = _number(obj, "seg_overlap", 2)
-    if not MIN_SEG_DURATION_S <= seg_duration <= MAX_SEG_DURATION_S:
-        raise BadRequest(
-            f"seg_duration {seg_duration:g} out of range: must be >= {MIN_SEG_DURATION_S:g} and <= {MAX_SEG_DURATION_S:g}"
-        )
+    if asked_seg_duration < MIN_SEG_DURATION_S:
+        raise BadRequest(f"seg_duration {asked_seg_duration:g} out of range: must be >= {MIN_SEG_DURATION_S:g}")
+    seg_duration = min(asked_seg_duration, MAX_SEG_DURATION_S)
     if not 0 <= seg_overlap < seg_duration:
-        raise BadRequest(f"seg_overlap {seg_overlap:g} out of range: must be >= 0 and < seg_duration")
-    context = _field(obj, "context", str, "")
-    language = _field(obj, "language", str, "auto")
+        raise BadRequest(
+            f"seg_overlap {seg_overlap:g} out of range: must be >= 0 and < seg_duration ({seg_duration:g} served)"
+        )
+    context = _text(obj, "context", "")
+    language = _text(obj, "language", "auto")
     if "time_frame" in obj:
         _number(obj, "time_frame")
     data = _field(obj, "data", str)
@@ -127,7 +164,9 @@ def _parse_task_frame(obj: dict[str, Any], task_id: str) -> AudioFrame:
     samples = np.frombuffer(raw, dtype="<f4")
     if not np.isfinite(samples).all():
         raise BadRequest("audio contains NaN or infinite samples")
-    return AudioFrame(task_id, source, samples, is_final, time_start, seg_duration, seg_overlap, context, language)
+    return AudioFrame(
+        task_id, source, samples, is_final, time_start, seg_duration, seg_overlap, context, language, asked_seg_duration
+    )
 
 
 def client_frame(task_id: str, samples: np.ndarray, is_final: bool, source: str, seg: tuple[float, float]) -> str:
@@ -154,7 +193,6 @@ def file_frames(
     step = round(frame_s * RATE)
     starts = list(range(0, len(samples), step)) or [0]
     return [client_frame(task_id, samples[start : start + step], start == starts[-1], "file", seg) for start in starts]
-
 
 
 def route(task_id: str, count: int) -> int:

@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import FRAME_FIELDS, assert_exact, stop_while_decoding, wait_for
+from tests.support.checks import FRAME_FIELDS, assert_exact, dictate, stop_while_decoding, task_outcomes, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
 
 
@@ -83,23 +83,72 @@ def test_the_binary_subprotocol_is_echoed_and_not_required(start_capsd: Any, off
     assert_exact(frames["dictation"], "2026", starts)
 
 
-def test_a_frame_over_max_message_bytes_is_logged_before_the_1009_close(start_capsd: Any) -> None:
+def test_a_frame_over_max_message_bytes_is_logged_and_its_connections_tasks_counted_failed(start_capsd: Any) -> None:
+    """websockets closes the connection with 1009 for capsd: one log line with the peer and the
+    limit; the task open on it is cancelled and counted failed (connection_closed), in status and
+    metrics alike; a dictation alongside is exact."""
     capsd = start_capsd({"server": {"max_message_bytes": 2**20}})
     samples, _ = synth("1234567890" * 3)  # 15 s: 1.28 MB of base64
 
     async def scenario() -> int | None:
         async with connect(capsd.url) as ws:
+            await ws.send(frame("open", samples[:1600], False, "mic", (15, 2)))
             await ws.send(frame("whole-file", samples, True, "file", (15, 2)))
-            try:
+            with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 30)
-            except ConnectionClosed as e:
-                return e.rcvd.code if e.rcvd else None
-        return None
+        await dictate(capsd.url, "dictation")
+        return closed.value.rcvd.code if closed.value.rcvd else None
 
     assert asyncio.run(scenario()) == 1009
     wait_for(lambda: "frame too big" in capsd.logs(), 10, "the log line")
-    line = next(line for line in capsd.logs().splitlines() if "frame too big" in line)
+    [line] = [line for line in capsd.logs().splitlines() if "connection closed by capsd" in line]
+    assert "frame too big" in line and "code=1009" in line and "tasks=1" in line
     assert "max_message_bytes=1048576" in line and "peer=" in line
+    assert [s["tasks_failed"] for s in capsd.status()["slots"]] == [1]
+    assert task_outcomes(capsd) == {"done": 1, "connection_closed": 1}
+
+
+def test_a_protocol_error_closes_the_connection_logged_and_its_tasks_counted_failed(start_capsd: Any) -> None:
+    """A text frame that is not UTF-8: websockets closes with 1007 for capsd; logged once, the task
+    open on the connection counted failed (connection_closed); a dictation alongside is exact."""
+    capsd = start_capsd()
+
+    async def scenario() -> int | None:
+        async with connect(capsd.url) as ws:
+            await ws.send(frame("open", synth("1")[0][:1600], False, "mic", (15, 2)))
+            await ws.send(b'{"task_id": "\xff"}', text=True)  # a text frame, as bytes: not checked here
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 30)
+        await dictate(capsd.url, "dictation")
+        return closed.value.rcvd.code if closed.value.rcvd else None
+
+    assert asyncio.run(scenario()) == 1007
+    wait_for(lambda: "connection closed by capsd" in capsd.logs(), 10, "the log line")
+    [line] = [line for line in capsd.logs().splitlines() if "connection closed by capsd" in line]
+    assert "code=1007" in line and "tasks=1" in line and "peer=" in line
+    assert [s["tasks_failed"] for s in capsd.status()["slots"]] == [1]
+    assert task_outcomes(capsd) == {"done": 1, "connection_closed": 1}
+
+
+def test_a_file_client_asking_for_90_s_segments_is_served_60(start_capsd: Any) -> None:
+    """CapsWriter's own server served any seg_duration; capsd serves above 60 s as 60 (a worker's
+    memory is planned for it) and says so once per connection, at info."""
+    capsd = start_capsd()
+    digits = "1234567890" * 30  # 150 s: 3 frames of 60 s, segments of 62 s
+    samples, starts = synth(digits)
+
+    async def scenario() -> dict[str, Any]:
+        async with connect(capsd.url, subprotocols=["binary"]) as ws:
+            for task_id in ("ninety", "again"):
+                await send_file(ws, task_id, samples, seg=(90, 2))
+            return await receive(ws, {"ninety", "again"})
+
+    frames = asyncio.run(scenario())
+    asyncio.run(dictate(capsd.url, "dictation"))
+    assert_exact(frames["ninety"], digits, starts)
+    assert_exact(frames["again"], digits, starts)
+    [line] = [line for line in capsd.logs().splitlines() if "seg_duration served as" in line]
+    assert "[info" in line and "asked=90" in line and "served=60" in line and "peer=" in line
 
 
 def test_v1_sends_a_whole_file_as_one_frame(start_capsd: Any) -> None:

@@ -19,8 +19,11 @@ from tests.support.checks import FRAME_FIELDS
 from tests.support.daemon import Capsd
 
 KEYS = ["task_id", "source", "data", "is_final", "time_start", "seg_duration", "seg_overlap", "context", "language"]
+# Lone surrogates included: JSON escapes them ("\\ud800"), and they are no valid Unicode
+# (docs/design.md#json-strings-that-are-not-unicode).
+json_text = st.text(st.characters(exclude_categories=[]), max_size=20)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | json_text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=5,
 )
@@ -79,6 +82,10 @@ def readable_id(raw: str | bytes) -> tuple[str | None, bool]:
     except (ValueError, RecursionError):
         return None, False
     if not isinstance(frame, dict) or not isinstance(frame.get("task_id"), str) or not frame["task_id"]:
+        return None, False
+    try:
+        frame["task_id"].encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: cannot be echoed
         return None, False
     return frame["task_id"], frame.get("is_final") is True
 

@@ -10,20 +10,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from capsd.selftest.tones import synth
 from tests.support.checks import (
     assert_exact,
     http_get,
     run_client,
+    scrape,
     stop_loading_workers,
     stop_while_decoding,
     task_ids_for_slots,
     wait_for,
 )
 from tests.support.client import connect, frame, receive, send_file
-from tests.support.daemon import Capsd
 
 
 def test_livez_readyz_and_404_beside_capsWriter_clients(start_capsd: Any) -> None:
@@ -82,16 +80,6 @@ def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any
     assert not restart["ok"] and "stopping" in restart["error"]
     assert_exact(frames["finishing"], digits, starts)  # the task in progress still finishes
     assert capsd.proc.wait(30) == 0
-
-
-def scrape(capsd: Capsd) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, body = http_get(capsd.port, "/metrics")
-    assert status == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-    }
 
 
 def test_metrics_count_what_was_done_and_agree_with_status(start_capsd: Any, heavy_model: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -18,35 +19,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from capsd import config, preflight
 from capsd.protocol import route
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, wait_for
+from tests.support.checks import GOOD_DIGITS, assert_exact, dictate, task_outcomes, wait_for
 from tests.support.client import connect, file_frames, frame, receive, send_file, send_mic
 from tests.support.daemon import Capsd
-
-GOOD_DIGITS = "4711"
-# A dictation on an abused slot waits at most for the segment in progress: a few seconds on a
-# busy machine, never the minutes the abuse would cost without its bound.
-PROMPT_S = 15
 
 
 def same_slot(task_id: str, count: int, prefix: str = "good") -> str:
     return next(f"{prefix}-{n}" for n in range(10_000) if route(f"{prefix}-{n}", count) == route(task_id, count))
-
-
-async def dictate(url: str, task_id: str, within: float = PROMPT_S) -> None:
-    """A CapsWriter dictation: exact, and answered within `within` s of its final frame."""
-    samples, starts = synth(GOOD_DIGITS)
-    async with connect(url) as ws:
-        await send_mic(ws, task_id, samples)
-        sent = time.monotonic()
-        frames = await receive(ws, {task_id}, timeout=120)
-        waited = time.monotonic() - sent
-    assert_exact(frames[task_id], GOOD_DIGITS, starts)
-    assert waited < within, waited
 
 
 def supervisor_budget(capsd: Capsd) -> int:
@@ -273,9 +261,10 @@ def test_long_task_ids_are_refused_and_neither_kept_nor_logged_whole(start_capsd
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
 
 
-def test_a_client_that_never_reads_is_closed_and_its_tasks_cancelled(start_capsd: Any) -> None:
+def test_a_client_that_never_reads_is_closed_and_its_tasks_counted_failed(start_capsd: Any) -> None:
     """Unread results are bounded by front.MAX_OUTBOX_BYTES (8 MiB); then the client is closed
-    with 1008 and its tasks are cancelled, queued segments dropped."""
+    with 1008, logged once with why, and its open tasks are cancelled, queued segments dropped,
+    each counted failed (connection_closed) alike in status and metrics."""
     capsd = start_capsd({"workers": {"count": 2}})
     hostile = "unread-0"
     samples, _ = synth("1234567890" * 120)  # 10 min; 1 s segments: 600 partials of up to 1200 tokens
@@ -298,6 +287,112 @@ def test_a_client_that_never_reads_is_closed_and_its_tasks_cancelled(start_capsd
     asyncio.run(scenario())
     wait_for(lambda: all(s["tasks_in_progress"] == s["queue_depth"] == 0 for s in capsd.status()["slots"]), 30)
     assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    [line] = closes(capsd)
+    assert "code=1008" in line and "unread_bytes=" in line and "peer=" in line
+    closed = int(re.search(r"tasks=(\d+)", line)[1])
+    assert closed >= 1
+    assert sum(s["tasks_failed"] for s in capsd.status()["slots"]) == closed
+    assert task_outcomes(capsd).keys() <= {"done", "connection_closed"}
+    assert task_outcomes(capsd)["connection_closed"] == closed
+
+
+def closes(capsd: Capsd) -> list[str]:
+    return [line for line in capsd.logs().splitlines() if "connection closed by capsd" in line]
+
+
+async def answered(ws: Any) -> None:
+    """A ping from the client, answered: capsd has read everything the client sent before it."""
+    await (await ws.ping())
+
+
+def test_file_clients_held_back_over_a_minute_are_not_closed_by_keepalive(start_capsd: Any) -> None:
+    """12 CapsWriter file clients send 6 min files at once to one slot, whose worker is stopped for
+    70 s: flow control holds each back once 16 MiB of its audio waits (5 frames), so capsd's pings
+    are answered behind frames it does not read, for longer than the default keepalive allows (a
+    ping every 20 s, 20 s for its pong). None is closed, every task is exact: capsd's keepalive
+    runs only while it reads a connection (docs/design.md#keepalive-only-while-read). A client
+    that stops answering while capsd reads it is still found dead, closed with 1011 and its task
+    counted failed."""
+    capsd = start_capsd({"workers": {"heartbeat_timeout_s": 300}})  # the worker is stopped, not hung
+    digits = "1234567890" * 72  # 6 min: 6 frames of 60 s
+    samples, starts = synth(digits)
+    ids = [f"held-{i}" for i in range(12)]
+    held: list[Any] = []
+
+    async def file_client(task_id: str) -> list[dict[str, Any]]:
+        async with connect(capsd.url) as ws:  # no keepalive of its own; it answers capsd's pings
+            held.append(ws)
+            await send_file(ws, task_id, samples)
+            return (await receive(ws, {task_id}, timeout=600))[task_id]
+
+    def all_held_back() -> bool:
+        """Each client's 5 frames read (300 s: 11 segments of 27 s queued; 4 frames would be 9),
+        and nothing more of any connection for 3 s."""
+        depth = capsd.status()["slots"][0]["queue_depth"]
+        time.sleep(3)
+        slot = capsd.status()["slots"][0]
+        return slot["queue_depth"] == depth >= 10 * len(ids) and slot["tasks_in_progress"] >= len(ids)
+
+    async def scenario() -> list[list[dict[str, Any]]]:
+        worker = capsd.worker_pid(0)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            async with connect(capsd.url) as silent:
+                await silent.send(frame("silent", synth("1")[0][:1600], False, "mic", (15, 2)))
+                silent.transport.pause_reading()  # from now on it answers no ping: gone, for capsd
+                clients = [asyncio.create_task(file_client(task_id)) for task_id in ids]
+                await asyncio.to_thread(wait_for, all_held_back, 120, "every file client held back")
+                probes = [asyncio.create_task(answered(ws)) for ws in held]
+                await asyncio.sleep(70)
+                assert not any(probe.done() for probe in probes)  # capsd read none of them meanwhile
+                assert all(ws.state is State.OPEN for ws in held)
+                await asyncio.to_thread(wait_for, lambda: "keepalive ping timeout" in capsd.logs(), 30, "1011")
+                os.kill(worker, signal.SIGCONT)
+                await dictate(capsd.url, "dictation")
+                files = await asyncio.gather(*clients)
+                await asyncio.wait_for(asyncio.gather(*probes), 30)
+                silent.transport.resume_reading()
+                return files
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+    files = asyncio.run(scenario())
+    assert len(files) == len(ids)
+    for frames in files:
+        assert_exact(frames, digits, starts)
+    [line] = closes(capsd)
+    assert "code=1011" in line and "keepalive ping timeout" in line and "tasks=1" in line and "peer=" in line
+    slot = capsd.status()["slots"][0]
+    assert (slot["tasks_done"], slot["tasks_failed"]) == (len(ids) + 1, 1)
+    assert task_outcomes(capsd) == {"done": len(ids) + 1, "connection_closed": 1}
+
+
+def test_task_ids_that_cannot_be_encoded_are_bad_requests_and_harm_nothing(start_capsd: Any) -> None:
+    """300 frames whose task id is a lone surrogate (JSON "\\ud800": valid JSON, no valid
+    Unicode) between the frames of a good task: each answered bad_request with task_id null, the
+    good task exact, a dictation alongside too, and the log a few rate-limited lines."""
+    capsd = start_capsd()
+    samples, starts = synth("31415926")
+    step = len(samples) // 30
+    unencodable = ["\ud800", "a\udfff", "\ud83d\ud83d"]
+
+    async def scenario() -> dict[str, list[dict[str, Any]]]:
+        async with connect(capsd.url) as ws:
+            for i in range(300):
+                await ws.send(frame(unencodable[i % 3], samples[:160], i % 2 == 0, "mic", (15, 2)))
+                if i % 10 == 0:
+                    await ws.send(frame("good", samples[i // 10 * step : (i // 10 + 1) * step], False, "mic", (15, 2)))
+            await ws.send(frame("good", samples[30 * step :], True, "mic", (15, 2)))
+            await dictate(capsd.url, "dictation")
+            return await receive(ws, {"good"})
+
+    frames = asyncio.run(scenario())
+    assert_exact(frames["good"], "31415926", starts)
+    assert len(frames[None]) == 300
+    assert all(f["error"]["code"] == "bad_request" and "not valid Unicode" in f["error"]["message"] for f in frames[None])
+    logs = capsd.logs()
+    assert "Traceback" not in logs and "connection closed" not in logs
+    assert 1 <= logs.count("bad frame") <= 10, logs.count("bad frame")
 
 
 def test_a_sigterm_just_after_a_whole_file_still_answers_it(start_capsd: Any) -> None:
@@ -327,6 +422,43 @@ def test_a_sigterm_just_after_a_whole_file_still_answers_it(start_capsd: Any) ->
             assert_exact(frames, "1234567890" * 12 + "1", starts)
         assert code == 1001
         assert capsd.proc.wait(30) == 0
+
+
+def test_a_frame_half_received_when_the_stop_begins_is_answered_before_the_close(start_capsd: Any) -> None:
+    """SIGTERM while a client is in the middle of a frame: capsd waits for the rest (at most
+    front.FLUSH_TIMEOUT_S), answers it, then closes with 1001. This client, websockets' sans-I/O
+    protocol on a plain socket, answers capsd's ping only once its frame is sent, as every client
+    does: a control frame never splits a frame (docs/design.md#stopping)."""
+    capsd = start_capsd()
+    protocol = ClientProtocol(parse_uri(capsd.url))
+    events: list[Any] = []
+
+    def exchange(sock: socket.socket) -> bool:
+        """Send what the protocol has to send, then read what comes; False at the end of the stream."""
+        sock.sendall(b"".join(protocol.data_to_send()))
+        data = sock.recv(2**16)
+        protocol.receive_data(data) if data else protocol.receive_eof()
+        events.extend(protocol.events_received())
+        return bool(data)
+
+    with socket.create_connection(("127.0.0.1", capsd.port), timeout=30) as sock:
+        protocol.send_request(protocol.connect())
+        while not events:
+            exchange(sock)  # the handshake's response
+        protocol.send_text(frame("last-words", synth("7")[0], True, "mic", (15, 2)).encode())
+        message = b"".join(protocol.data_to_send())
+        sock.sendall(message[: len(message) // 2])
+        capsd.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in capsd.logs(), 30, "the stop")
+        time.sleep(0.2)
+        sock.sendall(message[len(message) // 2 :])
+        while exchange(sock):
+            pass
+    answers = [json.loads(e.data) for e in events if getattr(e, "opcode", None) is Opcode.TEXT]
+    assert [a["task_id"] for a in answers] == ["last-words"]
+    assert answers[0]["is_final"] and answers[0]["error"]["code"] == "shutting_down"
+    assert protocol.close_code == 1001
+    assert capsd.proc.wait(30) == 0
 
 
 def test_sigterm_with_clients_that_stopped_responding_stops_on_time(start_capsd: Any) -> None:

@@ -99,6 +99,43 @@ def test_seg_duration_below_one_second_is_refused(seg_duration: float) -> None:
     assert "seg_duration" in str(e) and e.task_id == "3f2a-task" and e.is_final
 
 
+@pytest.mark.parametrize("asked", [60.5, 90, 1000, 10**300])
+def test_seg_duration_above_60_is_served_as_60(asked: float) -> None:
+    """CapsWriter's own server served any length; capsd serves at most 60 s (docs/design.md#segmenting)."""
+    f = parse_frame(frame(seg_duration=asked, seg_overlap=2))
+    assert (f.seg_duration, f.asked_seg_duration, f.seg_overlap) == (60.0, float(asked), 2.0)
+    f = parse_frame(frame(seg_duration=90, seg_overlap=59.5))
+    assert (f.seg_duration, f.seg_overlap) == (60.0, 59.5)
+
+
+def test_seg_duration_within_range_is_served_as_asked() -> None:
+    f = parse_frame(frame(seg_duration=25))
+    assert f.seg_duration == f.asked_seg_duration == 25.0
+
+
+@pytest.mark.parametrize("task_id", ["\ud800", "a\udfffb", "\ud83d" * 3], ids=["high", "low-inside", "highs"])
+def test_a_task_id_with_a_lone_surrogate_cannot_be_echoed(task_id: str) -> None:
+    """JSON's \\u escapes can carry a lone surrogate, which no UTF-8 encoder takes (routing, logs and
+    the answer would all fail): refused, its error frame with task_id null."""
+    raw = frame(task_id=task_id, is_final=True)
+    assert "\\ud8" in raw or "\\udf" in raw  # as it travels: ASCII, valid UTF-8
+    e = bad(raw)
+    assert e.task_id is None and "not valid Unicode" in str(e)
+    assert json.loads(Result(e.task_id).to_json(error=("bad_request", str(e))))["task_id"] is None
+
+
+def test_a_paired_surrogate_escape_is_a_character() -> None:
+    assert parse_frame(frame(task_id="\ud83d\ude00 task")).task_id == "\U0001f600 task"
+
+
+def test_a_bad_request_carries_the_frames_time_start_when_it_could_be_read() -> None:
+    assert bad(frame(source="radio")).time_start == 1718000000.25
+    assert bad(frame(task_id=None)).time_start == 1718000000.25  # read even without a task id
+    assert bad(frame(source="radio", time_start="now")).time_start is None
+    assert bad(frame(time_start=float("nan"))).time_start is None
+    assert bad("not json").time_start is None
+
+
 def test_task_id_of_256_characters_is_the_longest() -> None:
     assert parse_frame(frame(task_id="x" * 256)).task_id == "x" * 256
     e = bad(frame(task_id="x" * 4096, is_final=True))
@@ -165,20 +202,25 @@ BAD_FIELDS: list[tuple[str, dict[str, Any]]] = [
     ("NaN", {"data": b64([0.0, float("-inf")])}),
     ("seg_duration", {"seg_duration": 0}),
     ("seg_duration", {"seg_duration": -15}),
-    ("seg_duration", {"seg_duration": 60.5}),
-    ("seg_duration", {"seg_duration": 1000}),
     ("seg_duration", {"seg_duration": "15"}),
     ("seg_duration", {"seg_duration": float("inf")}),
+    ("seg_duration", {"seg_duration": float("nan")}),
+    ("seg_duration", {"seg_duration": 10**400}),
     ("seg_overlap", {"seg_overlap": -1}),
     ("seg_overlap", {"seg_overlap": 15}),
     ("seg_overlap", {"seg_overlap": 20}),
     ("seg_overlap", {"seg_duration": 2, "seg_overlap": 2.5}),
     ("seg_overlap", {"seg_overlap": "2"}),
     ("seg_overlap", {"seg_overlap": float("nan")}),
+    ("seg_overlap", {"seg_duration": 90, "seg_overlap": 60}),  # not below the 60 s served
+    ("seg_overlap", {"seg_duration": 1000, "seg_overlap": 70}),
+    ("source", {"source": "mic\ud800"}),
     ("context", {"context": 5}),
     ("context", {"context": ["hot", "words"]}),
     ("language", {"language": 1}),
     ("language", {"language": {"code": "zh"}}),
+    ("context", {"context": "\udfff"}),
+    ("language", {"language": "zh\ud83d"}),
 ]
 
 

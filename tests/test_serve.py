@@ -91,10 +91,11 @@ def bad_frames() -> list[tuple[str, str | None]]:
         (mutate(data=base64.b64encode(b"abcde").decode()), "bad"),
         (mutate(seg_duration=0), "bad"),
         (mutate(seg_duration=-5), "bad"),
-        (mutate(seg_duration=61), "bad"),
+        (mutate(seg_duration=90, seg_overlap=60), "bad"),  # 90 is served as 60: the overlap is not below it
         (mutate(seg_overlap=15), "bad"),
         (mutate(seg_overlap=-1), "bad"),
         (mutate(time_start="now"), "bad"),
+        (mutate(task_id="\ud800"), None),  # a lone surrogate: not valid Unicode
         (mutate(data=base64.b64encode(np.array([np.nan], np.float32).tobytes()).decode()), "bad"),
         (mutate(data=base64.b64encode(np.array([np.inf], np.float32).tobytes()).decode()), "bad"),
         (json.dumps(good).replace('"time_start": ', '"time_start": NaN, "x": '), "bad"),
@@ -104,11 +105,12 @@ def bad_frames() -> list[tuple[str, str | None]]:
 def test_every_malformed_frame_gets_a_complete_error_and_the_connection_goes_on(start_capsd: Any) -> None:
     capsd = start_capsd()
     samples, starts = synth("314159")
+    cases = bad_frames()
 
     async def session() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         errors = []
         async with connect(capsd.url) as ws:
-            for raw, task_id in bad_frames():
+            for raw, task_id in cases:
                 await ws.send(raw)
                 if task_id and '"is_final": true' not in raw:  # its error frame waits for the final frame
                     with pytest.raises(asyncio.TimeoutError):
@@ -119,10 +121,15 @@ def test_every_malformed_frame_gets_a_complete_error_and_the_connection_goes_on(
             return errors, await receive(ws, {"good"})
 
     errors, frames = asyncio.run(session())
-    for (raw, task_id), error in zip(bad_frames(), errors):
+    for (raw, task_id), error in zip(cases, errors):
         assert FRAME_FIELDS <= error.keys(), raw
         assert error["is_final"] and error["text"] == "" and error["task_id"] == task_id, raw
         assert error["error"]["code"] == "bad_request" and error["error"]["message"], raw
+        # When capsd answered; time_start the frame's own where it could be read, else the same.
+        assert error["time_submit"] == error["time_complete"] > 0, raw
+        sent = json.loads(raw, parse_constant=lambda _: None) if raw.startswith("{") else {}
+        readable = isinstance(sent.get("time_start"), float)
+        assert error["time_start"] == (sent["time_start"] if readable else error["time_complete"]), raw
     assert_exact(frames["good"], "314159", starts)
 
 

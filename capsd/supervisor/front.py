@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from capsd.config import ServerConfig
@@ -41,6 +42,13 @@ INCOMING_QUEUE = 1  # frames websockets holds before it stops reading the socket
 CLOSE_TIMEOUT_S = 3.0  # a client that does not answer a close is cut off after this
 FLUSH_TIMEOUT_S = 2.0  # at stop: time to parse what has arrived and send what is owed
 BAD_FRAME_LOG_S = 1.0  # bad frames are logged at most once a second, with a count
+# capsd's own keepalive, websockets' defaults, but only while capsd reads the connection
+# (docs/design.md#keepalive-only-while-read): a ping after this long ...
+KEEPALIVE_INTERVAL_S = 20.0
+KEEPALIVE_TIMEOUT_S = 20.0  # ... and no pong this long after it: the peer is gone, closed with 1011
+# The outcome (status, metrics) of each open task of a connection capsd closes
+# (docs/design.md#closes-capsd-makes); a client closing its own connection cancels them uncounted.
+CLOSED_BY_CAPSD = "connection_closed"
 
 
 class Client:
@@ -60,7 +68,9 @@ class Client:
         self.drained = asyncio.Event()  # set when queued audio went below its bound
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
-        self.reading = False  # waiting for the next frame, none half-received
+        self.reading = False  # waiting for the next frame
+        self.keepalive: asyncio.Task[None] | None = None  # running while the connection is read
+        self.told_seg_duration = False  # a seg_duration above the ceiling is logged once
         self.closed = False
         self.closing: asyncio.Task[None] | None = None
 
@@ -70,8 +80,7 @@ class Client:
         if self.closed:
             return
         if self.outbox_bytes and self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
-            log.warning("client not reading: closing", peer=str(self.ws.remote_address), unread_bytes=self.outbox_bytes)
-            self.close(1008, "capsd: results not read")
+            self.close(CloseCode.POLICY_VIOLATION, "capsd: client not reading its results", unread_bytes=self.outbox_bytes)
             return
         self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
@@ -142,12 +151,42 @@ class Client:
         return next((slot.room for slot, n in self.queued_per_slot.items() if n and slot.full), None)
 
     async def wait_for_room(self) -> None:
-        while not self.closed and (event := self._blocked_on()) is not None:
-            waiting = asyncio.ensure_future(event.wait())
-            await asyncio.wait([waiting, self.ws.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            if self.ws.connection_lost_waiter.done():
+        """Until capsd may read the connection again. Meanwhile its keepalive is off: the client's
+        pong waits in the TCP stream behind the frames capsd does not read
+        (docs/design.md#keepalive-only-while-read)."""
+        if self._blocked_on() is not None:
+            self.run_keepalive(False)
+            closed = asyncio.ensure_future(self.ws.wait_closed())
+            while not self.closed and not closed.done() and (event := self._blocked_on()) is not None:
+                waiting = asyncio.ensure_future(event.wait())
+                await asyncio.wait([waiting, closed], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+            closed.cancel()
+        self.run_keepalive(not self.closed)
+
+    def run_keepalive(self, run: bool) -> None:
+        if run and self.keepalive is None:
+            self.keepalive = asyncio.get_running_loop().create_task(self._keepalive())
+        elif not run and self.keepalive is not None:
+            self.keepalive.cancel()
+            self.keepalive = None
+
+    async def _keepalive(self) -> None:
+        """A peer that does not answer a ping within KEEPALIVE_TIMEOUT_S is gone (a cable pulled,
+        a machine asleep): its connection would otherwise hold its tasks until TCP gives up."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self.round_trip(), KEEPALIVE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout", timeout_s=KEEPALIVE_TIMEOUT_S)
                 return
+            except ConnectionClosed:
+                return
+
+    async def round_trip(self) -> None:
+        """A ping, answered: the pong comes after every frame the client sent before the ping."""
+        await (await self.ws.ping())
 
     async def write(self) -> None:
         try:
@@ -158,21 +197,38 @@ class Client:
         except ConnectionClosed:
             pass
 
-    def settled(self) -> bool:
-        """Nothing half-received, nothing owed: the connection may close without losing a frame."""
-        partial_frame = len(self.ws.protocol.reader.buffer)  # bytes of a frame still arriving
-        return self.reading and not partial_frame and not self.outbox_bytes
+    async def settle(self) -> None:
+        """Until nothing is half-received and nothing owed, so that the connection may close
+        without losing a frame (docs/design.md#stopping). TCP keeps order and a control frame
+        never splits a frame, so once the client's pong to a ping sent now has come, every frame it
+        sent before has arrived whole; once capsd waits for the next one, they are all parsed."""
+        try:
+            await self.round_trip()
+        except ConnectionClosed:
+            return
+        while not self.reading:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # polled: once per connection, at a stop
+        self.release_owed()  # what the frames parsed meanwhile are owed
+        while self.outbox_bytes:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     def cancel_tasks(self) -> None:
         for task in list(self.open):
             task.cancel()
 
-    def close(self, code: int, reason: str) -> asyncio.Task[None]:
-        """Cancel every task and close; a client that does not answer is cut off."""
-        self.closed = True
-        self.cancel_tasks()
+    def close(self, code: int, reason: str, **why: Any) -> asyncio.Task[None]:
+        """capsd closes the connection: one log line says why, and every open task is cancelled and
+        counted as failed (docs/design.md#closes-capsd-makes); a client that does not answer the
+        close is cut off."""
         if self.closing is None:
+            (log.info if code == CloseCode.GOING_AWAY else log.warning)(
+                "connection closed by capsd", peer=str(self.ws.remote_address), code=int(code), reason=reason,
+                tasks=len(self.open), **why)  # fmt: skip
+            for task in list(self.open):
+                task.cancel()
+                task.slot.count(task.source, CLOSED_BY_CAPSD)
             self.closing = asyncio.get_running_loop().create_task(self._close(code, reason))
+        self.closed = True
         return self.closing
 
     async def _close(self, code: int, reason: str) -> None:
@@ -217,6 +273,7 @@ class Front:
             max_size=self.cfg.max_message_bytes,  # a CapsWriter file frame is ~5.1 MB (docs/design.md#frame-size)
             process_request=self.admit,
             max_queue=INCOMING_QUEUE,
+            ping_interval=None,  # capsd runs its own (docs/design.md#keepalive-only-while-read)
             compression=None,
             close_timeout=CLOSE_TIMEOUT_S,
             select_subprotocol=_binary_if_offered,
@@ -279,11 +336,15 @@ class Front:
                 client.reading = False
                 self.receive(client, raw)
         except ConnectionClosed as e:
-            if e.sent and e.sent.code == 1009:  # websockets refused a frame over max_size
-                log.warning("frame too big: connection closed", peer=str(ws.remote_address), reason=e.sent.reason,
-                            max_message_bytes=self.cfg.max_message_bytes)  # fmt: skip
+            if e.sent and not e.rcvd_then_sent:  # websockets closed it for capsd: a frame over max_size, ...
+                if e.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                    client.close(e.sent.code, f"frame too big: {e.sent.reason}",
+                                 max_message_bytes=self.cfg.max_message_bytes)  # fmt: skip
+                else:  # ... or a protocol error
+                    client.close(e.sent.code, e.sent.reason)
         finally:
             client.closed = True
+            client.run_keepalive(False)
             self.clients.discard(client)
             if client.open:
                 log.info("connection closed: tasks cancelled", peer=str(ws.remote_address), tasks=len(client.open))
@@ -323,6 +384,10 @@ class Front:
         elif slot.full:
             refusal = ("overloaded", f"slot {slot.index} has {len(slot.queue)} segments waiting")
         else:
+            if frame.asked_seg_duration > frame.seg_duration and not client.told_seg_duration:
+                client.told_seg_duration = True
+                log.info("seg_duration served as the ceiling", peer=str(client.ws.remote_address),
+                         task=clip(frame.task_id), asked=frame.asked_seg_duration, served=frame.seg_duration)  # fmt: skip
             segmenter = Segmenter(frame.seg_duration, frame.seg_overlap)
             task = Task(frame.task_id, frame.source, frame.time_start, slot, segmenter, client, self.formatting)
             client.receiving[frame.task_id] = task
@@ -350,7 +415,9 @@ class Front:
                 del client.receiving[task.task_id]
             task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
             return
-        error_frame = Result(e.task_id).to_json(error=("bad_request", str(e)))
+        now = time.time()
+        time_start = now if e.time_start is None else e.time_start
+        error_frame = Result(e.task_id, time_start, now, now).to_json(error=("bad_request", str(e)))
         if e.task_id:  # a task refused at its first frame
             self.home(e.task_id).count(e.source, "bad_request")
         else:
@@ -384,7 +451,8 @@ class Front:
 
     async def _close_client(self, client: Client) -> None:
         client.release_owed()
-        deadline = time.monotonic() + FLUSH_TIMEOUT_S
-        while not client.settled() and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # polled: "settled" reads websockets' state, which has no event
-        await client.close(1001, "capsd is stopping")
+        try:
+            await asyncio.wait_for(client.settle(), FLUSH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass
+        await client.close(CloseCode.GOING_AWAY, "capsd is stopping")

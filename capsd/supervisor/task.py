@@ -55,7 +55,7 @@ class Piece(NamedTuple):
 
 @dataclass(frozen=True)
 class Formatting:
-    """`[format]`: what a final result goes through (docs/design.md#text-accu-on-the-final-frame)."""
+    """`[format]`: what a final result goes through (docs/design.md#text_accu-on-the-final-frame)."""
 
     num: bool = True
     spell: bool = True

@@ -10,13 +10,18 @@ from typing import Any
 
 import numpy as np
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from capsd.protocol import route
-from capsd.selftest.tones import token_digits
+from capsd.selftest.tones import synth, token_digits
 from tests.support.client import connect, receive, send_file, send_mic
 
 FRAME_FIELDS = {"task_id", "is_final", "duration", "time_start", "time_submit", "time_complete", "text", "text_accu",
                 "tokens", "timestamps"}  # fmt: skip
+GOOD_DIGITS = "4711"
+# A dictation waits at most for the segment in progress: a few seconds on a busy machine, never
+# the minutes an abuse alongside would cost without its bound.
+PROMPT_S = 15
 
 
 def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float]) -> None:
@@ -32,6 +37,18 @@ def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float])
     assert final["timestamps"] == sorted(final["timestamps"])
     partial_lengths = [len(f["tokens"]) for f in frames[:-1]]
     assert partial_lengths == sorted(partial_lengths)  # partials arrive in order, growing
+
+
+async def dictate(url: str, task_id: str, within: float = PROMPT_S) -> None:
+    """A CapsWriter dictation: exact, and answered within `within` s of its final frame."""
+    samples, starts = synth(GOOD_DIGITS)
+    async with connect(url) as ws:
+        await send_mic(ws, task_id, samples)
+        sent = time.monotonic()
+        frames = await receive(ws, {task_id}, timeout=120)
+        waited = time.monotonic() - sent
+    assert_exact(frames[task_id], GOOD_DIGITS, starts)
+    assert waited < within, waited
 
 
 def task_ids_for_slots(count: int, prefix: str = "task") -> list[str]:
@@ -90,6 +107,27 @@ def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def scrape(capsd: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics: each sample by its name and sorted labels."""
+    status, body = http_get(capsd.port, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def task_outcomes(capsd: Any) -> dict[str, float]:
+    """capsd_tasks_total by outcome, summed over sources."""
+    outcomes: dict[str, float] = {}
+    for (name, labels), value in scrape(capsd).items():
+        if name == "capsd_tasks_total":
+            outcome = dict(labels)["outcome"]
+            outcomes[outcome] = outcomes.get(outcome, 0) + value
+    return outcomes
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
