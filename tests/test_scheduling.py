@@ -4,6 +4,7 @@ fake worker (no subprocess), so every decision is checked without timing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from capsd.segment import Segment, Segmenter
 from capsd.supervisor.queue import JobQueue, Waiting, next_job
-from capsd.supervisor.slot import ExitReason, Slot
+from capsd.supervisor.slot import ExitReason, Slot, job_deadline
 from capsd.supervisor.task import Task
 from capsd.worker.main import WorkerSpec
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop
@@ -84,6 +85,28 @@ def test_a_slot_with_nothing_of_its_own_helps_urgent_jobs_first_then_the_oldest_
     assert next_job(own, [a, b]) == (b, older)
     assert next_job(own, [a, b]) == (a, newer)
     assert next_job(own, [a, b]) is None
+
+
+def test_a_retried_job_goes_first_on_another_slot_unless_no_other_can_take_it() -> None:
+    own, other = JobQueue(), JobQueue()
+    me, them = object(), object()
+    mic = waiting("mic", 1.0)
+    lost_here = dataclasses.replace(waiting("file", 5.0), lost_on=me)
+    lost_there = dataclasses.replace(waiting("file", 6.0), lost_on=them)
+    own.push(mic)
+    own.push(lost_here)
+    other.push(lost_there)
+    assert next_job(own, [other], me, alone=False) == (other, lost_there)  # before its own dictation
+    assert next_job(own, [other], me, alone=False) == (own, mic)  # not the job lost here ...
+    assert next_job(own, [other], me, alone=False) is None
+    assert next_job(own, [other], me, alone=True) == (own, lost_here)  # ... unless no other slot can
+    assert len(own) == len(other) == 0
+
+
+def test_a_jobs_deadline_grows_with_its_audio_and_never_falls_below_the_heartbeat() -> None:
+    assert job_deadline(62.0, 0.5, 30.0) == 62.0 * 0.5 * 4  # a slow model's long segment: 124 s, not 30
+    assert job_deadline(62.0, 0.05, 30.0) == 30.0
+    assert job_deadline(0.0, 0.0, 30.0) == 30.0  # a text to punctuate
 
 
 def test_dropping_a_task_leaves_the_others_in_order() -> None:
@@ -271,6 +294,39 @@ def test_a_worker_dying_mid_job_fails_exactly_the_task_of_that_job() -> None:
     assert home1.frames[-1]["is_final"] and home1.frames[-1]["tokens"] == ["二"]
     assert pool.slots[0].tasks_failed == 1 and pool.slots[1].tasks_done == 1
     assert len(pool.slots[0].queue) == 0  # the failed task's waiting segment was dropped
+
+
+def test_a_send_that_fails_loses_that_job_only_and_the_dead_worker_is_handed_nothing_more() -> None:
+    """The pipe breaks under a send; the end-of-file that reports the death comes later."""
+
+    async def scenario() -> tuple[Pool, Client, list[Any]]:
+        pool = Pool(stealing=False)
+        client = Client()
+        worker, sent = pool.workers[0], []
+
+        async def breaking_send(job: Any) -> None:
+            from capsd.supervisor.slot import WorkerGone
+
+            sent.append(job)
+            raise WorkerGone
+
+        worker.send = breaking_send  # type: ignore[method-assign]
+        tasks = [make_task(pool.slots[0], client, f"t{i}") for i in range(3)]
+        for task in tasks:
+            task.slot.accept(task)
+            task.submit(segment(0, last=True))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        worker.die(-9)
+        await asyncio.sleep(0)
+        await pool.close()
+        return pool, client, sent
+
+    pool, client, sent = run(scenario)
+    assert len(sent) == 1  # nothing more to the worker that is gone
+    assert [(slot, reason, lost.task.task_id) for slot, reason, lost in pool.exits] == [(0, ExitReason.CRASHED, "t0")]
+    assert [(f["task_id"], f["error"]["code"]) for f in client.frames] == [("t0", "worker_crashed")]
+    assert len(pool.slots[0].queue) == 2  # t1 and t2 wait for the next worker
 
 
 def test_an_idle_worker_dying_fails_nothing() -> None:
