@@ -29,10 +29,10 @@ class Client:
     def send(self, frame: str) -> None:
         self.frames.append(json.loads(frame))
 
-    def queued(self, slot: Slot, nbytes: int) -> None:
+    def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
         self.queued_jobs += 1
 
-    def unqueued(self, slot: Slot, nbytes: int) -> None:
+    def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
         self.queued_jobs -= 1
 
     def ended(self, task: Task, error_frame: str | None = None) -> None:

@@ -227,11 +227,13 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(start_capsd: 
     assert_exact(asyncio.run(run_client(capsd.url, [("still", "mic", samples, (15, 2))]))["still"], "777", starts)
 
 
-def test_full_queue_refuses_new_tasks_with_overloaded_and_loses_nothing_accepted(start_capsd: Any) -> None:
-    """A full slot refuses new tasks; the connection filling it is not read until there is room."""
+def test_full_queue_refuses_new_file_tasks_with_overloaded_takes_dictation_and_loses_nothing(start_capsd: Any) -> None:
+    """A slot full of file segments refuses new file tasks; the connection filling it is not read
+    until there is room; a dictation still gets in (docs/design.md#dictation-first)."""
     capsd = start_capsd({"workers": {"queue_limit": 4}})
     digits = "1234567890" * 12
     samples, starts = synth(digits)  # 60 s: 4 segments of 15/2
+    short, short_starts = synth("1812")
     worker = capsd.worker_pid(0)
     os.kill(worker, signal.SIGSTOP)  # nothing drains: the queue fills for certain
     try:
@@ -241,9 +243,11 @@ def test_full_queue_refuses_new_tasks_with_overloaded_and_loses_nothing_accepted
                 await send_file(ws, "long-0", samples, seg=(15, 2))
                 await send_file(ws, "long-1", samples, seg=(15, 2))
                 await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["queue_depth"] >= 4, 30)
-                refused = await run_client(capsd.url, [("refused", "mic", samples[:32000], (15, 2))])
+                refused = await run_client(capsd.url, [("refused", "file", samples[:32000], (15, 2))])
+                dictation = asyncio.create_task(run_client(capsd.url, [("dictation", "mic", short, (15, 2))]))
+                await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["queue_depth"] >= 5, 30)
                 os.kill(worker, signal.SIGCONT)
-                return await receive(ws, {"long-0", "long-1"}) | refused
+                return await receive(ws, {"long-0", "long-1"}) | refused | await dictation
 
         frames = asyncio.run(fill())
     finally:
@@ -251,6 +255,7 @@ def test_full_queue_refuses_new_tasks_with_overloaded_and_loses_nothing_accepted
     assert frames["refused"][-1]["error"]["code"] == "overloaded" and FRAME_FIELDS <= frames["refused"][-1].keys()
     for task_id in ("long-0", "long-1"):
         assert_exact(frames[task_id], digits, starts)
+    assert_exact(frames["dictation"], "1812", short_starts)
     assert capsd.status()["slots"][0]["restarts"] == 0 and capsd.proc.poll() is None
 
 

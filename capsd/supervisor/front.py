@@ -26,7 +26,7 @@ from capsd.config import ServerConfig
 from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame
 from capsd.segment import Segmenter
 from capsd.supervisor.metrics import Metrics
-from capsd.supervisor.slot import Slot
+from capsd.supervisor.slot import MIC_RESERVE, Slot
 from capsd.supervisor.task import Formatting, Task
 
 log = structlog.get_logger("capsd.front")
@@ -64,7 +64,7 @@ class Client:
         self.refused: OrderedDict[str, str | None] = OrderedDict()
         self.buffered_bytes = 0  # audio in the tasks' segmenters
         self.queued_bytes = 0  # audio in segments waiting in the slots' queues
-        self.queued_per_slot: Counter[Slot] = Counter()  # segments waiting
+        self.queued_per_slot: Counter[tuple[Slot, bool]] = Counter()  # jobs waiting, per slot and urgency
         self.drained = asyncio.Event()  # set when queued audio went below its bound
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
@@ -85,13 +85,13 @@ class Client:
         self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
 
-    def queued(self, slot: Slot, nbytes: int) -> None:
+    def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
         self.queued_bytes += nbytes
-        self.queued_per_slot[slot] += 1
+        self.queued_per_slot[slot, urgent] += 1
 
-    def unqueued(self, slot: Slot, nbytes: int) -> None:
+    def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
         self.queued_bytes -= nbytes
-        self.queued_per_slot[slot] -= 1
+        self.queued_per_slot[slot, urgent] -= 1
         if not self._over_waiting_bound():
             self.drained.set()
 
@@ -148,7 +148,8 @@ class Client:
         if self._over_waiting_bound():
             self.drained.clear()
             return self.drained
-        return next((slot.room for slot, n in self.queued_per_slot.items() if n and slot.full), None)
+        return next((slot.room[urgent] for (slot, urgent), n in self.queued_per_slot.items()
+                     if n and slot.full(urgent)), None)  # fmt: skip
 
     async def wait_for_room(self) -> None:
         """Until capsd may read the connection again. Meanwhile its keepalive is off: the client's
@@ -381,8 +382,9 @@ class Front:
             refusal = ("shutting_down", "capsd is stopping")
         elif len(client.receiving) >= MAX_OPEN_TASKS:
             refusal = ("overloaded", f"{MAX_OPEN_TASKS} tasks are already open on this connection")
-        elif slot.full:
-            refusal = ("overloaded", f"slot {slot.index} has {len(slot.queue)} segments waiting")
+        elif slot.full(urgent := frame.source == "mic"):  # dictation has a reserve of its own
+            kind, bound = ("mic", f"its reserve of {MIC_RESERVE}") if urgent else ("file", f"queue_limit {slot.queue_limit}")
+            refusal = ("overloaded", f"slot {slot.index} has {kind} jobs waiting up to {bound}")
         else:
             if frame.asked_seg_duration > frame.seg_duration and not client.told_seg_duration:
                 client.told_seg_duration = True

@@ -62,6 +62,10 @@ class JobQueue:
         yield from self.urgent
         yield from self.file
 
+    def urgent_count(self) -> int:
+        """Urgent jobs waiting, retried ones included."""
+        return len(self.urgent) + sum(item.urgent for item in self.retried)
+
     def push(self, item: Waiting) -> None:
         (self.retried if item.lost_on is not None else self.urgent if item.urgent else self.file).append(item)
 

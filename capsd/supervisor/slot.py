@@ -55,6 +55,9 @@ BUSY_WINDOW_S = 60.0  # status shows the share of this last stretch spent on job
 DEADLINE_FACTOR = 4.0
 RTF_WEIGHT = 0.3  # each finished decode's share in the slot's measured speed
 ABORT_GRACE_S = 2.0  # a hung worker has this long after SIGABRT to write where it was stuck
+# Mic jobs (and texts to punctuate) that may wait per slot, apart from queue_limit, which counts
+# file segments: files cannot lock dictation out (docs/design.md#dictation-first).
+MIC_RESERVE = 64
 
 
 def job_deadline(audio_s: float, rtf: float, heartbeat_timeout_s: float) -> float:
@@ -219,8 +222,9 @@ class Slot:
         self.metrics = metrics or Metrics()
         self.peers: Sequence[Slot] = [self]  # every slot, this one included (the daemon's list)
         self.queue = JobQueue()
-        self.room = asyncio.Event()  # set while the queue is below queue_limit
-        self.room.set()
+        # Per kind of job (urgent or not): set while the slot has room for one more of that kind.
+        self.room = {urgent: asyncio.Event() for urgent in (False, True)}
+        self._update_room()
         self.open_tasks: set[Task] = set()  # homed here, accepted and not finished
         self.in_flight: Waiting | None = None  # the job in the worker
         self.busy_since = 0.0
@@ -322,19 +326,23 @@ class Slot:
 
     def set_queue_limit(self, limit: int) -> None:
         self.queue_limit = limit
-        if self.full:
-            self.room.clear()
-        else:
-            self.room.set()
+        self._update_room()
+
+    def _update_room(self) -> None:
+        for urgent, room in self.room.items():
+            (room.clear if self.full(urgent) else room.set)()
 
     @property
     def worker_gone(self) -> bool:
         """No worker process, or one that has ended."""
         return self.incarnation is None or self.incarnation.exited.done()
 
-    @property
-    def full(self) -> bool:
-        return len(self.queue) >= self.queue_limit
+    def full(self, urgent: bool = False) -> bool:
+        """Whether a job of this kind may wait here: file segments up to queue_limit, urgent
+        jobs (mic segments, texts to punctuate) up to MIC_RESERVE of their own."""
+        if urgent:
+            return self.queue.urgent_count() >= MIC_RESERVE
+        return len(self.queue) - self.queue.urgent_count() >= self.queue_limit
 
     def accept(self, task: Task) -> None:
         """A new task homed here: it counts in status, and a stop waits for it or fails it."""
@@ -342,8 +350,8 @@ class Slot:
 
     def submit(self, task: Task, work: Segment | str) -> None:
         """Queue a job of a task whose jobs wait here (its home, unless that was scaled away).
-        Beyond queue_limit new tasks are refused and the connections with jobs here are not
-        read, so the queue stays near its limit."""
+        At its bound (queue_limit, or MIC_RESERVE for urgent jobs) new tasks of that kind are
+        refused and the connections with such jobs here are not read, so the queue stays near it."""
         task.time_submit = time.time()
         self._push(Waiting(task, work, task.time_submit))
 
@@ -354,16 +362,14 @@ class Slot:
 
     def _push(self, item: Waiting) -> None:
         self.queue.push(item)
-        item.task.owner.queued(self, item.nbytes)
-        if self.full:
-            self.room.clear()
+        item.task.owner.queued(self, item.nbytes, item.urgent)
+        self._update_room()
         for slot in self.peers if self.stealing else (self,):
             slot.wakeup.set()
 
     def _left_queue(self, item: Waiting) -> None:
-        item.task.owner.unqueued(self, item.nbytes)
-        if not self.full:
-            self.room.set()
+        item.task.owner.unqueued(self, item.nbytes, item.urgent)
+        self._update_room()
 
     def cancel(self, task: Task) -> None:
         """The client went away: drop the task's waiting jobs (one in a worker is ignored)."""
