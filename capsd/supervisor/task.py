@@ -34,7 +34,7 @@ MIN_DECODE_SAMPLES = 400
 # Partial frames carry the whole task so far (docs/design.md#long-tasks): at most one per
 # PARTIAL_INTERVAL_S, and no more than PARTIAL_BYTES_PER_S of them, the latest merged state.
 PARTIAL_INTERVAL_S = 0.5
-PARTIAL_BYTES_PER_S = 1_000_000
+PARTIAL_BYTES_PER_S = 500_000
 # A final frame of more tokens is formatted and realigned in a thread, off the event loop.
 INLINE_FINAL_TOKENS = 2000
 MAX_TASK_S = 24 * 3600.0  # audio seconds; a task reaching beyond fails with overloaded
