@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import random
+import time
 
 import pytest
 
+from capsd import textformat
 from capsd.merge import SAME_TOKEN_S, PartialResult, join_tokens, realign
 
 # Two segments as seg_duration=15, seg_overlap=2 cuts them: [0, 17) and [15, 32).
@@ -229,8 +232,7 @@ def test_realign_keeps_latin_words_whole_and_times_increasing() -> None:
 
 
 def test_realign_of_a_two_hour_result() -> None:
-    """Tens of thousands of characters, realigned once, on the final frame (difflib's junk
-    heuristic keeps it near-linear: about a second; without it, minutes)."""
+    """Tens of thousands of characters with punctuation inserted, realigned once, on the final frame."""
     import random
 
     rng = random.Random(1)
@@ -238,3 +240,72 @@ def test_realign_of_a_two_hour_result() -> None:
     punctuated = "".join(ch + ("，" if rng.random() < 0.06 else "") for ch in text)
     tokens, times = realign(list(text), [0.2 * i for i in range(len(text))], punctuated)
     assert "".join(tokens) == punctuated and times == sorted(times)
+
+
+# -- a long task: what a segment costs does not grow with the task (docs/design.md#long-tasks) ----
+
+
+def digits_segment(index: int) -> tuple[float, float, list[str], list[float], float]:
+    """Segment `index` of a task cut with seg_duration 1, seg_overlap 0.5: dense digits, 2 a second."""
+    offset = float(index)
+    tokens, times = (["1", "2", "3"], [0.1, 0.6, 1.1]) if index else (["1", "2"], [0.1, 0.6])
+    return offset, 0.5 if index else 0.0, tokens, times, offset + 1.5
+
+
+def seconds_per_add(p: PartialResult, first: int, count: int) -> float:
+    """The best of five runs of `count` merges: noise on a busy machine only ever adds time."""
+    best = float("inf")
+    for run in range(5):
+        start = time.perf_counter()
+        for index in range(first + run * count, first + (run + 1) * count):
+            p.add(*digits_segment(index))
+        best = min(best, time.perf_counter() - start)
+    return best / count
+
+
+def test_merging_a_segment_costs_the_same_at_segment_20000_as_at_segment_10() -> None:
+    """Merging used to scan the whole task for the cut: 20,000 segments in, a merge cost ~1000
+    times what it did at the start."""
+    p = PartialResult()
+    p.add(*digits_segment(0))
+    early = seconds_per_add(p, 1, 200)
+    for index in range(1001, 20_000):
+        p.add(*digits_segment(index))
+    late = seconds_per_add(p, 20_000, 200)
+    assert len(p.tokens) == 2 * 21_000  # two new digits a segment, none lost or doubled
+    assert late < 5 * early, (early, late)
+
+
+def test_text_is_join_tokens_whatever_the_segments_cut_and_add() -> None:
+    """The text is kept as pieces, cut and extended with the tokens: always what join_tokens gives."""
+    rng = random.Random(3)
+    alphabet = ["你", "好", "hello", "world", "\u2581the", "\u2581cat", "s", "hel@@", "lo", "@@", "\u2581", "1", "x"]
+    for _ in range(2000):
+        p = PartialResult()
+        for index in range(rng.randint(1, 6)):
+            tokens = rng.choices(alphabet, k=rng.randint(0, 6))
+            times = sorted(rng.uniform(0, 3) for _ in tokens)
+            p.add(2.0 * index, 1.0 if index else 0.0, tokens, times, 2.0 * index + 3)
+            assert p.text == join_tokens(p.tokens), p.tokens
+
+
+def test_realign_of_a_30k_token_result_is_linear() -> None:
+    """The final frame's realignment was difflib over the whole text: 1.1 s for ~30k tokens,
+    blocking the event loop. One pass takes a few tens of milliseconds."""
+    rng = random.Random(2)
+    text = "".join(rng.choices([chr(0x4E00 + i) for i in range(3000)] + list("一二三四五六七八九十"), k=30_000))
+    formatted = textformat.format_final("".join(ch + ("，" if rng.random() < 0.06 else "") for ch in text),
+                                        num=True, spell=True, punctuator=None)  # fmt: skip
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        tokens, times = realign(list(text), [0.2 * i for i in range(len(text))], formatted)
+        best = min(best, time.perf_counter() - start)
+    assert "".join(tokens) == formatted.replace(" ", "") and times == sorted(times)
+    assert best < 0.2, best
+
+
+def test_realign_of_a_digit_run_longer_than_the_resync_window_keeps_each_digits_time() -> None:
+    spoken = "一二三四五六七八九零" * 10  # 100 digits, nothing in common with "1234567890" * 10
+    tokens, times = realign(list(spoken), [0.5 * i for i in range(100)], textformat.chinese_to_num(spoken))
+    assert tokens == list("1234567890" * 10) and times == [0.5 * i for i in range(100)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from capsd.segment import Segment, Segmenter
 from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.slot import ExitReason, Slot, job_deadline
-from capsd.supervisor.task import Task
+from capsd.supervisor.task import INLINE_FINAL_TOKENS, MAX_TASK_S, PARTIAL_INTERVAL_S, Task
 from capsd.worker.main import WorkerSpec
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop
 
@@ -381,3 +382,101 @@ def test_a_slot_scaled_away_hands_its_waiting_jobs_over_and_its_tasks_finish_els
     assert client.frames[-1]["text"] == "123"
     assert pool.slots[1].tasks_done == 1 and not pool.slots[1].open_tasks  # still its home, to the end
     assert client.queued_jobs == 0
+
+
+# -- a long task: partial frames rate-limited, its final frame built off the loop (docs/design.md#long-tasks)
+
+
+class EndingSlot(HomeSlot):
+    """Enough of a slot to see how its tasks end."""
+
+    def __init__(self) -> None:
+        self.ends: list[str] = []
+
+    def finished(self, task: Task, outcome: str) -> None:
+        self.ends.append(outcome)
+
+    def cancel(self, task: Task) -> None:
+        self.ends.append("cancelled")
+
+
+def digits(index: int, count: int = 2) -> tuple[list[str], list[float]]:
+    return ["一"] * count, [0.5 * k / count for k in range(count)]
+
+
+def test_partial_frames_come_at_most_every_interval_with_the_latest_state() -> None:
+    async def scenario() -> tuple[Client, list[int], float]:
+        client = Client()
+        task = make_task(EndingSlot(), client)
+        start = time.monotonic()
+        for i in range(50):  # a burst: 50 segments merged within a few milliseconds
+            task.segment_decoded(segment(i), *digits(i), 1.0)
+        burst = time.monotonic() - start
+        in_burst = len(client.frames)
+        await asyncio.sleep(PARTIAL_INTERVAL_S * 3)  # the held-back frame goes out once due
+        after = len(client.frames)
+        task.segment_decoded(segment(50, last=True), *digits(50), 1.0)
+        await asyncio.sleep(PARTIAL_INTERVAL_S * 2)
+        return client, [in_burst, after], burst
+
+    client, counts, burst = asyncio.run(scenario())
+    assert 1 <= counts[0] <= 1 + burst / PARTIAL_INTERVAL_S  # the first at once, then held back
+    assert counts[1] == counts[0] + 1  # one more, not one per segment held back ...
+    assert len(client.frames[counts[1] - 1]["tokens"]) == 100  # ... carrying every segment merged
+    assert [f["is_final"] for f in client.frames] == [False] * counts[1] + [True]
+    assert len(client.frames[-1]["tokens"]) == 102
+
+
+def test_a_held_back_partial_frame_is_superseded_by_the_final_frame_not_sent_after_it() -> None:
+    async def scenario() -> Client:
+        client = Client()
+        task = make_task(EndingSlot(), client)
+        task.segment_decoded(segment(0), *digits(0), 1.0)  # sent at once
+        task.segment_decoded(segment(1), *digits(1), 1.0)  # held back ...
+        task.segment_decoded(segment(2, last=True), *digits(2), 1.0)  # ... and superseded, not waited for
+        await asyncio.sleep(PARTIAL_INTERVAL_S * 2)
+        return client
+
+    assert [f["is_final"] for f in asyncio.run(scenario()).frames] == [False, True]
+
+
+@pytest.mark.parametrize("end", ["fail", "cancel", None])
+def test_a_long_task_gets_exactly_one_final_frame_whatever_happens_while_it_is_realigned(end: str | None) -> None:
+    """The final frame of a long task is built in a thread; a failure or a cancel meanwhile is
+    the task's end, and the frame built is dropped."""
+
+    async def scenario() -> tuple[Client, EndingSlot, bool]:
+        client, slot = Client(), EndingSlot()
+        task = make_task(slot, client)
+        task.segment_decoded(segment(0), *digits(0, INLINE_FINAL_TOKENS), 1.0)
+        task.segment_decoded(segment(1, last=True), *digits(1, 10), 2.0)
+        building = task.finishing is not None and not task.finishing.done()
+        if end == "fail":
+            task.fail("shutting_down", "capsd is stopping")
+        elif end == "cancel":
+            task.cancel()
+        assert task.finishing is not None
+        await task.finishing
+        await asyncio.sleep(PARTIAL_INTERVAL_S * 2)
+        return client, slot, building
+
+    client, slot, building = asyncio.run(scenario())
+    assert building  # the event loop was free while it was built
+    finals = [f for f in client.frames if f["is_final"]]
+    if end == "fail":
+        assert [f["error"]["code"] for f in finals] == ["shutting_down"] and slot.ends == ["shutting_down"]
+    elif end == "cancel":
+        assert finals == [] and slot.ends == ["cancelled"]
+    else:
+        assert len(finals) == 1 and "error" not in finals[0] and slot.ends == ["done"]
+        assert len(finals[0]["tokens"]) == INLINE_FINAL_TOKENS + 10
+
+
+def test_a_task_longer_than_the_maximum_fails_with_overloaded_and_takes_nothing_more() -> None:
+    client, slot = Client(), EndingSlot()
+    task = make_task(slot, client)
+    beyond = Segment(7, MAX_TASK_S - 1.0, 2.0, np.zeros(3 * 16000, np.float32), False)
+    task.submit(beyond)
+    task.submit(dataclasses.replace(beyond, index=8, offset=MAX_TASK_S + 2.0))
+    assert [f["error"]["code"] for f in client.frames] == ["overloaded"] and slot.ends == ["overloaded"]
+    assert "24 h" in client.frames[0]["error"]["message"]

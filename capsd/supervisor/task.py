@@ -3,11 +3,15 @@
 Workers keep nothing between segments (docs/design.md#stateless-workers): the task holds its
 partial result, merges its segments in order as their decodes come back from any slot (one
 decoded out of order waits for those before it), and sends a partial frame each time the
-merged prefix grows, then exactly one final frame.
+merged prefix grows (at most one every PARTIAL_INTERVAL_S), then exactly one final frame.
+
+A task may run for hours: what a segment costs here does not grow with the task
+(docs/design.md#long-tasks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -27,6 +31,13 @@ log = structlog.get_logger("capsd.task")
 _keys = itertools.count(1)
 # Shorter than one 25 ms fbank window: nothing to recognise; merged as empty without a worker.
 MIN_DECODE_SAMPLES = 400
+# Partial frames carry the whole task so far (docs/design.md#long-tasks): at most one per
+# PARTIAL_INTERVAL_S, and no more than PARTIAL_BYTES_PER_S of them, the latest merged state.
+PARTIAL_INTERVAL_S = 0.5
+PARTIAL_BYTES_PER_S = 500_000
+# A final frame of more tokens is formatted and realigned in a thread, off the event loop.
+INLINE_FINAL_TOKENS = 2000
+MAX_TASK_S = 24 * 3600.0  # audio seconds; a task reaching beyond fails with overloaded
 
 
 class Owner(Protocol):
@@ -77,6 +88,10 @@ class Task:
     decoded: dict[int, Piece] = field(default_factory=dict)  # by segment index, not merged yet
     merged: int = 0  # segments merged, in order
     final_received: float | None = None  # time.monotonic() when the client's is_final frame came
+    last_submitted: float = 0.0  # when the segment behind the latest merged state was queued
+    partial_due: float = 0.0  # time.monotonic() from which the next partial frame may go
+    held_partial: asyncio.TimerHandle | None = None  # sends the latest state once it is due
+    finishing: asyncio.Future[None] | None = None  # its final frame, being built in a thread
     done: bool = False  # its final frame is sent (or owed), or it was cancelled
     # ... unless its home was scaled away: then its jobs wait in another slot's queue.
     queue_slot: Slot = field(init=False)
@@ -87,7 +102,13 @@ class Task:
     def submit(self, segment: Segment) -> None:
         """A segment cut from the client's audio: to its home slot's queue, or, if too short to
         hold a word, merged as empty at once."""
-        if len(segment.samples) < MIN_DECODE_SAMPLES:
+        if self.done:
+            return
+        if segment.end > MAX_TASK_S:
+            self.fail(
+                "overloaded", f"the task is longer than {MAX_TASK_S / 3600:g} h of audio, the longest capsd takes"
+            )
+        elif len(segment.samples) < MIN_DECODE_SAMPLES:
             self.segment_decoded(segment, [], [], time.time())
         else:
             self.queue_slot.submit(self, segment)
@@ -105,38 +126,79 @@ class Task:
             self.merged += 1
         if last is None:
             return
+        self.last_submitted = last.submitted
         if not last.is_last:
-            text = self.partial.text
-            self._send(Result(self.task_id, self.time_start, last.submitted, time.time(), self.partial.duration,
-                              text, text, self.partial.tokens, self.partial.timestamps))  # fmt: skip
-        elif self.formatting.punctuate:
+            self._partial_merged()
+            return
+        self._drop_held_partial()  # superseded by the final frame
+        if self.formatting.punctuate:
             self.queue_slot.submit(self, self.partial.text)
         else:
             self.finish(self.partial.text, last.submitted)
 
-    def finish(self, text: str, submitted: float) -> None:
-        """The final frame: text formatted, text_accu the same, tokens realigned to it."""
-        if self.done:
+    def _partial_merged(self) -> None:
+        """The merged prefix grew: its partial frame now if one is due, else once it is due
+        (with whatever has been merged by then)."""
+        if self.held_partial is not None:
             return
-        # Punctuation, if any, came from a worker; numerals and spacing are pure code.
+        wait = self.partial_due - time.monotonic()
+        if wait <= 0:
+            self._send_partial()
+        else:
+            self.held_partial = asyncio.get_running_loop().call_later(wait, self._send_partial)
+
+    def _send_partial(self) -> None:
+        self.held_partial = None
+        text = self.partial.text
+        frame = Result(self.task_id, self.time_start, self.last_submitted, time.time(), self.partial.duration,
+                       text, text, self.partial.tokens, self.partial.timestamps).to_json()  # fmt: skip
+        self.owner.send(frame)
+        # Its encoding and its bytes are O(task): a long task's frames come further apart.
+        self.partial_due = time.monotonic() + max(PARTIAL_INTERVAL_S, len(frame) / PARTIAL_BYTES_PER_S)
+
+    def _drop_held_partial(self) -> None:
+        if self.held_partial is not None:
+            self.held_partial.cancel()
+            self.held_partial = None
+
+    def finish(self, text: str, submitted: float) -> None:
+        """The final frame: text formatted, text_accu the same, tokens realigned to it; a long
+        task's in a thread (docs/design.md#long-tasks). Until it is sent the task may still fail
+        or be cancelled: then that is its end, and the frame built meanwhile is dropped."""
+        if self.done or self.finishing is not None:
+            return
+        if len(self.partial.tokens) <= INLINE_FINAL_TOKENS:
+            self._send_final(self._final_frame(text, submitted))
+        else:
+            self.finishing = asyncio.ensure_future(self._finish_in_thread(text, submitted))
+
+    async def _finish_in_thread(self, text: str, submitted: float) -> None:
+        self._send_final(await asyncio.to_thread(self._final_frame, text, submitted))
+
+    def _final_frame(self, text: str, submitted: float) -> str:
+        # Punctuation, if any, came from a worker; numerals and spacing are pure code. Nothing
+        # changes the merged result once its last segment is in, so a thread may read it.
         text = textformat.format_final(text, num=self.formatting.num, spell=self.formatting.spell, punctuator=None)
         tokens, timestamps = realign(self.partial.tokens, self.partial.timestamps, text)
+        return Result(self.task_id, self.time_start, submitted, time.time(), self.partial.duration, text, text,
+                      tokens, timestamps, is_final=True).to_json()  # fmt: skip
+
+    def _send_final(self, frame: str) -> None:
+        if self.done:
+            return  # failed or cancelled while its final frame was built: that was its end
         self.done = True
         self.owner.ended(self)
-        self._send(Result(self.task_id, self.time_start, submitted, time.time(), self.partial.duration, text, text,
-                          tokens, timestamps, is_final=True))  # fmt: skip
+        self.owner.send(frame)
         if self.final_received is not None:
             self.slot.metrics.latency.labels(self.source).observe(time.monotonic() - self.final_received)
         self.slot.finished(self, "done")
-
-    def _send(self, result: Result) -> None:
-        self.owner.send(result.to_json())
 
     def fail(self, code: str, message: str) -> None:
         """Forget the task; its client gets a complete error frame as its final frame."""
         if self.done:
             return
         self.done = True
+        self._drop_held_partial()
         now = time.time()
         result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.partial.duration)
         self.owner.ended(self, result.to_json(error=(code, message)))
@@ -148,5 +210,6 @@ class Task:
         if self.done:
             return
         self.done = True
+        self._drop_held_partial()
         self.owner.ended(self)
         self.slot.cancel(self)
