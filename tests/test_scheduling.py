@@ -27,7 +27,7 @@ class Client:
         self.frames: list[dict[str, Any]] = []
         self.queued_jobs = 0
 
-    def send(self, frame: str) -> None:
+    def send(self, frame: str, partial: bool = False) -> None:
         self.frames.append(json.loads(frame))
 
     def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:

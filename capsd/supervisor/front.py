@@ -76,10 +76,14 @@ class Client:
 
     # -- what the tasks report (task.Owner) ------------------------------------------------------
 
-    def send(self, frame: str) -> None:
+    def send(self, frame: str, partial: bool = False) -> None:
+        """Queue a result frame. A final frame goes out whenever the unread results are within
+        their bound, even if it takes them past it (a long task's final frame alone may be 8 MB:
+        docs/design.md#long-tasks); a partial frame that would, or anything once past, closes."""
         if self.closed:
             return
-        if self.outbox_bytes and self.outbox_bytes + len(frame) > MAX_OUTBOX_BYTES:
+        bound = MAX_OUTBOX_BYTES if partial else MAX_OUTBOX_BYTES + len(frame)
+        if self.outbox_bytes and self.outbox_bytes + len(frame) > bound:
             self.close(CloseCode.POLICY_VIOLATION, "capsd: client not reading its results", unread_bytes=self.outbox_bytes)
             return
         self.outbox_bytes += len(frame)

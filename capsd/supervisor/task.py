@@ -43,7 +43,7 @@ MAX_TASK_S = 24 * 3600.0  # audio seconds; a task reaching beyond fails with ove
 class Owner(Protocol):
     """The connection a task belongs to: it sends the task's frames and counts what it holds."""
 
-    def send(self, frame: str) -> None: ...
+    def send(self, frame: str, partial: bool = False) -> None: ...
 
     def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None: ...
 
@@ -152,7 +152,7 @@ class Task:
         text = self.partial.text
         frame = Result(self.task_id, self.time_start, self.last_submitted, time.time(), self.partial.duration,
                        text, text, self.partial.tokens, self.partial.timestamps).to_json()  # fmt: skip
-        self.owner.send(frame)
+        self.owner.send(frame, partial=True)
         # Its encoding and its bytes are O(task): a long task's frames come further apart.
         self.partial_due = time.monotonic() + max(PARTIAL_INTERVAL_S, len(frame) / PARTIAL_BYTES_PER_S)
 
