@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from capsd.supervisor.plainhttp import MAX_HEAD_BYTES, MAX_HTTP_CONNECTIONS
+from capsd.supervisor.plainhttp import MAX_HEAD_BYTES, MAX_HTTP_CONNECTIONS, Answer, PlainHttp, parse_head
 from tests.support.checks import dictate, http_get, scrape, wait_for
 
 Response = tuple[int, dict[str, str], bytes]
@@ -67,6 +67,18 @@ def request(port: int, method: str, path: str, body: bytes | None = None) -> Res
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         conn.close()
+
+
+def test_heads_parsed_and_answered_without_sockets() -> None:
+    request = parse_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nupgrade: WebSocket")
+    assert (request.method, request.path, request.headers["upgrade"]) == ("GET", "/metrics?x=1", "h2c, WebSocket")
+    plain = PlainHttp(lambda path: Answer(200, f"{path}\n"))
+    handshake = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    assert plain.answer(handshake) is None  # for websockets
+    assert plain.answer(b"GET /x HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\n/x\n")
+    assert plain.answer(b"HEAD /x HTTP/1.1\r\n\r\n").endswith(b"Content-Length: 3\r\nConnection: close\r\n\r\n")
+    assert plain.answer(b"OPTIONS * HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert plain.answer(b"GET / HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
 def test_head_answers_as_get_without_a_body(start_capsd: Any) -> None:

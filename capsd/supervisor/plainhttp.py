@@ -69,7 +69,7 @@ def parse_head(head: bytes) -> Request:
     lines = re.split(r"\r?\n", head.decode("latin-1"))
     parts = lines[0].split(" ")
     if len(parts) != 3 or not TOKEN.fullmatch(parts[0]) or not parts[1] or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
-        raise BadHead(f"not an HTTP/1.1 request line: {clip(lines[0])!r}")
+        raise BadHead(f"not an HTTP/1.x request line: {clip(lines[0])!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
