@@ -13,7 +13,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from capsd.supervisor.plainhttp import MAX_HEAD_BYTES, MAX_HTTP_CONNECTIONS, Answer, PlainHttp, parse_head
+import h11
+
+from capsd.supervisor.plainhttp import MAX_HEAD_BYTES, MAX_HTTP_CONNECTIONS, Answer, PlainHttp, read_head
 from tests.support.checks import dictate, http_get, scrape, wait_for
 
 Response = tuple[int, dict[str, str], bytes]
@@ -69,16 +71,47 @@ def request(port: int, method: str, path: str, body: bytes | None = None) -> Res
         conn.close()
 
 
-def test_heads_parsed_and_answered_without_sockets() -> None:
-    request = parse_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nupgrade: WebSocket")
-    assert (request.method, request.path, request.headers["upgrade"]) == ("GET", "/metrics?x=1", "h2c, WebSocket")
+def read(data: bytes, parser: h11.Connection | None = None) -> h11.Request | h11.RemoteProtocolError | None:
+    parser = parser or h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    return read_head(parser, data)
+
+
+def test_heads_read_by_h11() -> None:
+    request = read(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nupgrade: WebSocket\r\n\r\n")
+    assert isinstance(request, h11.Request)
+    assert (request.method, request.target) == (b"GET", b"/metrics?x=1")
+    assert [value for name, value in request.headers if name == b"upgrade"] == [b"h2c", b"WebSocket"]
+    too_long = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"y" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    for head, status in [(b"HELLO\r\n\r\n", 400), (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 400),
+                         (b"GET / HTTP/1.1\r\n\r\n", 400), (too_long, 431)]:  # fmt: skip
+        error = read(head)  # the third has no Host, which HTTP/1.1 requires
+        assert isinstance(error, h11.RemoteProtocolError) and error.error_status_hint == status, head[:40]
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    assert all(read(too_long[i : i + 1024], parser) is None for i in range(0, MAX_HEAD_BYTES, 1024))
+    assert getattr(read(too_long[MAX_HEAD_BYTES:], parser), "error_status_hint", None) == 431  # in pieces too
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    assert read(b"GET / HTTP/1.1\r\nHost:", parser) is None
+    assert getattr(read(b"", parser), "error_status_hint", None) == 400  # the client ended before its head did
+    assert read(b"") is None  # it ended without a byte: nothing to answer
+
+
+def test_heads_answered_without_sockets() -> None:
     plain = PlainHttp(lambda path: Answer(200, f"{path}\n"))
-    handshake = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-    assert plain.answer(handshake) is None  # for websockets
-    assert plain.answer(b"GET /x HTTP/1.1\r\n\r\n").endswith(b"\r\n\r\n/x\n")
-    assert plain.answer(b"HEAD /x HTTP/1.1\r\n\r\n").endswith(b"Content-Length: 3\r\nConnection: close\r\n\r\n")
-    assert plain.answer(b"OPTIONS * HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
-    assert plain.answer(b"GET / HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+    def answer(data: bytes) -> bytes | None:
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        head = read(data, parser)
+        assert head is not None
+        return plain.answer(parser, head)
+
+    handshake = b"GET / HTTP/1.1\r\nHost: c\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    assert answer(handshake) is None  # for websockets
+    assert answer(handshake.replace(b"\r\n\r\n", b"\r\nContent-Length: 1\r\n\r\nx")).startswith(b"HTTP/1.1 400 ")
+    assert answer(b"GET /x HTTP/1.1\r\nHost: c\r\n\r\n").endswith(b"\r\n\r\n/x\n")
+    assert answer(b"HEAD /x HTTP/1.1\r\nHost: c\r\n\r\n").endswith(b"Content-Length: 3\r\nConnection: close\r\n\r\n")
+    assert answer(b"OPTIONS * HTTP/1.1\r\nHost: c\r\n\r\n").startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+    assert answer(b"GET / HTTP/2.0\r\nHost: c\r\n\r\n").startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+    assert answer(b"HELLO\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
 def test_head_answers_as_get_without_a_body(start_capsd: Any) -> None:

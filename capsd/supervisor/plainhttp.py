@@ -1,21 +1,21 @@
 """Plain HTTP on the WebSocket port, for balancers and Prometheus (docs/design.md#health-and-metrics).
 
-capsd reads the head of each connection's first request before websockets does: a WebSocket
-handshake goes on to websockets; anything else is answered here, one request per connection,
-`Connection: close`, and the connection then closed. websockets alone closes in silence what it
-cannot parse (a body, chunked, a bad request line) and knows no HEAD.
+capsd reads the head of each connection's first request, with h11, before websockets does: a
+WebSocket handshake goes on to websockets; anything else is answered here (written by h11), one
+request per connection, `Connection: close`, and the connection then closed. websockets alone
+closes in silence what it cannot parse (a body, chunked, a bad request line) and knows no HEAD.
 """
 
 from __future__ import annotations
 
 import email.utils
 import http
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 import structlog
 from websockets.asyncio.server import ServerConnection
 
@@ -23,24 +23,11 @@ from capsd.protocol import clip
 
 log = structlog.get_logger("capsd.http")
 
-MAX_HEAD_BYTES = 16 * 2**10  # a request line and headers longer than this: 431
+MAX_HEAD_BYTES = 16 * 2**10  # h11 holds at most this much of a head that has not ended: beyond it, 431
 MAX_HTTP_CONNECTIONS = 32  # plain-HTTP connections open at once (answered, closing): beyond it, 503
 RETRY_AFTER_S = 1  # what a 503 at that bound asks the client to wait
 REFUSED_LOG_S = 1.0  # 503s at the bound are logged at most once a second, with a count
 METHODS = "GET, HEAD"
-HEAD_END = re.compile(rb"\r?\n\r?\n")
-TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # a method or a header name (RFC 9110)
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]  # names lower-cased; a repeated header's values joined by ", "
-
-    @property
-    def has_body(self) -> bool:
-        return "transfer-encoding" in self.headers or self.headers.get("content-length", "0") != "0"
 
 
 @dataclass(frozen=True)
@@ -50,34 +37,41 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = "text/plain; charset=utf-8"
 
-    def serialize(self, head_only: bool) -> bytes:
-        """The response as bytes; a HEAD's has the GET's status and headers, no body."""
+    def write(self, parser: h11.Connection, head_only: bool = False) -> bytes:
+        """The response, written by h11 on the connection that read the request. A HEAD's has
+        the GET's status and headers and no body (h11 refuses one)."""
         body = self.body.encode() if isinstance(self.body, str) else self.body
-        status = http.HTTPStatus(self.status)
-        headers = (("Date", email.utils.formatdate(usegmt=True)), ("Content-Type", self.content_type),
-                   ("Content-Length", str(len(body))), ("Connection", "close"), *self.headers)  # fmt: skip
-        head = f"HTTP/1.1 {status.value} {status.phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        return (head + "\r\n").encode("latin-1") + (b"" if head_only else body)
+        headers = [("Date", email.utils.formatdate(usegmt=True)), ("Content-Type", self.content_type),
+                   ("Content-Length", str(len(body))), ("Connection", "close"), *self.headers]  # fmt: skip
+        response = h11.Response(status_code=self.status, reason=http.HTTPStatus(self.status).phrase, headers=headers)
+        events = [response, *([] if head_only else [h11.Data(data=body)]), h11.EndOfMessage()]
+        return b"".join(parser.send(event) or b"" for event in events)
 
 
-class BadHead(Exception):
-    """A request head that is not HTTP/1.x: answered 400."""
+def read_head(parser: h11.Connection, data: bytes) -> h11.Request | h11.RemoteProtocolError | None:
+    """Gives h11 a connection's next bytes (b"" at its end). Returns the request whose head has
+    now ended; or h11's error for a head it refuses, whose error_status_hint is the answer (400
+    for a bad head or one the client ended early, 431 for one over MAX_HEAD_BYTES); or None: no
+    head yet."""
+    if data:
+        # h11 checks its limit only on a head it is still waiting for: given at most a byte more,
+        # a head too long gets 431 even when it arrives in one piece. Until a head ends h11 holds
+        # all it was given, at most MAX_HEAD_BYTES, so at least that byte goes in.
+        data = data[: MAX_HEAD_BYTES + 1 - len(parser.trailing_data[0])]
+    parser.receive_data(data)
+    try:
+        event = parser.next_event()
+    except h11.RemoteProtocolError as e:
+        return e
+    return event if isinstance(event, h11.Request) else None  # NEED_DATA, or ConnectionClosed before a byte
 
 
-def parse_head(head: bytes) -> Request:
-    """A request's head (request line and header lines, without the empty line that ends it)."""
-    lines = re.split(r"\r?\n", head.decode("latin-1"))
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not TOKEN.fullmatch(parts[0]) or not parts[1] or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
-        raise BadHead(f"not an HTTP/1.x request line: {clip(lines[0])!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not TOKEN.fullmatch(name):
-            raise BadHead(f"not a header line: {clip(line)!r}")
-        key, value = name.lower(), value.strip(" \t")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return Request(parts[0], parts[1], headers)
+def without_body(parser: h11.Connection) -> bool:
+    """Whether the request h11 has just read ends at its head (h11 knows the framing)."""
+    try:
+        return isinstance(parser.next_event(), h11.EndOfMessage)
+    except h11.RemoteProtocolError:  # a body h11 cannot read (a bad chunk)
+        return False
 
 
 class PlainHttp:
@@ -94,28 +88,28 @@ class PlainHttp:
         """serve()'s create_connection: websockets' connection, with the head read here first."""
         return HttpFirst(self, *args, **kwargs)
 
-    def answer(self, head: bytes) -> bytes | None:
-        """The bytes that answer a connection's first bytes (a head, complete or not), or None
-        for a WebSocket handshake."""
-        end = HEAD_END.search(head)
-        if end is None or end.start() > MAX_HEAD_BYTES:
-            return Answer(431, f"a request head is at most {MAX_HEAD_BYTES} bytes\n").serialize(False)
-        try:
-            request = parse_head(head[: end.start()])
-        except BadHead as e:
-            return Answer(400, f"{e}\n").serialize(False)
-        if request.method not in ("GET", "HEAD"):
-            return Answer(405, f"capsd answers {METHODS}\n", (("Allow", METHODS),)).serialize(False)
-        if "websocket" in request.headers.get("upgrade", "").lower():
-            if request.method == "GET" and not request.has_body:
+    def answer(self, parser: h11.Connection, head: h11.Request | h11.RemoteProtocolError) -> bytes | None:
+        """The bytes that answer a connection's first request, or None for a WebSocket handshake."""
+        if isinstance(head, h11.RemoteProtocolError):
+            status = head.error_status_hint
+            return Answer(status, f"{http.HTTPStatus(status).phrase}: {clip(str(head))}\n").write(parser)
+        answer = self.choose(parser, head)
+        return None if answer is None else answer.write(parser, head_only=head.method == b"HEAD")
+
+    def choose(self, parser: h11.Connection, request: h11.Request) -> Answer | None:
+        """What answers a request that h11 has read, or None for a WebSocket handshake."""
+        if not request.http_version.startswith(b"1."):  # h11 reads any HTTP/x.y
+            return Answer(505, "capsd answers HTTP/1.x\n")
+        if request.method not in (b"GET", b"HEAD"):
+            return Answer(405, f"capsd answers {METHODS}\n", (("Allow", METHODS),))
+        if any(name == b"upgrade" and b"websocket" in value.lower() for name, value in request.headers):
+            if request.method == b"GET" and without_body(parser):
                 return None
-            return Answer(400, "a WebSocket handshake is a GET without a body\n").serialize(False)
-        head_only = request.method == "HEAD"
+            return Answer(400, "a WebSocket handshake is a GET without a body\n")
         if self.open >= MAX_HTTP_CONNECTIONS:
             self.log_refused()
-            busy = Answer(503, "capsd: too many HTTP connections\n", (("Retry-After", str(RETRY_AFTER_S)),))
-            return busy.serialize(head_only)
-        return self.answer_path(request.path).serialize(head_only)
+            return Answer(503, "capsd: too many HTTP connections\n", (("Retry-After", str(RETRY_AFTER_S)),))
+        return self.answer_path(request.target.decode("ascii"))  # h11 lets only visible ASCII through
 
     def log_refused(self) -> None:
         self.refused += 1
@@ -127,45 +121,49 @@ class PlainHttp:
 
 class HttpFirst(ServerConnection):
     """websockets' connection (serve()'s documented create_connection hook), but the first
-    request's head is read here: a WebSocket handshake is then fed to websockets whole; plain HTTP
-    is answered, the write side shut, and what the client still sends read and dropped until its
-    end, so that no reset destroys the answer in flight (a lingering close). websockets'
-    open_timeout bounds the whole."""
+    request's head is read here, by h11: a WebSocket handshake is then fed to websockets whole;
+    plain HTTP is answered, the write side shut, and what the client still sends read and dropped
+    until its end, so that no reset destroys the answer in flight (a lingering close).
+    websockets' open_timeout bounds the whole."""
 
     def __init__(self, plain: PlainHttp, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.plain = plain
-        self.head: bytearray | None = bytearray()  # None once the head has gone one way or the other
+        # None once websockets has the connection
+        self.parser: h11.Connection | None = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.received = bytearray()  # the first bytes as they came, for websockets if a handshake
         self.answered = False
 
     def data_received(self, data: bytes) -> None:
-        if self.head is None:
-            if not self.answered:
-                super().data_received(data)
+        if self.answered:
+            return  # dropped: the lingering close reads until the client's end
+        if self.parser is None:
+            super().data_received(data)
             return
-        self.head += data
-        if not HEAD_END.search(self.head) and len(self.head) <= MAX_HEAD_BYTES:
-            return
-        head = bytes(self.head)
-        answer = self.plain.answer(head)
-        if answer is None:
-            self.head = None
-            super().data_received(head)
-        else:
-            self.send_answer(answer)
+        self.received += data
+        self.read(self.parser, data)
 
     def eof_received(self) -> None:
-        if self.head:  # the client ended before its head did: answered all the same
-            self.send_answer(Answer(400, "the request ended before its head did\n").serialize(False))
-        if self.head is None and not self.answered:
+        if self.parser is not None and not self.answered:
+            self.read(self.parser, b"")  # a head cut short is answered (400); no byte at all is not
+        if self.parser is None:
             super().eof_received()
-        # else None: asyncio closes the transport once the answer is written
+        # else None: asyncio closes the transport once the answer, if any, is written
 
-    def send_answer(self, answer: bytes) -> None:
-        self.head, self.answered = None, True
-        self.plain.open += 1
-        self.transport.write(answer)
-        self.transport.write_eof()
+    def read(self, parser: h11.Connection, data: bytes) -> None:
+        head = read_head(parser, data)
+        if head is None:
+            return
+        answer = self.plain.answer(parser, head)
+        if answer is None:  # a WebSocket handshake, for websockets from its first byte
+            self.parser = None
+            super().data_received(bytes(self.received))
+        else:
+            self.answered = True
+            self.plain.open += 1
+            self.transport.write(answer)
+            self.transport.write_eof()
+        self.received.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.answered:
