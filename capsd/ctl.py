@@ -225,6 +225,16 @@ def show_status(path: Path, args: argparse.Namespace) -> str:
     return json.dumps(reply, indent=2) if args.json else status_table(reply)
 
 
+def watched_status(path: Path, args: argparse.Namespace) -> str:
+    """status --watch outlives capsd: while it is gone (restarting, say), one line says so."""
+    try:
+        return show_status(path, args)
+    except CtlError as e:
+        if e.code != os.EX_UNAVAILABLE:
+            raise
+        return f"{time.strftime('%Y-%m-%d %H:%M:%S')} {e}"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "transcribe":
         code, text = transcribe(args.url, args.file, args.timeout or TRANSCRIBE_TIMEOUT_S)
@@ -237,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             return os.EX_OK
         try:
             while True:
-                print(CLEAR_SCREEN + show_status(path, args), flush=True)
+                print(CLEAR_SCREEN + watched_status(path, args), flush=True)
                 time.sleep(args.watch)
         except KeyboardInterrupt:  # Ctrl-C ends --watch, as it ends top
             return os.EX_OK

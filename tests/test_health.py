@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tests.support.checks import (
     wait_for,
 )
 from tests.support.client import connect, frame, receive, send_file
+from tests.support.daemon import Capsd
 
 
 def test_livez_readyz_and_404_beside_capsWriter_clients(start_capsd: Any) -> None:
@@ -150,3 +153,35 @@ def test_capsctl_status_shows_cpu_and_audio_rates_and_watches_until_ctrl_c(start
     watch.send_signal(signal.SIGINT)
     assert watch.wait(30) == 0
     assert "\033[H\033[2J" in "".join(lines) and any("audio recognised" in line for line in lines)
+
+
+def test_capsctl_status_watch_outlives_a_restart_of_capsd(start_capsd: Any) -> None:
+    """While capsd is gone, --watch says so on one line with the time and keeps polling; the
+    table is back with the new capsd (on the same control socket); Ctrl-C still exits 0."""
+    capsd = start_capsd()
+    watch = subprocess.Popen([sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), "status", "--watch", "0.2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert watch.stdout is not None
+
+    def until(seen: Callable[[str], bool]) -> str:
+        while not seen(line := watch.stdout.readline()):
+            assert line, f"capsctl ended: {watch.wait()} {watch.stderr.read()}"
+        return line
+
+    second = None
+    try:
+        until(lambda line: "SLOT" in line)
+        assert capsd.stop() == 0
+        gone = until(lambda line: "not running" in line)
+        assert re.search(r"\d\d:\d\d:\d\d capsd is not running", gone), gone
+        until(lambda line: "not running" in line)  # still polling
+        second = Capsd(capsd.config_path.parent, {})  # the same config dir, so the same socket
+        until(lambda line: f"pid {second.proc.pid} " in line)  # the new capsd's table
+        until(lambda line: "SLOT" in line)
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(30) == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+        if second is not None:
+            second.stop()

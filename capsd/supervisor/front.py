@@ -17,7 +17,6 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
@@ -26,6 +25,7 @@ from capsd.config import ServerConfig
 from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame
 from capsd.segment import Segmenter
 from capsd.supervisor.metrics import Metrics
+from capsd.supervisor.plainhttp import Answer, PlainHttp
 from capsd.supervisor.slot import MIC_RESERVE, Slot
 from capsd.supervisor.task import Formatting, Task
 
@@ -39,6 +39,7 @@ MAX_OUTBOX_BYTES = 8 * 2**20  # result frames not yet read by the client: closed
 MAX_OPEN_TASKS = 32  # tasks whose is_final has not arrived: a new one fails with overloaded
 MAX_REFUSED_IDS = 1024  # task ids whose frames are dropped until their is_final
 INCOMING_QUEUE = 1  # frames websockets holds before it stops reading the socket
+OPEN_TIMEOUT_S = 10.0  # a handshake, or a plain-HTTP request and its close, within this: else cut off
 CLOSE_TIMEOUT_S = 3.0  # a client that does not answer a close is cut off after this
 FLUSH_TIMEOUT_S = 2.0  # at stop: time to parse what has arrived and send what is owed
 BAD_FRAME_LOG_S = 1.0  # bad frames are logged at most once a second, with a count
@@ -263,6 +264,7 @@ class Front:
         self.not_ready = not_ready  # why capsd is not ready for new tasks, or None (GET /readyz)
         self.metrics = metrics
         self.admitted: set[ServerConnection] = set()
+        self.http = PlainHttp(self.answer_http)
         self.clients: set[Client] = set()
         self.server: Server | None = None
         self.accepting = True  # False while stopping: new tasks are refused with shutting_down
@@ -277,9 +279,11 @@ class Front:
             self.cfg.port,
             max_size=self.cfg.max_message_bytes,  # a CapsWriter file frame is ~5.1 MB (docs/design.md#frame-size)
             process_request=self.admit,
+            create_connection=self.http.connection,  # plain HTTP answered there (docs/design.md#health-and-metrics)
             max_queue=INCOMING_QUEUE,
             ping_interval=None,  # capsd runs its own (docs/design.md#keepalive-only-while-read)
             compression=None,
+            open_timeout=OPEN_TIMEOUT_S,
             close_timeout=CLOSE_TIMEOUT_S,
             select_subprotocol=_binary_if_offered,
         )
@@ -291,8 +295,7 @@ class Front:
         task.add_done_callback(self.background.discard)
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
-            return self.answer_http(connection, request.path)
+        """A WebSocket handshake (plain HTTP never gets here: PlainHttp answers it)."""
         if not self.accepting:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "capsd is stopping\n")
         # Counted at the handshake, not in the handler, so a burst of handshakes cannot overshoot.
@@ -303,22 +306,18 @@ class Front:
         self.keep(self._release(connection))
         return None
 
-    def answer_http(self, connection: ServerConnection, path: str) -> Response:
-        """A plain GET on the WebSocket port: health for a balancer, metrics for Prometheus, where
-        clients connect (docs/design.md#health-and-metrics)."""
+    def answer_http(self, path: str) -> Answer:
+        """A plain GET (or HEAD) on the WebSocket port: health for a balancer, metrics for
+        Prometheus, where clients connect (docs/design.md#health-and-metrics)."""
         path = path.split("?", 1)[0]
         if path == "/livez":  # this answer needs the supervisor's event loop: alive
-            return connection.respond(http.HTTPStatus.OK, "alive\n")
+            return Answer(200, "alive\n")
         if path == "/readyz":
             reason = self.not_ready()
-            if reason is None:
-                return connection.respond(http.HTTPStatus.OK, "ready\n")
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n")
+            return Answer(200, "ready\n") if reason is None else Answer(503, reason + "\n")
         if path == "/metrics" and self.cfg.metrics:
-            body = self.metrics.exposition()
-            headers = Headers([("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
-            return Response(http.HTTPStatus.OK, "OK", headers, body)
-        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found: capsd answers /livez, /readyz, /metrics\n")
+            return Answer(200, self.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+        return Answer(404, "not found: capsd answers /livez, /readyz, /metrics\n")
 
     async def _release(self, connection: ServerConnection) -> None:
         await connection.wait_closed()

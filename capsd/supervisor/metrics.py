@@ -7,6 +7,7 @@ it at each scrape, so /metrics and `capsctl status` cannot disagree.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,6 +23,9 @@ from capsd import __version__
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STATES = ("starting", "ready", "busy", "draining", "restarting", "failed")
 RATE_WINDOW_S = 60.0
+# The exposition is computed at most once per this many seconds; a scrape within it gets the same
+# bytes, so a flood of scrapers costs little (docs/design.md#health-and-metrics).
+EXPOSITION_INTERVAL_S = 1.0
 
 
 class Metrics:
@@ -45,11 +49,14 @@ class Metrics:
                                     "([workers] retry_lost_jobs)", registry=r)  # fmt: skip
         self.poison_jobs = Counter("capsd_poison_jobs", "Jobs that ended more workers than retry_lost_jobs allows: "
                                    "their tasks failed", registry=r)  # fmt: skip
+        self.expositions = Counter("capsd_metrics_expositions", "Times the exposition was computed "
+                                   f"(at most once per {EXPOSITION_INTERVAL_S:g} s)", registry=r)  # fmt: skip
         Info("capsd_build", "capsd's version", registry=r).info({"version": __version__})
         if status is not None:
             r.register(StatusCollector(status))
         self.started = time.monotonic()
         self.recent: deque[tuple[float, float]] = deque()  # (when, seconds) of the last minute's audio
+        self.exposed, self.exposed_at = b"", -math.inf
 
     def recognised(self, seconds: float) -> None:
         """A task's audio, recognised."""
@@ -66,7 +73,11 @@ class Metrics:
         return sum(seconds for when, seconds in self.recent if when >= now - window) / window
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        now = time.monotonic()
+        if now - self.exposed_at >= EXPOSITION_INTERVAL_S:
+            self.expositions.inc()  # before: the exposition counts itself
+            self.exposed, self.exposed_at = generate_latest(self.registry), now
+        return self.exposed
 
 
 class StatusCollector(Collector):
