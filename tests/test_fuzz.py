@@ -18,6 +18,8 @@ from capsd.selftest.tones import synth, token_digits
 from tests.support.checks import FRAME_FIELDS
 from tests.support.daemon import Capsd
 
+pytestmark = pytest.mark.integration
+
 KEYS = ["task_id", "source", "data", "is_final", "time_start", "seg_duration", "seg_overlap", "context", "language"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, http_get, run_client, stop_while_decoding, task_ids_for_slots, wait_for
 from tests.support.client import connect, frame, receive, send_file
 from tests.support.daemon import Capsd
+
+pytestmark = pytest.mark.integration
 
 
 def stop_loading_workers(capsd: Capsd, timeout: float = 30, old: int = 0) -> list[psutil.Process]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.exceptions import ConnectionClosed
 
 from capsd import config, preflight
@@ -26,6 +27,8 @@ from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, wait_for
 from tests.support.client import connect, file_frames, frame, receive, send_file, send_mic
 from tests.support.daemon import Capsd
+
+pytestmark = pytest.mark.integration
 
 GOOD_DIGITS = "4711"
 # A dictation on an abused slot waits at most for the segment in progress: a few seconds on a

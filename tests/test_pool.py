@@ -14,11 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import route
 from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, http_get, run_client, wait_for
 from tests.support.client import connect, receive, send_file, send_mic
+
+pytestmark = pytest.mark.integration
 
 FILE_DIGITS, MIC_DIGITS = "1234567890" * 12, "4711" * 5  # 60 s and 10 s
 

@@ -17,6 +17,8 @@ from capsd.supervisor.task import Task
 from capsd.worker.main import WorkerSpec
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop
 
+pytestmark = pytest.mark.unit
+
 
 class Client:
     """A connection as a task sees it (task.Owner): records frames, counts queued jobs."""
