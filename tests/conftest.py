@@ -1,4 +1,5 @@
-"""A real capsd for integration tests: a subprocess on a free port, real workers, real sherpa-onnx."""
+"""Every test's tier, checked; a real capsd for integration tests: a subprocess on a free port, real
+workers, real sherpa-onnx."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Capsd
+
+TIERS = ("unit", "integration", "system")  # registered in pyproject.toml
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: an untiered test fails every run
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if wrong:
+        raise pytest.UsageError(f"each test needs exactly one of the markers {', '.join(TIERS)}: " + " ".join(wrong))
 
 
 @pytest.fixture

@@ -3,11 +3,15 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 from capsd.models import EMBEDDED_MODEL_DIR
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
 import memory_calibration
+
+pytestmark = pytest.mark.integration
 
 
 def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path) -> None:

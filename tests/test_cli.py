@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 CAPSD = [sys.executable, "-m", "capsd.cli"]
 
 

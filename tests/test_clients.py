@@ -16,6 +16,8 @@ from capsd.selftest.tones import synth, token_digits
 from tests.support.checks import FRAME_FIELDS, assert_exact, dictate, stop_while_decoding, task_outcomes, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
 
+pytestmark = pytest.mark.integration
+
 
 async def nothing_within(ws: Any, seconds: float) -> None:
     with pytest.raises(asyncio.TimeoutError):

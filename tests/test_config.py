@@ -12,6 +12,8 @@ import pytest
 from capsd import config, models
 from capsd.config import Config, ConfigError
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The contract's defaults, copied by hand so a changed default in config.py fails here.

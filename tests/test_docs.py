@@ -7,6 +7,10 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 CITING = ["capsd", "tests", "bench", "docs", "etc", "systemd", ".ci", "README.md", "pyproject.toml"]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

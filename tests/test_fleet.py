@@ -35,6 +35,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "etc" / "haproxy" / "capsd.cfg
 SERVERS = ("capsd-a", "capsd-b")  # the config's server lines, filled from CAPSD_A and CAPSD_B
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="etc/haproxy/capsd.cfg chroots and drops to user haproxy: needs root"),
 ]

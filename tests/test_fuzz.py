@@ -18,6 +18,8 @@ from capsd.selftest.tones import synth, token_digits
 from tests.support.checks import FRAME_FIELDS
 from tests.support.daemon import Capsd
 
+pytestmark = pytest.mark.integration
+
 KEYS = ["task_id", "source", "data", "is_final", "time_start", "seg_duration", "seg_overlap", "context", "language"]
 # Lone surrogates included: JSON escapes them ("\\ud800"), and they are no valid Unicode
 # (docs/design.md#json-strings-that-are-not-unicode).

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from capsd.protocol import route
 from capsd.selftest.tones import synth, token_digits
 from tests.support.checks import assert_exact, run_client, stop_while_decoding, task_ids_for_slots, wait_for
 from tests.support.client import connect, receive, send_file, send_mic
+
+pytestmark = pytest.mark.integration
 
 
 def new_ready_pid(capsd: Any, slot: int, old: int) -> int:

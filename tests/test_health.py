@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from capsd.selftest.tones import synth
 from tests.support.checks import (
     assert_exact,
@@ -25,6 +27,8 @@ from tests.support.checks import (
 )
 from tests.support.client import connect, frame, receive, send_file
 from tests.support.daemon import Capsd
+
+pytestmark = pytest.mark.integration
 
 
 def test_livez_readyz_and_404_beside_capsWriter_clients(start_capsd: Any) -> None:

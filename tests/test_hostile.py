@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
@@ -31,6 +32,8 @@ from capsd.selftest.tones import synth
 from tests.support.checks import GOOD_DIGITS, assert_exact, dictate, task_outcomes, wait_for
 from tests.support.client import connect, file_frames, frame, receive, send_file, send_mic
 from tests.support.daemon import Capsd
+
+pytestmark = pytest.mark.integration
 
 
 def same_slot(task_id: str, count: int, prefix: str = "good") -> str:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import h11
+import pytest
 
 from capsd.supervisor.plainhttp import MAX_HEAD_BYTES, MAX_HTTP_CONNECTIONS, Answer, PlainHttp, read_head
 from tests.support.checks import dictate, http_get, scrape, wait_for
@@ -76,6 +77,7 @@ def read(data: bytes, parser: h11.Connection | None = None) -> h11.Request | h11
     return read_head(parser, data)
 
 
+@pytest.mark.unit
 def test_heads_read_by_h11() -> None:
     request = read(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nupgrade: WebSocket\r\n\r\n")
     assert isinstance(request, h11.Request)
@@ -95,6 +97,7 @@ def test_heads_read_by_h11() -> None:
     assert read(b"") is None  # it ended without a byte: nothing to answer
 
 
+@pytest.mark.unit
 def test_heads_answered_without_sockets() -> None:
     plain = PlainHttp(lambda path: Answer(200, f"{path}\n"))
 
@@ -114,6 +117,7 @@ def test_heads_answered_without_sockets() -> None:
     assert answer(b"HELLO\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
 
 
+@pytest.mark.integration
 def test_head_answers_as_get_without_a_body(start_capsd: Any) -> None:
     capsd = start_capsd()
 
@@ -135,6 +139,7 @@ def test_head_answers_as_get_without_a_body(start_capsd: Any) -> None:
             assert get[1]["content-length"] == head[1]["content-length"]
 
 
+@pytest.mark.integration
 def test_other_methods_405_with_allow_even_with_a_body(start_capsd: Any) -> None:
     capsd = start_capsd()
 
@@ -147,6 +152,7 @@ def test_other_methods_405_with_allow_even_with_a_body(start_capsd: Any) -> None
         assert body == b"capsd answers GET, HEAD\n"
 
 
+@pytest.mark.integration
 def test_one_request_per_connection_answered_then_closed(start_capsd: Any) -> None:
     """Keep-alive and pipelining: the first request is answered with Connection: close, and
     capsd ends the connection; what the client sent after it is read and dropped, no reset."""
@@ -180,6 +186,7 @@ def test_one_request_per_connection_answered_then_closed(start_capsd: Any) -> No
     assert status == 200 and headers["connection"] == "close" and b"capsd_tasks" in body
 
 
+@pytest.mark.integration
 def test_bodies_chunks_and_bad_heads_answered(start_capsd: Any) -> None:
     capsd = start_capsd()
     cases = {
@@ -207,6 +214,7 @@ def test_bodies_chunks_and_bad_heads_answered(start_capsd: Any) -> None:
     assert answers["chunked"][0][2] == b"alive\n"
 
 
+@pytest.mark.integration
 def test_a_flood_of_scrapes_computes_the_exposition_once_a_second(start_capsd: Any) -> None:
     capsd = start_capsd()
     flood_s, threads = 3.0, 100
@@ -237,6 +245,7 @@ def test_a_flood_of_scrapes_computes_the_exposition_once_a_second(start_capsd: A
     assert statuses[200] >= 10 * computed, (statuses, computed)
 
 
+@pytest.mark.integration
 def test_plain_http_connections_beyond_the_bound_get_503(start_capsd: Any) -> None:
     """Connections answered but not yet closed by their client count against the bound; a
     WebSocket client is not held back by them."""

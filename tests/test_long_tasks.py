@@ -8,11 +8,14 @@ import time
 from typing import Any
 
 import psutil
+import pytest
 
 from capsd.protocol import RATE
 from capsd.selftest.tones import synth
 from tests.support.checks import dictate
 from tests.support.client import connect, frame
+
+pytestmark = pytest.mark.integration
 
 STREAM_S = 60.0
 STRETCH_S = 20.0  # the first and the last stretch compared

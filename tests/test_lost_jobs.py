@@ -19,6 +19,8 @@ from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, http_get, run_client, wait_for
 from tests.support.client import connect, receive, send_file, send_mic
 
+pytestmark = pytest.mark.integration
+
 DICTATIONS = {f"dictation-{i}": digits for i, digits in enumerate(("11", "202", "3003", "4004"))}
 
 

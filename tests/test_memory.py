@@ -59,6 +59,7 @@ def v1(cgroup: Path, path: str, limit: str, usage: int) -> None:
 SERVICE = "system.slice/capsd.service"
 
 
+@pytest.mark.unit
 def test_machine_only(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB)
@@ -66,6 +67,7 @@ def test_machine_only(roots: tuple[Path, Path]) -> None:
     assert got == Available(8 * GIB, "machine", "MemAvailable 8.0 GiB")
 
 
+@pytest.mark.unit
 def test_v2_limit_tighter_than_machine(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
@@ -75,6 +77,7 @@ def test_v2_limit_tighter_than_machine(roots: tuple[Path, Path]) -> None:
     assert got.detail == f"cgroup /{SERVICE} limit 1.5 GiB minus 600 MiB in use"
 
 
+@pytest.mark.unit
 def test_v2_limit_looser_than_machine(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 1 * GIB, f"0::/{SERVICE}\n")
@@ -82,6 +85,7 @@ def test_v2_limit_looser_than_machine(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).limit == "machine"
 
 
+@pytest.mark.unit
 def test_v2_max_is_no_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
@@ -90,6 +94,7 @@ def test_v2_max_is_no_limit(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).limit == "machine"
 
 
+@pytest.mark.unit
 def test_v2_parent_tighter_than_child(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
@@ -100,6 +105,7 @@ def test_v2_parent_tighter_than_child(roots: tuple[Path, Path]) -> None:
     assert got.detail.startswith("cgroup /system.slice limit 2.0 GiB")
 
 
+@pytest.mark.unit
 def test_v2_container_mount_root_is_own_cgroup(roots: tuple[Path, Path]) -> None:
     # No cgroup namespace: /proc/self/cgroup names a host path the mount does not have.
     proc, cgroup = roots
@@ -108,6 +114,7 @@ def test_v2_container_mount_root_is_own_cgroup(roots: tuple[Path, Path]) -> None
     assert read_available(proc, cgroup).bytes == 1 * GIB - 200 * MIB
 
 
+@pytest.mark.unit
 def test_v1_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, "5:cpu,cpuacct:/x\n4:memory:/capsd\n0::/\n")
@@ -116,6 +123,7 @@ def test_v1_limit(roots: tuple[Path, Path]) -> None:
     assert (got.bytes, got.limit) == (1 * GIB - 300 * MIB, "cgroup")
 
 
+@pytest.mark.unit
 def test_v1_memory_among_several_controllers(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, "4:blkio,memory:/capsd\n")
@@ -123,6 +131,7 @@ def test_v1_memory_among_several_controllers(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).bytes == 1 * GIB
 
 
+@pytest.mark.unit
 def test_v1_huge_number_is_no_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, "4:memory:/capsd\n")
@@ -131,6 +140,7 @@ def test_v1_huge_number_is_no_limit(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup) == Available(8 * GIB, "machine", "MemAvailable 8.0 GiB")
 
 
+@pytest.mark.unit
 def test_hybrid_takes_tightest(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
@@ -141,6 +151,7 @@ def test_hybrid_takes_tightest(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).bytes == 2 * GIB
 
 
+@pytest.mark.unit
 def test_usage_above_limit_is_zero_headroom(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
@@ -148,6 +159,7 @@ def test_usage_above_limit_is_zero_headroom(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).bytes == 0
 
 
+@pytest.mark.unit
 def test_missing_cgroup_files_give_no_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
@@ -156,6 +168,7 @@ def test_missing_cgroup_files_give_no_limit(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).limit == "machine"
 
 
+@pytest.mark.unit
 def test_unreadable_limit_gives_no_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
@@ -163,6 +176,7 @@ def test_unreadable_limit_gives_no_limit(roots: tuple[Path, Path]) -> None:
     assert read_available(proc, cgroup).limit == "machine"
 
 
+@pytest.mark.unit
 def test_missing_usage_still_applies_the_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
@@ -170,6 +184,7 @@ def test_missing_usage_still_applies_the_limit(roots: tuple[Path, Path]) -> None
     assert read_available(proc, cgroup).bytes == 1 * GIB
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("self_cgroup", ["", "garbage\n", "0::\n", ":::\n", "\x00\xff\n", "4:memory\n"])
 def test_garbage_self_cgroup(roots: tuple[Path, Path], self_cgroup: str) -> None:
     proc, cgroup = roots
@@ -177,6 +192,7 @@ def test_garbage_self_cgroup(roots: tuple[Path, Path], self_cgroup: str) -> None
     assert read_available(proc, cgroup).bytes == 8 * GIB
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content", ["", "lots\n", "-\n", "1.5G\n", "max max\n"])
 def test_garbage_limit_files(roots: tuple[Path, Path], content: str) -> None:
     proc, cgroup = roots
@@ -186,6 +202,7 @@ def test_garbage_limit_files(roots: tuple[Path, Path], content: str) -> None:
     assert read_available(proc, cgroup).limit == "machine"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("meminfo", [None, "", "MemAvailable:\n", "MemAvailable: lots kB\n"])
 def test_unreadable_meminfo_falls_back_to_psutil(roots: tuple[Path, Path], meminfo: str | None) -> None:
     proc, cgroup = roots
@@ -197,6 +214,7 @@ def test_unreadable_meminfo_falls_back_to_psutil(roots: tuple[Path, Path], memin
     assert abs(got.bytes - psutil.virtual_memory().available) < 512 * MIB
 
 
+@pytest.mark.unit
 def test_unreadable_meminfo_still_counts_the_cgroup(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     write(proc / "self" / "cgroup", f"0::/{SERVICE}\n")
@@ -204,11 +222,13 @@ def test_unreadable_meminfo_still_counts_the_cgroup(roots: tuple[Path, Path]) ->
     assert read_available(proc, cgroup).bytes == 64 * MIB
 
 
+@pytest.mark.unit
 def test_read_available_on_this_machine() -> None:
     got = read_available()
     assert got.bytes > 0 and got.limit in ("machine", "cgroup")
 
 
+@pytest.mark.unit
 def test_estimate_grows_with_each_input() -> None:
     base = estimate_worker_bytes(0, 1, 0)
     assert base > WORKER_BASELINE_BYTES
@@ -218,6 +238,7 @@ def test_estimate_grows_with_each_input() -> None:
     assert estimate_worker_bytes(0, 1, 60) > estimate_worker_bytes(0, 1, 17)
 
 
+@pytest.mark.unit
 def test_a_bigger_model_needs_more_per_second_of_audio() -> None:
     def per_second(model_bytes: int) -> int:
         return estimate_worker_bytes(model_bytes, 1, 61) - estimate_worker_bytes(model_bytes, 1, 60)
@@ -225,11 +246,13 @@ def test_a_bigger_model_needs_more_per_second_of_audio() -> None:
     assert per_second(230 * 10**6) > per_second(6 * 10**6) > per_second(0) > 0
 
 
+@pytest.mark.unit
 def test_a_punctuation_model_is_loaded_but_does_not_read_audio() -> None:
     with_punctuation = estimate_worker_bytes(0, 1, 120, punctuation_bytes=70 * 10**6)
     assert estimate_worker_bytes(0, 1, 120) + 70 * 10**6 <= with_punctuation < estimate_worker_bytes(70 * 10**6, 1, 120)
 
 
+@pytest.mark.unit
 def test_supervisor_grows_with_each_busy_worker() -> None:
     assert estimate_supervisor_bytes(0, 120) == SUPERVISOR_BASELINE_BYTES
     step = estimate_supervisor_bytes(1, 120) - estimate_supervisor_bytes(0, 120)
@@ -241,6 +264,7 @@ CGROUP = Available(900 * MIB + 512 * MIB, "cgroup", "cgroup limit 1.5 GiB minus 
 SUPERVISOR = SUPERVISOR_BASELINE_BYTES  # the supervisor's estimate when segments are 0 s long
 
 
+@pytest.mark.unit
 def test_plan_does_not_fit() -> None:
     p = plan(3, 410 * MIB, CGROUP, 512 * MIB, 0)
     assert not p.fits
@@ -254,6 +278,7 @@ def test_plan_does_not_fit() -> None:
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seconds", [0, 120])
 def test_plan_max_count_is_exact(seconds: float) -> None:
     fits = Available(2 * 100 * MIB + estimate_supervisor_bytes(2, seconds), "machine", "MemAvailable")
@@ -265,6 +290,7 @@ def test_plan_max_count_is_exact(seconds: float) -> None:
     assert "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0, seconds).message()
 
 
+@pytest.mark.unit
 def test_plan_fits() -> None:
     p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB, 0)
     assert p.fits
@@ -276,6 +302,7 @@ def test_plan_fits() -> None:
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("free", [0, 100 * MIB, 600 * MIB])
 def test_plan_not_even_one(free: int) -> None:
     p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB, 120)
@@ -286,6 +313,7 @@ def test_plan_not_even_one(free: int) -> None:
     assert "set [workers] count" not in p.message()
 
 
+@pytest.mark.integration
 def test_a_worker_above_its_estimate_is_reported_once(start_capsd: Any, tmp_path: Path) -> None:
     # 96 MiB of weights made when the model loads: the few-KB file hides them from the plan.
     model = tmp_path / "unseen"

@@ -11,6 +11,8 @@ import pytest
 from capsd import textformat
 from capsd.merge import SAME_TOKEN_S, PartialResult, join_tokens, realign
 
+pytestmark = pytest.mark.unit
+
 # Two segments as seg_duration=15, seg_overlap=2 cuts them: [0, 17) and [15, 32).
 STRIDE, OVERLAP = 15.0, 2.0
 CUT = STRIDE + OVERLAP / 2  # the middle of the overlap, in task time

@@ -7,6 +7,8 @@ import sherpa_onnx
 
 from capsd import models
 
+pytestmark = pytest.mark.unit
+
 M = Path("/models/m")
 
 # type -> (constructor, the file keyword arguments for the official release directory)

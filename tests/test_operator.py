@@ -211,6 +211,7 @@ def run_as(user: str | None, argv: list[str], **sandbox: Any) -> subprocess.Comp
 # -- 1. the control socket's path -----------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_a_file_at_the_socket_path_is_refused_and_kept(work: Path, command: list[str]) -> None:
     """Even the config file itself: capsd never deletes what is not a stale socket."""
@@ -223,6 +224,7 @@ def test_a_file_at_the_socket_path_is_refused_and_kept(work: Path, command: list
     assert config.read_bytes() == before
 
 
+@pytest.mark.integration
 def test_a_live_socket_is_refused_and_left_alone(work: Path) -> None:
     path = work / "control.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
@@ -241,6 +243,7 @@ def test_a_live_socket_is_refused_and_left_alone(work: Path) -> None:
             client.connect(str(path))  # still the other process's socket
 
 
+@pytest.mark.integration
 def test_a_stale_socket_is_replaced_and_removed_at_stop(work: Path, daemons: Callable[..., Daemon]) -> None:
     path = work / "control.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
@@ -257,6 +260,7 @@ def test_a_stale_socket_is_replaced_and_removed_at_stop(work: Path, daemons: Cal
     assert not path.exists()
 
 
+@pytest.mark.integration
 def test_stop_leaves_a_socket_that_is_not_its_own(work: Path, daemons: Callable[..., Daemon]) -> None:
     path = work / "control.sock"
     config = write_config(work, {"control": {"socket": str(path)}})
@@ -271,6 +275,7 @@ def test_stop_leaves_a_socket_that_is_not_its_own(work: Path, daemons: Callable[
             client.connect(str(path))  # still there, still the other process's
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_a_socket_path_beyond_the_unix_limit_is_refused(work: Path, command: list[str]) -> None:
     path = work / ("s" * (108 - len(str(work)))) / "control.sock"
@@ -280,6 +285,7 @@ def test_a_socket_path_beyond_the_unix_limit_is_refused(work: Path, command: lis
     assert "[control] socket" in one_line(done) and "at most 107" in done.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("addr", ["999.1.1.1", "no-such-host.invalid", "192.0.2.1"])
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_an_address_capsd_cannot_listen_on_is_refused(work: Path, command: list[str], addr: str) -> None:
@@ -297,6 +303,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.integration
 @needs_sandbox
 @pytest.mark.parametrize("made_by", HOSTILE.values(), ids=HOSTILE.keys())
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
@@ -310,6 +317,7 @@ def test_a_fallback_directory_others_made_is_refused(work: Path, command: list[s
     assert "[control] socket" in one_line(done) and f"{directory} " in done.stderr and "0700" in done.stderr
 
 
+@pytest.mark.integration
 @needs_sandbox
 @pytest.mark.parametrize("user", ["nobody", None], ids=["nobody", "root"])
 def test_the_fallback_directory_is_made_private(work: Path, daemons: Callable[..., Daemon], user: str | None) -> None:
@@ -334,6 +342,7 @@ def test_the_fallback_directory_is_made_private(work: Path, daemons: Callable[..
 # -- 2. capsctl without permission ----------------------------------------------------------------
 
 
+@pytest.mark.integration
 @needs_sandbox
 def test_capsctl_without_permission_exits_77_with_one_line(work: Path, daemons: Callable[..., Daemon]) -> None:
     run_dir = work / "run"
@@ -363,6 +372,7 @@ def test_capsctl_without_permission_exits_77_with_one_line(work: Path, daemons: 
 # -- 3. a config file capsd cannot read (the other cases are in test_cli.py) ----------------------
 
 
+@pytest.mark.integration
 @needs_sandbox
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_an_unreadable_config_is_refused(work: Path, command: list[str]) -> None:
@@ -376,6 +386,7 @@ def test_an_unreadable_config_is_refused(work: Path, command: list[str]) -> None
 # -- 4. control requests ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("line", "words"),
     [
@@ -417,6 +428,7 @@ def test_parse_request_refuses(line: bytes, words: str) -> None:
     assert words in str(e.value) and len(str(e.value)) < 300
 
 
+@pytest.mark.unit
 def test_parse_request_accepts() -> None:
     assert parse_request(b'{"cmd": "status"}') == Request("status")
     assert parse_request(b'{"cmd": "restart-worker", "slot": 1}') == Request("restart-worker", 1)
@@ -427,6 +439,7 @@ def test_parse_request_accepts() -> None:
     assert parse_request(b'{"cmd": "scale", "count": 3, "timeout": 5}') == Request("scale", timeout=5.0, count=3)
 
 
+@pytest.mark.integration
 def test_an_invalid_control_request_does_nothing_and_says_why(start_capsd: Any) -> None:
     capsd = start_capsd()
     pid = capsd.worker_pid(0)
@@ -454,6 +467,7 @@ def test_an_invalid_control_request_does_nothing_and_says_why(start_capsd: Any) 
     assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "2718", starts)
 
 
+@pytest.mark.integration
 def test_an_idle_control_connection_is_closed(start_capsd: Any) -> None:
     capsd = start_capsd()
     clients = []
@@ -483,6 +497,7 @@ def open_files_limit(pid: int) -> tuple[int, int]:
     return int(soft), int(hard)
 
 
+@pytest.mark.integration
 def test_capsd_raises_its_open_files_limit(work: Path, daemons: Callable[..., Daemon]) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
@@ -498,6 +513,7 @@ def test_capsd_raises_its_open_files_limit(work: Path, daemons: Callable[..., Da
     assert daemon.stop() == 0
 
 
+@pytest.mark.unit
 def test_the_unit_sets_the_open_files_limit() -> None:
     unit = (Path(__file__).parents[1] / "systemd" / "capsd.service").read_text()
     assert "\nLimitNOFILE=65536\n" in unit
@@ -553,6 +569,7 @@ def fake_control(tmp_path: Path) -> Iterator[Callable[..., FakeControl]]:
         fake.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "timeout"),
     [
@@ -573,6 +590,7 @@ def test_capsctl_timeout_before_or_after_the_subcommand(
     assert fake.requests == [{"cmd": "restart-worker", "slot": 0, "force": False, "timeout": timeout}]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_capsctl_status_honours_timeout(fake_control: Callable[..., FakeControl], position: str) -> None:
     fake = fake_control(answer=False)
@@ -583,6 +601,7 @@ def test_capsctl_status_honours_timeout(fake_control: Callable[..., FakeControl]
     assert "did not answer" in one_line(done) and "within 1 s" in done.stderr  # not status's default, 10 s
 
 
+@pytest.mark.integration
 def test_capsctl_transcribe_honours_timeout_and_url_anywhere(tmp_path: Path) -> None:
     wav = tmp_path / "tones.wav"
     write_wav(str(wav), synth("1")[0])
@@ -597,6 +616,7 @@ def test_capsctl_transcribe_honours_timeout_and_url_anywhere(tmp_path: Path) -> 
     assert done.returncode == os.EX_UNAVAILABLE and url in one_line(done)
 
 
+@pytest.mark.integration
 def test_capsctl_global_options_against_a_real_capsd(start_capsd: Any) -> None:
     capsd = start_capsd()
     where = str(capsd.socket)
@@ -608,6 +628,7 @@ def test_capsctl_global_options_against_a_real_capsd(start_capsd: Any) -> None:
     assert done.returncode == 0 and "new pid" in done.stdout, done.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e308", "abc"])
 def test_capsctl_refuses_a_timeout_that_is_not_a_positive_number(value: str) -> None:
     done = subprocess.run([*CTL, "status", "--timeout", value], capture_output=True, text=True, timeout=60)

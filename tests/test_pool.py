@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import route
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, http_get, run_client, stop_loading_workers, wait_for
+from tests.support.checks import assert_exact, http_get, run_client, stop_loading_workers, task_ids_for_slots, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
+
+pytestmark = pytest.mark.integration
 
 FILE_DIGITS, MIC_DIGITS = "1234567890" * 12, "4711" * 5  # 60 s and 10 s
 
@@ -57,6 +60,36 @@ def assert_all_exact(results: list[dict[str, Any]], tag: str) -> None:
     for i in range(2):
         assert_exact(frames[f"{tag}-file-{i}"], FILE_DIGITS, file_starts)
     assert_exact(frames[f"{tag}-mic"], MIC_DIGITS, mic_starts)
+
+
+def test_capsctl_grows_restarts_and_shrinks_the_pool_and_every_slot_serves_exactly(start_capsd: Any) -> None:
+    """Each change capsctl makes to the pool, once, then a task on every slot: the integration test
+    that .ci/run also runs on the oldest Python capsd supports."""
+    capsd = start_capsd()
+    samples, starts = synth("2718")
+
+    def exact_on_every_slot(tag: str) -> None:
+        ids = task_ids_for_slots(len(capsd.status()["slots"]), tag)
+        frames = asyncio.run(run_client(capsd.url, [(task_id, "mic", samples, (15, 2)) for task_id in ids]))
+        for task_id in ids:
+            assert_exact(frames[task_id], "2718", starts)
+
+    exact_on_every_slot("one")
+    grown = capsctl(capsd, "scale", "2")
+    assert grown.returncode == 0 and "1 -> 2 slots" in grown.stdout, grown.stderr
+    exact_on_every_slot("grown")
+    old = [capsd.worker_pid(i) for i in range(2)]
+    restarted = capsctl(capsd, "restart-worker", "all")
+    assert restarted.returncode == 0, restarted.stderr
+    new = [capsd.worker_pid(i) for i in range(2)]
+    assert set(old).isdisjoint(new)
+    assert restarted.stdout.splitlines() == [f"slot {i}: old pid {old[i]}, new pid {new[i]}" for i in range(2)]
+    exact_on_every_slot("restarted")
+    shrunk = capsctl(capsd, "scale", "1")
+    assert shrunk.returncode == 0 and "2 -> 1 slots" in shrunk.stdout, shrunk.stderr
+    wait_for(lambda: len(capsd.status()["slots"]) == 1, 30, "slot 1 to go")
+    exact_on_every_slot("shrunk")
+    assert capsd.status()["slots"][0]["tasks_failed"] == 0
 
 
 def test_scale_2_to_3_to_1_while_tasks_stream_fails_nothing(start_capsd: Any) -> None:

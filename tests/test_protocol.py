@@ -12,6 +12,8 @@ import pytest
 
 from capsd.protocol import BadRequest, Result, parse_frame, route
 
+pytestmark = pytest.mark.unit
+
 # Every key a CapsWriter client reads from a final frame without .get() (docs/design.md#old-clients-read-every-key).
 CLIENT_KEYS = (
     "task_id",

@@ -19,6 +19,8 @@ from capsd.supervisor.task import INLINE_FINAL_TOKENS, MAX_TASK_S, PARTIAL_INTER
 from capsd.worker.main import WorkerSpec
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop
 
+pytestmark = pytest.mark.unit
+
 
 class Client:
     """A connection as a task sees it (task.Owner): records frames, counts queued jobs."""

@@ -8,6 +8,8 @@ import pytest
 from capsd.protocol import RATE
 from capsd.segment import Segment, Segmenter
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = [(15, 2), (25, 2), (3, 0.5), (2, 0), (1.5, 0.25)]
 
 

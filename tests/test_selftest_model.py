@@ -11,6 +11,8 @@ from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.selftest.build import build_paraformer, build_zipformer_ctc
 from capsd.selftest.tones import DIGIT_TOKENS, digit_tokens, synth, token_digits
 
+pytestmark = pytest.mark.unit
+
 DIGITS = "1111 2233 90876 55"  # repeats, a silent slot, every digit
 TOLERANCE_S = 0.04
 Result = Any  # sherpa_onnx does not export OfflineRecognitionResult

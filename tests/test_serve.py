@@ -21,6 +21,8 @@ from capsd.selftest.tones import synth, token_digits, write_wav
 from tests.support.checks import FRAME_FIELDS, assert_exact, run_client, task_ids_for_slots, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
 
+pytestmark = pytest.mark.integration
+
 # Equal digits straddle many segment boundaries: every slot of 0.5 s holds a tone, so both
 # copies of a repeated digit lie around each overlap's cut.
 DIGITS = "1122334455667788990012" * 6  # 132 digits, 66 s

@@ -15,6 +15,8 @@ from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, run_client, task_ids_for_slots, wait_for
 from tests.support.client import connect, receive, send_file
 
+pytestmark = pytest.mark.integration
+
 DIGITS = "1122334455667788990012" * 8  # 88 s: equal digits straddle the segment boundaries
 
 

@@ -10,6 +10,8 @@ from capsd.textformat import (
     space_cjk_latin,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("spoken", "written"),
