@@ -36,7 +36,9 @@ def test_file_and_mic_clients_long_tasks_exact(start_capsd: Any) -> None:
     )
     assert_exact(frames["file-1"], DIGITS, starts)
     assert_exact(frames["mic-1"], DIGITS, starts)
-    assert len(frames["mic-1"]) >= 4  # partial results while the task runs
+    # partial results while the task runs: sent unpaced, its segments decode faster than the
+    # partial frames' rate (at most two a second: docs/design.md#long-tasks), so at least one
+    assert len(frames["mic-1"]) >= 2
 
 
 def test_interleaved_tasks_on_one_connection_keep_their_audio_apart(start_capsd: Any) -> None:
