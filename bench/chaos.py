@@ -1,26 +1,51 @@
 #!/usr/bin/env python3
-"""Chaos soak: CapsWriter clients against a real capsd while its workers are SIGKILLed.
+"""Chaos soak: CapsWriter clients against a real capsd while its workers are SIGKILLed and capsd is stopped.
 
 A real capsd (N workers, restart intensity too high to trip) serves C clients for M minutes.
 Each client loops over tasks on one connection: random digits as tones, 5-90 s, sent as
 CapsWriter's file client does (60 s frames, is_final on the last, seg 25/2 or 15/2) or as its
-mic client does (0.1 s frames at 1x, 2x, 10x real time or unpaced, seg 15/2, empty final frame).
-Every 2-8 s a killer SIGKILLs a random slot's worker (pid from status), at a random moment or
-a random part into a decode, and waits for the slot to come back. At the end it checks:
-- every task got exactly one final frame, and nothing after it (none within 120 s: a hang);
+mic client does (0.1 s frames at 1x, 2x, 10x real time or unpaced, seg 15/2, empty final frame);
+when capsd closes the connection at a stop, it connects again until the next capsd answers.
+Every 2-8 s one of the kinds of kill chosen with --kills (all by default):
+- random: a random slot's worker (pid from status) SIGKILLed at a random moment or a random part
+  into a decode;
+- send: an idle worker SIGSTOPped; once status shows its slot busy (a job on its way to a worker
+  that does not read: a segment is far more than a pipe holds, so capsd's send blocks) and, if it
+  comes within 3 s, more work queued behind, the worker is SIGKILLed (a stopped process dies).
+  Whether a thread of capsd was indeed blocked writing to a socket at that moment is shown
+  ("mid-send"; else the job was wholly "in the pipe"). If no job came in 10 s, or one was handed
+  over as the worker stopped, the worker is let go (SIGCONT): a miss, counted and shown;
+- stop: once a capsd has served 60-120 s, SIGTERM with tasks in progress, then a worker status
+  shows busy inside the grace period ([server] stop_timeout_s) SIGKILLed; capsd must exit 0
+  within stop_timeout_s + 10 s, its log without a critical line ("slot dispatcher failed"); then
+  a fresh capsd on the same config and port serves on. A stop kill is counted as landed if capsd
+  logged the worker's exit (so it came before the grace period ended), else as missed.
+After each random or send kill the soak waits for the slot to come back. At the end it checks:
+- every task a client opened (sent a frame of) got exactly one final frame, and nothing after it
+  (none within 120 s: a hang; none before capsd closed the connection at a stop: a task lost);
 - every task that did not fail is exact: tokens are the digits sent, timestamps within 0.1 s;
-- every failure is worker_crashed, and the failed tasks the clients saw are exactly the union of
-  `lost_tasks` in capsd's "worker exited" log lines and the tasks of its "task failed" lines;
-  one crash exit per kill, each kill grew the slot's restarts by one; status counts agree;
+- every failure is worker_crashed, or shutting_down when stops are on, and the failed tasks the
+  clients saw are exactly those of the "task failed" and "task refused" lines of every capsd's
+  log, the worker_crashed ones exactly the union of `lost_tasks` in the "worker exited" lines;
+  one crash exit (-9) per landed kill and no other, each random or send kill grew its slot's
+  restarts by one; the last capsd's status counts agree;
 - workers are stateless, so a kill fails at most the one task whose segment was in the worker:
   each kill's "worker exited" line (found by the killed pid) names at most one task, and the failed
   tasks are as many as the kills that hit a segment. A kill of a worker status showed idle just
   before may still hit one: a job can be handed over between the status read and the kill (or
   the end-of-file that tells capsd). Such kills are counted and shown, not failed;
-- the supervisor's RSS grew by at most max(10 MiB, 10 %) from the warm-up (first minute) to the
-  end, its open files and threads by at most 10; capsd exits 0 on SIGTERM.
-Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode:
-`python bench/chaos.py --minutes 10 --heavy`.
+- each kind of kill asked for landed at least once (else the soak proved nothing about it);
+- each capsd's supervisor RSS grew by at most max(10 MiB, 10 %) from its warm-up (the soak's first
+  minute, or half of it) to its stop, its open files and threads by at most 10; every capsd exited
+  0 on SIGTERM. With stops, a capsd serves 1-2 minutes: `--kills random,send` checks one long run.
+Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode
+and stops find busy workers: `python bench/chaos.py --minutes 10 --heavy`.
+
+--retry runs capsd with `[workers] retry_lost_jobs = 1`: a job whose worker died runs once more
+on a slot, so no kill may fail a task any more: every task exact, except shutting_down at a stop
+(a job lost in the grace period is retried but may not finish in it) and a task whose job two of
+the soak's kills hit in turn (a poison job by the rules: its task fails worker_crashed, logged
+as a poison job); the "worker exited" lines still name the task of each lost job.
 
 --pool changes the pool instead of killing workers (docs/design.md#changing-the-pool): every
 3-10 s `capsctl scale` to 1-3 slots, `capsctl restart-worker all`, or a model flip by SIGHUP
@@ -34,8 +59,10 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import contextlib
 import json
 import os
+import platform
 import random
 import re
 import signal
@@ -44,14 +71,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import psutil
 import websockets
-from common import conclude, machine
+from common import MIC_FRAME_S, conclude, machine
 
+from capsd.ctl import CtlError
 from capsd.protocol import clip
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
@@ -61,11 +90,21 @@ from tests.support.daemon import Capsd
 
 TASK_TIMEOUT_S = 120  # from the task's last frame sent to its final frame
 GRACE_S = 3  # after a client's last task, so a late duplicate final frame is still seen
-MIC_FRAME_S = 0.1
+RECONNECT_S = 0.2  # while capsd stops and the next one starts
+POLL_S = 0.02  # status, while waiting for a slot's state
 KILL_EVERY_S = (2, 8)
+STOP_EVERY_S = (60, 120)  # a capsd's life, from its start to the soak's SIGTERM
+STOP_TIMEOUT_S = 20  # [server] stop_timeout_s (capsd's default, written out: the bound depends on it)
+STOP_SLACK_S = 10  # a stop takes at most stop_timeout_s plus this
+SEND_WAIT_S = 10  # a stopped idle worker waits this long for a job, then is let go
+QUEUED_WAIT_S = 3  # ... and this long for more work queued behind it
 CHANGE_EVERY_S = (3, 10)
 RSS_BOUND = (10 * 2**20, 0.10)
 HANDLES_BOUND = 10  # open files, threads
+KINDS = ("random", "send", "stop")
+WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}.get(platform.machine())  # write(2), as /proc/*/syscall shows it
+
+Usage = tuple[int, int, int]  # RSS, open files, threads
 
 
 @dataclass
@@ -73,13 +112,31 @@ class Expected:
     source: str
     digits: str
     starts: list[float]
+    life: int  # the capsd it was sent to
+    frames_sent: int = 0
 
 
 @dataclass(frozen=True)
 class Kill:
+    kind: str  # random, send, stop
+    life: int
     slot: int
     pid: int
     state: str  # the slot's state in status just before the kill: idle, busy
+    note: str = ""  # send: mid-send or in the pipe, and whether work was queued behind
+
+
+@dataclass
+class Life:
+    """One capsd process: a stop ends it, and the next starts on the same config and port."""
+
+    capsd: Capsd
+    started: float = field(default_factory=time.monotonic)
+    warm: Usage | None = None  # after the warm-up
+    end: Usage | None = None  # just before its stop
+    slots: list[dict[str, Any]] = field(default_factory=list)  # status just before its stop
+    exitcode: int | None = None
+    stop_s: float = 0.0  # from SIGTERM to its exit
 
 
 class WorkerExit(NamedTuple):
@@ -91,80 +148,231 @@ class WorkerExit(NamedTuple):
     lost: list[str]  # the task whose segment was in the worker, clipped as logs clip it
 
 
+class Log(NamedTuple):
+    """What the soak reads in one capsd's log."""
+
+    exits: list[WorkerExit]
+    failed: set[str]  # tasks of "task failed" and "task refused" lines
+    poison: set[str]  # tasks of "poison job" lines (--retry)
+    critical: list[str]  # critical lines, "slot dispatcher failed" among them
+
+
 @dataclass
 class Run:
+    start_capsd: Callable[[], Capsd]
+    warm_s: float
+    kinds: list[str]  # of kill asked for
+    lives: list[Life] = field(default_factory=list)
+    stopping: bool = False  # from the soak's SIGTERM until the next capsd is ready
     tasks: dict[str, Expected] = field(default_factory=dict)
     frames: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)
     finals: dict[str, asyncio.Event] = field(default_factory=dict)
     kills: list[Kill] = field(default_factory=list)
+    missed: Counter[str] = field(default_factory=Counter)  # "kind: why" of kills whose window was missed
     changes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def capsd(self) -> Capsd:
+        return self.lives[-1].capsd
+
+
+class Counting:
+    """A client connection that counts the frames sent on it (send_file and send_mic take any)."""
+
+    def __init__(self, ws: Any, expected: Expected) -> None:
+        self.ws, self.expected = ws, expected
+
+    async def send(self, message: str) -> None:
+        await self.ws.send(message)
+        self.expected.frames_sent += 1
+
 
 async def read(ws: Any, run: Run) -> None:
-    try:
+    with contextlib.suppress(websockets.ConnectionClosed):
         async for raw in ws:
             message = json.loads(raw)
             run.frames.setdefault(message["task_id"], []).append(message)
             if message["is_final"] and message["task_id"] in run.finals:
                 run.finals[message["task_id"]].set()
-    except websockets.ConnectionClosed as e:
-        run.problems.append(f"connection closed by capsd: {e}")
+    if not (run.stopping and ws.close_code == 1001):
+        run.problems.append(f"connection closed by capsd, not at a stop: {ws.close_code} {ws.close_reason}")
 
 
-async def client(n: int, url: str, rng: random.Random, deadline: float, run: Run) -> None:
-    async with connect(url) as ws:
-        reader = asyncio.create_task(read(ws, run))
-        for k in range(10**6):
-            if time.monotonic() >= deadline:
-                break
-            task_id, seconds = f"c{n}-{k}", rng.uniform(5, 90)
-            digits = "".join(rng.choices("0123456789", k=int((seconds - 0.2) / 0.5)))
-            samples, starts = synth(digits)
-            source = rng.choice(["file", "mic"])
-            run.tasks[task_id] = Expected(source, digits, starts)
-            final = run.finals[task_id] = asyncio.Event()
-            if source == "file":
-                await send_file(ws, task_id, samples, seg=rng.choice([(25, 2), (15, 2)]))
-            else:
-                pace = rng.choice([1, 0.5, 0.1, 0]) * MIC_FRAME_S
-                await send_mic(ws, task_id, samples, frame_s=MIC_FRAME_S, seg=(15, 2), pace=pace)
-            try:
-                await asyncio.wait_for(final.wait(), TASK_TIMEOUT_S)
-            except asyncio.TimeoutError:  # TimeoutError only from Python 3.11
-                pass  # judged at the end: no final frame
-        await asyncio.sleep(GRACE_S)
-        reader.cancel()
+async def client(n: int, rng: random.Random, deadline: float, run: Run) -> None:
+    """Tasks one after another on one connection; after a stop, on a new one to the next capsd."""
+    k = 0
+    while time.monotonic() < deadline:
+        try:
+            async with connect(run.capsd.url) as ws:
+                life, reader = len(run.lives) - 1, asyncio.create_task(read(ws, run))
+                while time.monotonic() < deadline and not reader.done():
+                    k += 1
+                    await one_task(ws, f"c{n}-{k}", life, reader, rng, run)
+                if not reader.done():
+                    await asyncio.sleep(GRACE_S)
+                    reader.cancel()
+        except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosed):
+            await asyncio.sleep(RECONNECT_S)  # capsd stopping, or the next one starting
 
 
-async def killer(capsd: Capsd, workers: int, rng: random.Random, deadline: float, run: Run) -> None:
+async def one_task(ws: Any, task_id: str, life: int, reader: asyncio.Task[None], rng: random.Random, run: Run) -> None:
+    seconds = rng.uniform(5, 90)
+    digits = "".join(rng.choices("0123456789", k=int((seconds - 0.2) / 0.5)))
+    samples, starts = synth(digits)
+    source = rng.choice(["file", "mic"])
+    expected = run.tasks[task_id] = Expected(source, digits, starts, life)
+    final = run.finals[task_id] = asyncio.Event()
+    sender = Counting(ws, expected)
+    try:
+        if source == "file":
+            await send_file(sender, task_id, samples, seg=rng.choice([(25, 2), (15, 2)]))
+        else:
+            pace = rng.choice([1, 0.5, 0.1, 0]) * MIC_FRAME_S
+            await send_mic(sender, task_id, samples, frame_s=MIC_FRAME_S, seg=(15, 2), pace=pace)
+    finally:
+        if not expected.frames_sent:  # closed before its first frame: never opened
+            del run.tasks[task_id]
+    waiting = asyncio.create_task(final.wait())
+    await asyncio.wait({waiting, reader}, timeout=TASK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()  # no final frame in time, or the connection closed without it: judged at the end
+
+
+async def poll(capsd: Capsd, condition: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
+    """capsd's status once `condition` holds, or None after `timeout` or when capsd no longer answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = await asyncio.to_thread(capsd.status)
+        except (OSError, CtlError):
+            return None
+        if condition(status):
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(POLL_S)
+
+
+def state_is(slot: int, state: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda status: status["slots"][slot]["state"] == state
+
+
+async def slot_back(capsd: Capsd, kill: Kill, before: dict[str, Any], run: Run) -> None:
+    """The slot comes back after a kill: a new pid, ready, one more restart."""
+    for _ in range(600):
+        after = (await asyncio.to_thread(capsd.status))["slots"][kill.slot]
+        if after["pid"] != before["pid"] and after["state"] in ("ready", "busy"):
+            break
+        await asyncio.sleep(0.1)
+    if after["restarts"] != before["restarts"] + 1 or after["pid"] == before["pid"]:
+        run.problems.append(
+            f"{kill.kind} kill {len(run.kills)} of slot {kill.slot}: restarts {before['restarts']} -> "
+            f"{after['restarts']}, pid {before['pid']} -> {after['pid']} ({after['state']})"
+        )
+
+
+async def kill_random(life: int, slot: int, rng: random.Random, run: Run) -> None:
+    """At a random moment, or a random part into a decode."""
+    capsd = run.capsd
+    busy = await poll(capsd, state_is(slot, "busy"), 5) if rng.random() < 0.5 else None
+    if busy:
+        await asyncio.sleep(rng.uniform(0, 1.0))
+    before = (busy or await asyncio.to_thread(capsd.status))["slots"][slot]
+    os.kill(before["pid"], signal.SIGKILL)
+    kill = Kill("random", life, slot, before["pid"], "idle" if before["state"] == "ready" else before["state"])
+    run.kills.append(kill)
+    await slot_back(capsd, kill, before, run)
+
+
+async def kill_during_send(life: int, slot: int, rng: random.Random, run: Run) -> None:
+    """An idle worker SIGSTOPped, then SIGKILLed while capsd sends it a job."""
+    capsd = run.capsd
+    idle = await poll(capsd, state_is(slot, "ready"), SEND_WAIT_S)
+    if idle is None:
+        run.missed["send: the slot was never idle"] += 1
+        return
+    before = idle["slots"][slot]
+    os.kill(before["pid"], signal.SIGSTOP)
+    # Read after the SIGSTOP: still idle, so any job from now on goes to a worker that cannot read.
+    stopped = await poll(capsd, lambda status: True, 0)
+    if not stopped or stopped["slots"][slot]["pid"] != before["pid"] or stopped["slots"][slot]["state"] != "ready":
+        os.kill(before["pid"], signal.SIGCONT)
+        run.missed["send: a job was handed over as the worker stopped"] += 1
+        return
+    if await poll(capsd, state_is(slot, "busy"), SEND_WAIT_S) is None:
+        os.kill(before["pid"], signal.SIGCONT)
+        run.missed[f"send: no job came in {SEND_WAIT_S} s"] += 1
+        return
+    queued = await poll(capsd, lambda status: any(s["queue_depth"] for s in status["slots"]), QUEUED_WAIT_S)
+    note = ("mid-send" if blocked_send(capsd.proc.pid) else "in the pipe") + (", queued behind" if queued else "")
+    os.kill(before["pid"], signal.SIGKILL)
+    kill = Kill("send", life, slot, before["pid"], "busy", note)
+    run.kills.append(kill)
+    await slot_back(capsd, kill, before, run)
+
+
+def blocked_send(pid: int) -> bool:
+    """Whether a thread of process `pid` other than its main thread is in write(2) on a socket:
+    capsd's sender thread in the middle of a job for a worker that does not read."""
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            call = (thread / "syscall").read_text().split()
+            if thread.name != str(pid) and call[0] == str(WRITE_SYSCALL):
+                if os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}").startswith("socket:"):
+                    return True
+    return False
+
+
+async def stop_and_start(rng: random.Random, run: Run) -> None:
+    """SIGTERM with tasks in progress, a busy worker SIGKILLed in the grace period, the exit
+    waited for; then a fresh capsd on the same config and port."""
+    life = run.lives[-1]
+    capsd = life.capsd
+    busy = await poll(capsd, lambda status: any(s["state"] == "busy" for s in status["slots"]), 10)
+    life.slots = (busy or await asyncio.to_thread(capsd.status))["slots"]
+    life.end = usage(capsd.proc.pid)
+    run.stopping = True
+    sent = time.monotonic()
+    capsd.proc.send_signal(signal.SIGTERM)
+    stopping = await poll(
+        capsd, lambda status: status["state"] == "stopping" and any(s["state"] == "busy" for s in status["slots"]),
+        STOP_TIMEOUT_S,
+    )  # fmt: skip
+    if stopping:
+        target = rng.choice([s for s in stopping["slots"] if s["state"] == "busy"])
+        await asyncio.sleep(rng.uniform(0, 0.5))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target["pid"], signal.SIGKILL)
+        run.kills.append(Kill("stop", len(run.lives) - 1, target["slot"], target["pid"], "busy"))
+    else:
+        run.missed["stop: no worker busy in the grace period"] += 1
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        life.exitcode = await asyncio.to_thread(
+            capsd.proc.wait, STOP_TIMEOUT_S + STOP_SLACK_S + sent - time.monotonic()
+        )
+    life.stop_s = time.monotonic() - sent
+    capsd.stop()  # its log closed; killed if it has not exited
+    run.lives.append(Life(await asyncio.to_thread(run.start_capsd)))
+    run.stopping = False
+
+
+async def chaos(kinds: list[str], workers: int, rng: random.Random, deadline: float, run: Run) -> None:
+    """Every 2-8 s a kill of one of `kinds`; a stop once the capsd has served 60-120 s."""
+    kills = [kind for kind in kinds if kind != "stop"]
+    next_stop = time.monotonic() + rng.uniform(*STOP_EVERY_S)
     while time.monotonic() + KILL_EVERY_S[1] < deadline:
         await asyncio.sleep(rng.uniform(*KILL_EVERY_S))
-        slot = rng.randrange(workers)
-        before = (await asyncio.to_thread(capsd.status))["slots"][slot]
-        if rng.random() < 0.5:  # mid-decode: wait for busy, then a random part of a decode
-            for _ in range(100):
-                before = (await asyncio.to_thread(capsd.status))["slots"][slot]
-                if before["state"] == "busy":
-                    await asyncio.sleep(rng.uniform(0, 1.0))
-                    break
-                await asyncio.sleep(0.05)
-        os.kill(before["pid"], signal.SIGKILL)
-        run.kills.append(Kill(slot, before["pid"], "idle" if before["state"] == "ready" else before["state"]))
-        for _ in range(600):  # the slot comes back: a new pid, ready, one more restart
-            after = (await asyncio.to_thread(capsd.status))["slots"][slot]
-            if after["pid"] != before["pid"] and after["state"] in ("ready", "busy"):
-                break
-            await asyncio.sleep(0.1)
-        if after["restarts"] != before["restarts"] + 1 or after["pid"] == before["pid"]:
-            run.problems.append(
-                f"kill {len(run.kills)} of slot {slot}: restarts {before['restarts']} -> "
-                f"{after['restarts']}, pid {before['pid']} -> {after['pid']} ({after['state']})"
-            )
+        if "stop" in kinds and time.monotonic() >= next_stop:
+            await stop_and_start(rng, run)
+            next_stop = time.monotonic() + rng.uniform(*STOP_EVERY_S)
+        elif kills:
+            kill = kill_random if rng.choice(kills) == "random" else kill_during_send
+            await kill(len(run.lives) - 1, rng.randrange(workers), rng, run)
 
 
-async def changer(capsd: Capsd, heavy: Path, rng: random.Random, deadline: float, run: Run) -> None:
+async def changer(heavy: Path, rng: random.Random, deadline: float, run: Run) -> None:
     """--pool: a change of the pool every 3-10 s, each waited for before the next."""
+    capsd = run.capsd
     config, flips = capsd.config_path.read_text(), 0
     while time.monotonic() + CHANGE_EVERY_S[1] + 30 < deadline:
         await asyncio.sleep(rng.uniform(*CHANGE_EVERY_S))
@@ -190,6 +398,15 @@ async def changer(capsd: Capsd, heavy: Path, rng: random.Random, deadline: float
         run.changes.append(" ".join(args))
 
 
+async def warm_up(deadline: float, run: Run) -> None:
+    """Each capsd's usage once it has served warm_s: where its growth is measured from."""
+    while time.monotonic() < deadline:
+        life = run.lives[-1]
+        if life.warm is None and not run.stopping and time.monotonic() - life.started >= run.warm_s:
+            life.warm = usage(life.capsd.proc.pid)
+        await asyncio.sleep(1)
+
+
 def tasks_done(capsd: Capsd) -> int:
     """capsd_tasks_total{outcome="done"}: counted in the registry, not in the slots that go."""
     lines = http_get(capsd.port, "/metrics")[1].splitlines()
@@ -197,56 +414,154 @@ def tasks_done(capsd: Capsd) -> int:
                if line.startswith("capsd_tasks_total{") and 'outcome="done"' in line)  # fmt: skip
 
 
-def usage(pid: int) -> tuple[int, int, int]:
-    """RSS, open files and threads of a process."""
+def usage(pid: int) -> Usage:
     process = psutil.Process(pid)
     return process.memory_info().rss, process.num_fds(), process.num_threads()
 
 
-async def usage_at(pid: int, at: float) -> tuple[int, int, int]:
-    await asyncio.sleep(max(0.0, at - time.monotonic()))
-    return usage(pid)
-
-
-def judge_tasks(run: Run) -> tuple[dict[str, str], int]:
-    """The failed tasks the clients saw (id -> code), and how many tasks were exact; records problems."""
-    failed, exact = {}, 0
+def judge_tasks(run: Run) -> tuple[dict[str, str], set[str]]:
+    """The failed tasks the clients saw (id -> code), and the exact ones; records problems."""
+    failed, exact = {}, set()
     for task_id, want in run.tasks.items():
         frames = run.frames.get(task_id, [])
         finals = [i for i, f in enumerate(frames) if f["is_final"]]
         if not finals:
-            run.problems.append(f"{task_id}: no final frame ({want.source}, {len(want.digits)} digits)")
+            run.problems.append(
+                f"{task_id}: no final frame ({want.source}, {len(want.digits)} digits, capsd {want.life})"
+            )
             continue
         if len(finals) > 1 or finals[0] != len(frames) - 1:
             run.problems.append(f"{task_id}: {len(finals)} final frames, {len(frames) - 1 - finals[0]} after the first")
         final = frames[finals[0]]
         if "error" in final:
             failed[task_id] = final["error"]["code"]
-            if failed[task_id] != "worker_crashed":
-                run.problems.append(f"{task_id}: failed with {final['error']}")
         elif token_digits(final["tokens"]) != want.digits:
             run.problems.append(f"{task_id}: got {token_digits(final['tokens'])!r}, sent {want.digits!r}")
         elif max((abs(a - b) for a, b in zip(final["timestamps"], want.starts)), default=0) >= 0.1:
             run.problems.append(f"{task_id}: timestamps off by >= 0.1 s")
         else:
-            exact += 1
+            exact.add(task_id)
     if stray := set(run.frames) - set(run.tasks):
         run.problems.append(f"frames for tasks never sent: {sorted(map(str, stray))}")
     return failed, exact
 
 
-def parse_logs(text: str) -> tuple[list[WorkerExit], set[str]]:
-    """capsd's console log: every "worker exited" line, and every "task failed" task."""
-    exits, failed = [], set()
+def parse_log(text: str) -> Log:
+    """capsd's console log: worker exits, failed, refused and poisoned tasks, critical lines."""
+    exits, failed, poison, critical = [], set(), set(), []
     for line in text.splitlines():
+        task = m.group(1).strip("'") if (m := re.search(r"\btask=('[^']*'|\S+)", line)) else None
         if "] worker exited " in line:
             fields = dict(re.findall(r"\b(reason|exitcode|pid)=(\S+)", line))
             lost = ast.literal_eval(m.group(1)) if (m := re.search(r"lost_tasks=(\[[^\]]*\])", line)) else []
             pid = int(fields["pid"]) if fields.get("pid", "").isdigit() else None
             exits.append(WorkerExit(pid, fields.get("reason", "?"), fields.get("exitcode", "?"), lost))
-        elif "] task failed " in line and (m := re.search(r"\btask=('[^']*'|\S+)", line)):
-            failed.add(m.group(1).strip("'"))  # the renderer quotes a value only if it has spaces
-    return exits, failed
+        elif ("] task failed " in line or "] task refused " in line) and task:
+            failed.add(task)  # the renderer quotes a value only if it has spaces
+        elif "] poison job" in line and task:
+            poison.add(task)
+        if "[critical" in line or "slot dispatcher failed" in line:
+            critical.append(line)
+    return Log(exits, failed, poison, critical)
+
+
+def judge_lives(run: Run, logs: list[Log]) -> dict[str, bool]:
+    """Each capsd: its exit, its stop's time, its log's critical lines, its growth."""
+    checks = {}
+    for n, (life, log) in enumerate(zip(run.lives, logs)):
+        checks[f"capsd {n} exited {life.exitcode} on SIGTERM after {life.stop_s:.1f} s"] = (
+            life.exitcode == 0 and life.stop_s <= STOP_TIMEOUT_S + STOP_SLACK_S
+        )
+        checks[f"capsd {n} logged critical lines: {log.critical}"] = not log.critical
+        if life.warm and life.end:
+            (rss0, fds0, threads0), (rss1, fds1, threads1) = life.warm, life.end
+            checks[f"capsd {n}: supervisor RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB"] = rss1 - rss0 <= max(
+                RSS_BOUND[0], RSS_BOUND[1] * rss0
+            )
+            checks[f"capsd {n}: supervisor open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"] = (
+                fds1 - fds0 <= HANDLES_BOUND and threads1 - threads0 <= HANDLES_BOUND
+            )
+    return checks
+
+
+def report_lives(run: Run) -> None:
+    measured = [life for life in run.lives if life.warm and life.end]
+    growth = ", ".join(f"{life.warm[0] / 2**20:.1f} -> {life.end[0] / 2**20:.1f}" for life in measured)  # type: ignore[index]
+    print(f"supervisor RSS in MiB after warm-up -> at its stop, per capsd that served {run.warm_s:.0f} s: {growth}")
+    handles = ", ".join(f"{life.warm[1]} -> {life.end[1]}, {life.warm[2]} -> {life.end[2]}" for life in measured)  # type: ignore[index]
+    print(f"  open files, threads: {handles}")
+    stops = [life.stop_s for life in run.lives]
+    print(
+        f"capsd processes: {len(run.lives)}, exit codes {[life.exitcode for life in run.lives]}, from SIGTERM to exit"
+        f" {min(stops):.1f}-{max(stops):.1f} s (bound {STOP_TIMEOUT_S + STOP_SLACK_S} s)"
+    )
+
+
+def judge_kills(run: Run, logs: list[Log], failed: dict[str, str], exact: set[str], retry: bool) -> None:
+    """The kill checks (see the module's docstring), and their figures printed."""
+    exit_of = {(n, e.pid): e for n, log in enumerate(logs) for e in log.exits}
+    exits = list(exit_of.values())
+    landed = {k: exit_of[k.life, k.pid] for k in run.kills if (k.life, k.pid) in exit_of}
+    if ended := sum(k.kind == "stop" and k not in landed for k in run.kills):
+        run.missed["stop: the grace period had ended"] += ended
+    lost = Counter(t for e in exits for t in e.lost)
+    restarted = [k for k in run.kills if k.kind != "stop"]
+    restarts = sum(s["restarts"] for life in run.lives for s in life.slots)
+    crashed = {clip(t) for t, code in failed.items() if code == "worker_crashed"}
+    logged_failed = set().union(*(log.failed for log in logs))
+    codes = {"worker_crashed", "shutting_down"} if len(run.lives) > 1 else {"worker_crashed"}
+    in_last = {t for t, want in run.tasks.items() if want.life == len(run.lives) - 1}
+    done, tasks_failed = (sum(s[k] for s in run.lives[-1].slots) for k in ("tasks_done", "tasks_failed"))
+    checks = {
+        f"failures other than {sorted(codes)}: {[(t, c) for t, c in failed.items() if c not in codes]}":
+            set(failed.values()) <= codes,
+        f"failed tasks: clients {sorted(failed)}, logs failed or refused {sorted(logged_failed)}":
+            {clip(t) for t in failed} == logged_failed,
+        f"{len(restarted)} random and send kills, {restarts} restarts": len(restarted) == restarts,
+        f"random and send kills without a worker exited line for their pid: {[k for k in restarted if k not in landed]}":
+            all(k in landed for k in restarted),
+        f"worker exits not of a kill, or not a SIGKILL: {[e for e in exits if e not in landed.values() or e.exitcode != '-9']}":
+            len(exits) == len(landed) and all((e.reason, e.exitcode) == ("crashed", "-9") for e in exits),
+        f"worker exits that lost more than one task: {[e for e in exits if len(e.lost) > 1]}":
+            all(len(e.lost) <= 1 for e in exits),
+        f"status counts of the last capsd {done} done, {tasks_failed} failed":
+            (done, tasks_failed) == (len(in_last & exact), len(in_last & set(failed))),
+        **{f"{kind} kills asked for, none landed": any(k.kind == kind for k in landed) for kind in run.kinds},
+    }  # fmt: skip
+    if retry:
+        twice = {t for t, n in lost.items() if n >= 2}
+        poisoned = set().union(*(log.poison for log in logs))
+        checks |= {
+            f"failed by kills despite retry_lost_jobs: {sorted(crashed - twice)}": crashed <= twice,
+            f"failed as poison jobs, not logged as such: {sorted(crashed - poisoned)}": crashed <= poisoned,
+        }
+    else:
+        hits = [e for e in landed.values() if e.lost]
+        checks |= {
+            f"worker_crashed tasks: clients {sorted(crashed)}, logs lost {sorted(lost)}": crashed == set(lost),
+            f"{len(crashed)} worker_crashed tasks, {len(hits)} kills that hit a segment": len(crashed) == len(hits),
+        }
+    run.problems += [problem for problem, ok in checks.items() if not ok]
+
+    kinds = Counter(k.kind for k in landed)
+    print(
+        f"kills landed: {len(landed)}: random {kinds['random']} {dict(Counter(k.state for k in landed if k.kind == 'random'))},"
+        f" send {kinds['send']} {dict(Counter(k.note for k in landed if k.kind == 'send'))}, stop {kinds['stop']};"
+        f" restarts {restarts}, worker exits logged {len(exits)}"
+    )
+    print(f"kills missed: {sum(run.missed.values())} {dict(run.missed)}")
+    exact_clipped = {clip(t) for t in exact}
+    for kind in KINDS:
+        hit = [t for k, e in landed.items() if k.kind == kind for t in e.lost]
+        ends = Counter("exact" if t in exact_clipped else failed.get(t, "?") for t in hit)
+        if kinds[kind]:
+            print(f"  {kind}: {len(hit)} of {kinds[kind]} hit a segment; those tasks ended {dict(ends)}")
+    if idle_lost := [
+        f"slot {k.slot} pid {k.pid} lost {e.lost}" for k, e in landed.items() if k.state == "idle" and e.lost
+    ]:
+        print(f"  idle in status just before the kill, a job handed over meanwhile: {idle_lost}")
+    if retry:
+        print(f"  tasks whose job two kills hit in turn (poison jobs): {sorted(t for t, n in lost.items() if n >= 2)}")
 
 
 def main() -> int:
@@ -256,12 +571,18 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="concurrent client connections (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for tasks and kills (default 0)")
     parser.add_argument("--heavy", action="store_true", help="the CPU-heavy self-test model (kills land mid-decode)")
+    parser.add_argument(
+        "--kills", type=kinds, default=list(KINDS), help="kinds of kill: random,send,stop (default all)"
+    )
+    parser.add_argument("--retry", action="store_true", help="[workers] retry_lost_jobs = 1: no kill may fail a task")
     parser.add_argument("--pool", action="store_true", help="change the pool (scale, roll, model) instead of killing")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="capsd-chaos-"))
+    workers = {"count": args.workers, "restart_intensity": 1000, "restart_period_s": 60}
     config: dict[str, dict[str, Any]] = {
-        "workers": {"count": args.workers, "restart_intensity": 1000, "restart_period_s": 60},
+        "server": {"stop_timeout_s": STOP_TIMEOUT_S},
+        "workers": {**workers, **({"retry_lost_jobs": 1} if args.retry else {})},
         "log": {"format": "console"},
     }
     if args.heavy or args.pool:
@@ -269,99 +590,81 @@ def main() -> int:
     if args.heavy and not args.pool:  # --pool starts on the self-test model and flips
         config["model"] = {"dir": str(tmp / "heavy")}
     print(f"machine: {machine()}")
-    capsd, run = Capsd(tmp, config), Run()
+
+    def start_capsd() -> Capsd:
+        """The next capsd: the same config and port (the first one's), a directory and log of its own."""
+        directory = tmp / f"capsd-{len(run.lives)}"
+        directory.mkdir()
+        if not run.lives:
+            return Capsd(directory, config)
+        first = run.lives[0].capsd
+        capsd = Capsd(directory, {**config, "server": {**config["server"], "port": first.port}})
+        capsd.port, capsd.url = first.port, first.url  # where it listens, not the free port Capsd picked
+        return capsd
+
+    run = Run(start_capsd, min(60, args.minutes * 30), [] if args.pool else args.kills)
+    run.lives.append(Life(start_capsd()))
     started = time.monotonic()
     deadline = started + args.minutes * 60
 
-    async def soak() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        warm = asyncio.create_task(usage_at(capsd.proc.pid, started + min(60, args.minutes * 30)))
-        chaos = random.Random(f"{args.seed}-killer")
-        disorder = changer(capsd, tmp / "heavy", chaos, deadline, run) if args.pool else None
+    async def soak() -> None:
+        rng = random.Random(f"{args.seed}-killer")
+        disorder = changer(tmp / "heavy", rng, deadline, run) if args.pool else None
         await asyncio.gather(
-            disorder or killer(capsd, args.workers, chaos, deadline, run),
-            *(client(n, capsd.url, random.Random(f"{args.seed}-{n}"), deadline, run) for n in range(args.clients)),
+            disorder or chaos(args.kills, args.workers, rng, deadline, run),
+            warm_up(deadline, run),
+            *(client(n, random.Random(f"{args.seed}-{n}"), deadline, run) for n in range(args.clients)),
         )
-        return await warm, usage(capsd.proc.pid)
 
     try:
-        (rss0, fds0, threads0), (rss1, fds1, threads1) = asyncio.run(soak())
+        asyncio.run(soak())
         duration = time.monotonic() - started
-        slots = capsd.status()["slots"]
-        done_total = tasks_done(capsd)
+        last = run.lives[-1]
+        last.slots, last.end = last.capsd.status()["slots"], usage(last.capsd.proc.pid)
+        done_total = tasks_done(last.capsd)
     finally:
-        exitcode = capsd.stop()
+        sent = time.monotonic()
+        run.lives[-1].exitcode = run.capsd.stop()
+        run.lives[-1].stop_s = time.monotonic() - sent
 
     failed, exact = judge_tasks(run)
-    exits, logged_failed = parse_logs(capsd.logs())
-    failed_clipped = {clip(task_id) for task_id in failed}  # as the logs name them
-    lost = {t for e in exits for t in e.lost}
-    exit_of = {e.pid: e for e in exits}
-    per_kill = [(kill, exit_of.get(kill.pid)) for kill in run.kills]
-    idle = [(k, e) for k, e in per_kill if k.state == "idle"]
-    busy = [(k, e) for k, e in per_kill if k.state != "idle"]
-    hits = [e for _, e in per_kill if e and e.lost]
-    idle_lost = [f"slot {k.slot} pid {k.pid} lost {e.lost}" for k, e in idle if e and e.lost]
-    unlogged = [f"slot {k.slot} pid {k.pid}" for k in run.kills if k.pid not in exit_of]
-    restarts, done, tasks_failed = (sum(s[k] for s in slots) for k in ("restarts", "tasks_done", "tasks_failed"))
-    pool_checks = {
-        f"failed tasks: {failed}": not failed,
-        f"worker exits not asked for: {[e for e in exits if e.reason != 'requested']}":
-            all(e.reason == "requested" for e in exits),
-        f"capsd_tasks_total done {done_total}, exact {exact}": done_total == exact,
-    }  # fmt: skip
-    kill_checks = {
-        f"failed tasks: clients {sorted(failed)}, logs lost {sorted(lost)}, logs failed {sorted(logged_failed)}":
-            failed_clipped == lost == logged_failed,
-        f"{len(run.kills)} kills, {restarts} restarts, worker exits logged {exits}":
-            len(exits) == restarts == len(run.kills) and all((e.reason, e.exitcode) == ("crashed", "-9") for e in exits),
-        f"kills without a worker exited line for their pid: {unlogged}": not unlogged,
-        f"worker exits that lost more than one task: {[e for e in exits if len(e.lost) > 1]}":
-            all(len(e.lost) <= 1 for e in exits),
-        f"{len(failed)} failed tasks, {len(hits)} kills that hit a segment": len(failed) == len(hits),
-        f"status counts {done} done, {tasks_failed} failed": (done, tasks_failed) == (exact, len(failed)),
-    }  # fmt: skip
-    checks = {
-        **(pool_checks if args.pool else kill_checks),
-        f"supervisor RSS grew by {(rss1 - rss0) / 2**20:.1f} MiB": rss1 - rss0 <= max(RSS_BOUND[0], RSS_BOUND[1] * rss0),
-        f"supervisor open files {fds0} -> {fds1}, threads {threads0} -> {threads1}":
-            fds1 - fds0 <= HANDLES_BOUND and threads1 - threads0 <= HANDLES_BOUND,
-        f"capsd exited {exitcode} on SIGTERM": exitcode == 0,
-    }  # fmt: skip
-    run.problems += [problem for problem, ok in checks.items() if not ok]
-
+    logs = [parse_log(life.capsd.logs()) for life in run.lives]
+    run.problems += [problem for problem, ok in judge_lives(run, logs).items() if not ok]
     sources = Counter(t.source for t in run.tasks.values())
     model = "self-test and heavy models in turn" if args.pool else f"{'heavy' if args.heavy else 'self-test'} model"
+    mode = "--pool" if args.pool else f"kills {','.join(args.kills)}{', --retry' if args.retry else ''}"
     print(
         f"chaos: {args.minutes:g} min, {args.workers} workers, {args.clients} clients, seed {args.seed},"
-        f" {model}, {duration:.0f} s in all"
+        f" {model}, {mode}, {duration:.0f} s in all"
     )
+    lost = {t for log in logs for e in log.exits for t in e.lost}
     print(
-        f"tasks: {len(run.tasks)} ({dict(sources)}), exact {exact}, failed {len(failed)}"
+        f"tasks: {len(run.tasks)} ({dict(sources)}), exact {len(exact)}, failed {len(failed)}"
         f" {dict(Counter(failed.values()))}, lost in killed workers per the logs {len(lost)}"
     )
-    print(
-        f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end"
-        f" ({(rss1 - rss0) / 2**20:+.1f} MiB); open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
-    )
+    report_lives(run)
     if args.pool:
+        exits = logs[0].exits
+        checks = {
+            f"failed tasks: {failed}": not failed,
+            f"worker exits not asked for: {[e for e in exits if e.reason != 'requested']}":
+                all(e.reason == "requested" for e in exits),
+            f"capsd_tasks_total done {done_total}, exact {len(exact)}": done_total == len(exact),
+        }  # fmt: skip
+        run.problems += [problem for problem, ok in checks.items() if not ok]
         print(f"pool changes: {len(run.changes)} {dict(Counter(run.changes))}; worker exits logged {len(exits)},"
-              f" all requested; slots at the end {len(slots)}")  # fmt: skip
-        return conclude("chaos --pool", run.problems, capsd.log_path, tmp)
-    print(
-        f"kills: {len(run.kills)} {dict(Counter(k.state for k in run.kills))}, restarts {restarts},"
-        f" worker exits logged {len(exits)}"
-    )
-    idle_failed, busy_failed = (
-        len({t for _, e in kills if e for t in e.lost} & failed_clipped) for kills in (idle, busy)
-    )
-    print(
-        f"tasks failed per kill: idle worker {idle_failed} in {len(idle)} kills ({idle_failed / max(1, len(idle)):.2f}"
-        f" per kill); mid-decode {busy_failed} in {len(busy)} kills ({busy_failed / max(1, len(busy)):.2f} per kill),"
-        f" {len(hits)} kills hit a segment"
-    )
-    if idle_lost:
-        print(f"  idle in status just before the kill, a job handed over meanwhile: {idle_lost}")
-    return conclude("chaos", run.problems, capsd.log_path, tmp)
+              f" all requested; slots at the end {len(last.slots)}")  # fmt: skip
+        return conclude("chaos --pool", run.problems, tmp / "capsd-0" / "capsd.log", tmp)
+    judge_kills(run, logs, failed, exact, args.retry)
+    return conclude(f"chaos {mode}", run.problems, tmp / "capsd-*" / "capsd.log", tmp)
+
+
+def kinds(text: str) -> list[str]:
+    """--kills: a comma-separated choice out of KINDS."""
+    chosen = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not chosen or not set(chosen) <= set(KINDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give kinds out of {','.join(KINDS)}")
+    return chosen
 
 
 if __name__ == "__main__":
