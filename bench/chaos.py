@@ -96,7 +96,8 @@ KILL_EVERY_S = (2, 8)
 STOP_EVERY_S = (60, 120)  # a capsd's life, from its start to the soak's SIGTERM
 STOP_TIMEOUT_S = 20  # [server] stop_timeout_s (capsd's default, written out: the bound depends on it)
 STOP_SLACK_S = 10  # a stop takes at most stop_timeout_s plus this
-SEND_WAIT_S = 10  # a stopped idle worker waits this long for a job, then is let go
+IDLE_WAIT_S = 30  # for an idle worker to stop (under the heavy model's load, idle moments are rare)
+JOB_WAIT_S = 10  # a stopped idle worker waits this long for a job, then is let go
 QUEUED_WAIT_S = 3  # ... and this long for more work queued behind it
 CHANGE_EVERY_S = (3, 10)
 RSS_BOUND = (10 * 2**20, 0.10)
@@ -208,7 +209,9 @@ async def client(n: int, rng: random.Random, deadline: float, run: Run) -> None:
                 life, reader = len(run.lives) - 1, asyncio.create_task(read(ws, run))
                 while time.monotonic() < deadline and not reader.done():
                     k += 1
-                    await one_task(ws, f"c{n}-{k}", life, reader, rng, run)
+                    if await one_task(ws, f"c{n}-{k}", life, reader, rng, run) == "shutting_down":
+                        # As a user would: no new task until capsd has closed the connection.
+                        await asyncio.wait({reader}, timeout=STOP_TIMEOUT_S + STOP_SLACK_S)
                 if not reader.done():
                     await asyncio.sleep(GRACE_S)
                     reader.cancel()
@@ -216,7 +219,10 @@ async def client(n: int, rng: random.Random, deadline: float, run: Run) -> None:
             await asyncio.sleep(RECONNECT_S)  # capsd stopping, or the next one starting
 
 
-async def one_task(ws: Any, task_id: str, life: int, reader: asyncio.Task[None], rng: random.Random, run: Run) -> None:
+async def one_task(
+    ws: Any, task_id: str, life: int, reader: asyncio.Task[None], rng: random.Random, run: Run
+) -> str | None:
+    """One task sent and its final frame waited for; the final frame's error code, if any."""
     seconds = rng.uniform(5, 90)
     digits = "".join(rng.choices("0123456789", k=int((seconds - 0.2) / 0.5)))
     samples, starts = synth(digits)
@@ -236,6 +242,8 @@ async def one_task(ws: Any, task_id: str, life: int, reader: asyncio.Task[None],
     waiting = asyncio.create_task(final.wait())
     await asyncio.wait({waiting, reader}, timeout=TASK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()  # no final frame in time, or the connection closed without it: judged at the end
+    final_frame = run.frames.get(task_id, [{}])[-1]
+    return final_frame["error"]["code"] if "error" in final_frame else None
 
 
 async def poll(capsd: Capsd, condition: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
@@ -284,14 +292,15 @@ async def kill_random(life: int, slot: int, rng: random.Random, run: Run) -> Non
     await slot_back(capsd, kill, before, run)
 
 
-async def kill_during_send(life: int, slot: int, rng: random.Random, run: Run) -> None:
+async def kill_during_send(life: int, rng: random.Random, run: Run) -> None:
     """An idle worker SIGSTOPped, then SIGKILLed while capsd sends it a job."""
     capsd = run.capsd
-    idle = await poll(capsd, state_is(slot, "ready"), SEND_WAIT_S)
+    idle = await poll(capsd, lambda status: any(s["state"] == "ready" for s in status["slots"]), IDLE_WAIT_S)
     if idle is None:
-        run.missed["send: the slot was never idle"] += 1
+        run.missed[f"send: no worker idle in {IDLE_WAIT_S} s"] += 1
         return
-    before = idle["slots"][slot]
+    before = rng.choice([s for s in idle["slots"] if s["state"] == "ready"])
+    slot = before["slot"]
     os.kill(before["pid"], signal.SIGSTOP)
     # Read after the SIGSTOP: still idle, so any job from now on goes to a worker that cannot read.
     stopped = await poll(capsd, lambda status: True, 0)
@@ -299,9 +308,9 @@ async def kill_during_send(life: int, slot: int, rng: random.Random, run: Run) -
         os.kill(before["pid"], signal.SIGCONT)
         run.missed["send: a job was handed over as the worker stopped"] += 1
         return
-    if await poll(capsd, state_is(slot, "busy"), SEND_WAIT_S) is None:
+    if await poll(capsd, state_is(slot, "busy"), JOB_WAIT_S) is None:
         os.kill(before["pid"], signal.SIGCONT)
-        run.missed[f"send: no job came in {SEND_WAIT_S} s"] += 1
+        run.missed[f"send: no job came in {JOB_WAIT_S} s"] += 1
         return
     queued = await poll(capsd, lambda status: any(s["queue_depth"] for s in status["slots"]), QUEUED_WAIT_S)
     note = ("mid-send" if blocked_send(capsd.proc.pid) else "in the pipe") + (", queued behind" if queued else "")
@@ -352,7 +361,9 @@ async def stop_and_start(rng: random.Random, run: Run) -> None:
         )
     life.stop_s = time.monotonic() - sent
     capsd.stop()  # its log closed; killed if it has not exited
-    run.lives.append(Life(await asyncio.to_thread(run.start_capsd)))
+    life = Life(run.start_capsd())  # in the list before it listens: the clients' connections are to it
+    run.lives.append(life)
+    await asyncio.to_thread(life.capsd.wait_ready)
     run.stopping = False
 
 
@@ -365,9 +376,10 @@ async def chaos(kinds: list[str], workers: int, rng: random.Random, deadline: fl
         if "stop" in kinds and time.monotonic() >= next_stop:
             await stop_and_start(rng, run)
             next_stop = time.monotonic() + rng.uniform(*STOP_EVERY_S)
+        elif kills and rng.choice(kills) == "random":
+            await kill_random(len(run.lives) - 1, rng.randrange(workers), rng, run)
         elif kills:
-            kill = kill_random if rng.choice(kills) == "random" else kill_during_send
-            await kill(len(run.lives) - 1, rng.randrange(workers), rng, run)
+            await kill_during_send(len(run.lives) - 1, rng, run)
 
 
 async def changer(heavy: Path, rng: random.Random, deadline: float, run: Run) -> None:
@@ -596,14 +608,15 @@ def main() -> int:
         directory = tmp / f"capsd-{len(run.lives)}"
         directory.mkdir()
         if not run.lives:
-            return Capsd(directory, config)
+            return Capsd(directory, config, wait=False)
         first = run.lives[0].capsd
-        capsd = Capsd(directory, {**config, "server": {**config["server"], "port": first.port}})
+        capsd = Capsd(directory, {**config, "server": {**config["server"], "port": first.port}}, wait=False)
         capsd.port, capsd.url = first.port, first.url  # where it listens, not the free port Capsd picked
         return capsd
 
     run = Run(start_capsd, min(60, args.minutes * 30), [] if args.pool else args.kills)
     run.lives.append(Life(start_capsd()))
+    run.capsd.wait_ready()
     started = time.monotonic()
     deadline = started + args.minutes * 60
 
