@@ -42,10 +42,12 @@ Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills 
 and stops find busy workers: `python bench/chaos.py --minutes 10 --heavy`.
 
 --retry runs capsd with `[workers] retry_lost_jobs = 1`: a job whose worker died runs once more
-on a slot, so no kill may fail a task any more: every task exact, except shutting_down at a stop
-(a job lost in the grace period is retried but may not finish in it) and a task whose job two of
-the soak's kills hit in turn (a poison job by the rules: its task fails worker_crashed, logged
-as a poison job); the "worker exited" lines still name the task of each lost job.
+on another slot, so no kill may fail a task any more: every task exact, except shutting_down at
+a stop (a job lost in the grace period is retried but may not finish in it) and a task whose job
+two of the soak's kills hit in turn (a poison job by the rules: its task fails worker_crashed,
+logged as a poison job); the "worker exited" lines still name the task of each lost job.
+restart_period_s is 3 s then: retries pause while 3 jobs were lost within it (the pause has its
+tests), and the soak's kills come at least 2.5 s apart.
 
 --pool changes the pool instead of killing workers (docs/design.md#changing-the-pool): every
 3-10 s `capsctl scale` to 1-3 slots, `capsctl restart-worker all`, or a model flip by SIGHUP
@@ -84,7 +86,7 @@ from capsd.ctl import CtlError
 from capsd.protocol import clip
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import http_get
+from tests.support.checks import task_outcomes
 from tests.support.client import connect, send_file, send_mic
 from tests.support.daemon import Capsd
 
@@ -419,13 +421,6 @@ async def warm_up(deadline: float, run: Run) -> None:
         await asyncio.sleep(1)
 
 
-def tasks_done(capsd: Capsd) -> int:
-    """capsd_tasks_total{outcome="done"}: counted in the registry, not in the slots that go."""
-    lines = http_get(capsd.port, "/metrics")[1].splitlines()
-    return sum(int(float(line.split()[-1])) for line in lines
-               if line.startswith("capsd_tasks_total{") and 'outcome="done"' in line)  # fmt: skip
-
-
 def usage(pid: int) -> Usage:
     process = psutil.Process(pid)
     return process.memory_info().rss, process.num_fds(), process.num_threads()
@@ -591,7 +586,9 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="capsd-chaos-"))
-    workers = {"count": args.workers, "restart_intensity": 1000, "restart_period_s": 60}
+    # With --retry, 3 lost jobs within restart_period_s pause retries; the kills come >= 2.5 s apart.
+    period = 3 if args.retry else 60
+    workers = {"count": args.workers, "restart_intensity": 1000, "restart_period_s": period}
     config: dict[str, dict[str, Any]] = {
         "server": {"stop_timeout_s": STOP_TIMEOUT_S},
         "workers": {**workers, **({"retry_lost_jobs": 1} if args.retry else {})},
@@ -634,7 +631,7 @@ def main() -> int:
         duration = time.monotonic() - started
         last = run.lives[-1]
         last.slots, last.end = last.capsd.status()["slots"], usage(last.capsd.proc.pid)
-        done_total = tasks_done(last.capsd)
+        done_total = task_outcomes(last.capsd).get("done", 0)  # outlives the slots that go
     finally:
         sent = time.monotonic()
         run.lives[-1].exitcode = run.capsd.stop()
