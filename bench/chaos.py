@@ -9,12 +9,14 @@ when capsd closes the connection at a stop, it connects again until the next cap
 Every 2-8 s one of the kinds of kill chosen with --kills (all by default):
 - random: a random slot's worker (pid from status) SIGKILLed at a random moment or a random part
   into a decode;
-- send: an idle worker SIGSTOPped; once status shows its slot busy (a job on its way to a worker
-  that does not read: a segment is far more than a pipe holds, so capsd's send blocks) and, if it
-  comes within 3 s, more work queued behind, the worker is SIGKILLed (a stopped process dies).
-  Whether a thread of capsd was indeed blocked writing to a socket at that moment is shown
-  ("mid-send"; else the job was wholly "in the pipe"). If no job came in 10 s, or one was handed
-  over as the worker stopped, the worker is let go (SIGCONT): a miss, counted and shown;
+- send: a random slot's worker SIGSTOPped with no job in hand (an idle one at once; a busy one is
+  stepped, SIGCONT for 5 ms and SIGSTOP again, until its job is done, as under load the next job
+  follows at once); once status shows its slot busy (a job on its way to a worker that does not
+  read: a segment is far more than a pipe holds, so capsd's send blocks) and, if it comes within
+  3 s, more work queued behind, the worker is SIGKILLed (a stopped process dies). Whether a thread
+  of capsd was blocked writing to a socket at that moment is shown ("mid-send"; else the job was
+  "written" whole). If the job in hand did not end in 10 s of steps, or no job came in 10 s, the
+  worker is let go (SIGCONT): a miss, counted and shown;
 - stop: once a capsd has served 60-120 s, SIGTERM with tasks in progress, then a worker status
   shows busy inside the grace period ([server] stop_timeout_s) SIGKILLed; capsd must exit 0
   within stop_timeout_s + 10 s, its log without a critical line ("slot dispatcher failed"); then
@@ -98,7 +100,8 @@ KILL_EVERY_S = (2, 8)
 STOP_EVERY_S = (60, 120)  # a capsd's life, from its start to the soak's SIGTERM
 STOP_TIMEOUT_S = 20  # [server] stop_timeout_s (capsd's default, written out: the bound depends on it)
 STOP_SLACK_S = 10  # a stop takes at most stop_timeout_s plus this
-IDLE_WAIT_S = 30  # for an idle worker to stop (under the heavy model's load, idle moments are rare)
+STEP_S = 0.005  # a busy worker stepped out of its job runs this long between SIGSTOPs
+STEP_LIMIT_S = 10  # ... for at most this long; a stopped worker is hung after heartbeat_timeout_s (30)
 JOB_WAIT_S = 10  # a stopped idle worker waits this long for a job, then is let go
 QUEUED_WAIT_S = 3  # ... and this long for more work queued behind it
 CHANGE_EVERY_S = (3, 10)
@@ -295,31 +298,47 @@ async def kill_random(life: int, slot: int, rng: random.Random, run: Run) -> Non
 
 
 async def kill_during_send(life: int, rng: random.Random, run: Run) -> None:
-    """An idle worker SIGSTOPped, then SIGKILLed while capsd sends it a job."""
+    """A worker SIGSTOPped with no job in hand, then SIGKILLed while capsd sends it one."""
     capsd = run.capsd
-    idle = await poll(capsd, lambda status: any(s["state"] == "ready" for s in status["slots"]), IDLE_WAIT_S)
-    if idle is None:
-        run.missed[f"send: no worker idle in {IDLE_WAIT_S} s"] += 1
+    up = [s for s in (await asyncio.to_thread(capsd.status))["slots"] if s["state"] in ("ready", "busy")]
+    if not up:
+        run.missed["send: no worker up"] += 1
         return
-    before = rng.choice([s for s in idle["slots"] if s["state"] == "ready"])
-    slot = before["slot"]
-    os.kill(before["pid"], signal.SIGSTOP)
-    # Read after the SIGSTOP: still idle, so any job from now on goes to a worker that cannot read.
-    stopped = await poll(capsd, lambda status: True, 0)
-    if not stopped or stopped["slots"][slot]["pid"] != before["pid"] or stopped["slots"][slot]["state"] != "ready":
-        os.kill(before["pid"], signal.SIGCONT)
-        run.missed["send: a job was handed over as the worker stopped"] += 1
+    before = rng.choice(up)
+    slot, pid = before["slot"], before["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    stopped = await step_out_of_job(capsd, slot, pid)
+    if stopped is None:
+        os.kill(pid, signal.SIGCONT)
+        run.missed[f"send: its job did not end in {STEP_LIMIT_S} s of steps"] += 1
         return
-    if await poll(capsd, state_is(slot, "busy"), JOB_WAIT_S) is None:
-        os.kill(before["pid"], signal.SIGCONT)
+    if stopped["state"] != "busy" and await poll(capsd, state_is(slot, "busy"), JOB_WAIT_S) is None:
+        os.kill(pid, signal.SIGCONT)
         run.missed[f"send: no job came in {JOB_WAIT_S} s"] += 1
         return
     queued = await poll(capsd, lambda status: any(s["queue_depth"] for s in status["slots"]), QUEUED_WAIT_S)
-    note = ("mid-send" if blocked_send(capsd.proc.pid) else "in the pipe") + (", queued behind" if queued else "")
-    os.kill(before["pid"], signal.SIGKILL)
-    kill = Kill("send", life, slot, before["pid"], "busy", note)
+    note = ("mid-send" if blocked_send(capsd.proc.pid) else "written") + (", queued behind" if queued else "")
+    os.kill(pid, signal.SIGKILL)
+    kill = Kill("send", life, slot, pid, "busy", note)
     run.kills.append(kill)
     await slot_back(capsd, kill, before, run)
+
+
+async def step_out_of_job(capsd: Capsd, slot: int, pid: int) -> dict[str, Any] | None:
+    """The slot's status once its stopped worker holds no job it had before the stop: idle, or its
+    job done and the next one handed over since (a busy worker is stepped: SIGCONT for 5 ms,
+    SIGSTOP, status); None if that takes longer than STEP_LIMIT_S."""
+    first = (await asyncio.to_thread(capsd.status))["slots"][slot]  # read after the SIGSTOP
+    decoded, deadline = first["segments_decoded"], time.monotonic() + STEP_LIMIT_S
+    now = first
+    while now["pid"] == pid and now["state"] == "busy" and now["segments_decoded"] == decoded:
+        if time.monotonic() > deadline:
+            return None
+        os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(STEP_S)
+        os.kill(pid, signal.SIGSTOP)
+        now = (await asyncio.to_thread(capsd.status))["slots"][slot]
+    return now if now["pid"] == pid else None
 
 
 def blocked_send(pid: int) -> bool:
