@@ -554,8 +554,8 @@ def judge_kills(run: Run, logs: list[Log], failed: dict[str, str], exact: set[st
             (done, tasks_failed) == (len(in_last & exact), len(in_last & set(failed))),
         **{f"{kind} kills asked for, none landed": any(k.kind == kind for k in landed) for kind in run.kinds},
     }  # fmt: skip
+    twice = {t for t, n in lost.items() if n >= 2}
     if retry:
-        twice = {t for t, n in lost.items() if n >= 2}
         poisoned = set().union(*(log.poison for log in logs))
         checks |= {
             f"failed by kills despite retry_lost_jobs: {sorted(crashed - twice)}": crashed <= twice,
@@ -587,7 +587,8 @@ def judge_kills(run: Run, logs: list[Log], failed: dict[str, str], exact: set[st
     ]:
         print(f"  idle in status just before the kill, a job handed over meanwhile: {idle_lost}")
     if retry:
-        print(f"  tasks whose job two kills hit in turn (poison jobs): {sorted(t for t, n in lost.items() if n >= 2)}")
+        poisoned = sorted(set().union(*(log.poison for log in logs)))
+        print(f"  tasks two kills hit (a job each, or one job twice): {sorted(twice)}; poison jobs logged: {poisoned}")
 
 
 def main() -> int:
