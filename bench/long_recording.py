@@ -119,7 +119,9 @@ def main() -> int:
     capsd, _ = start_capsd(tmp, model, args.workers, threads=1)
     try:
         ready_rss = psutil.Process(capsd.proc.pid).memory_info().rss
+        client_cpu = time.process_time()
         got = asyncio.run(transcribe(capsd.url, args.hours, args.seed, args.timeout))
+        client_cpu = time.process_time() - client_cpu
         supervisor_peak, worker_peaks = capsd.peak_rss(), rss(capsd, peak=True)[1]
     finally:
         exitcode = capsd.stop()
@@ -139,7 +141,8 @@ def main() -> int:
     )
     print(
         f"  wall {got['wall']:.1f} s from the first frame sent to the final frame (sending took {got['sending']:.1f} s);"
-        f" {audio_s / got['wall']:.0f} s of audio per wall second"
+        f" {audio_s / got['wall']:.0f} s of audio per wall second; the client (synthesis, encoding, parsing) used"
+        f" {client_cpu:.0f} s of CPU"
     )
     print(
         f"  supervisor RSS {ready_rss / MIB:.1f} MiB when ready, peak {supervisor_peak / MIB:.1f} MiB;"

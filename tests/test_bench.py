@@ -1,14 +1,22 @@
 """The benchmarks' own code, run small: a broken bench should fail here, not after an hour."""
 
+import asyncio
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import pytest
 
 from capsd.models import EMBEDDED_MODEL_DIR
+from capsd.protocol import RATE
+from capsd.selftest.tones import synth
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
+import chaos
+import long_recording
 import memory_calibration
 
 pytestmark = pytest.mark.integration
@@ -21,3 +29,38 @@ def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path) ->
     assert total == worker + supervisor and total_est == worker_est + supervisor_est
     # The plan's promise for the self-test model: never below the measured peak.
     assert worker <= worker_est and supervisor <= supervisor_est
+
+
+def test_long_recording_is_made_frame_by_frame_as_one_recording() -> None:
+    frames = list(long_recording.recording(3 / 60, seed=1))  # 3 minutes
+    samples = np.concatenate([frame for frame, _, _ in frames])
+    digits = "".join(d for _, d, _ in frames)
+    whole, starts = synth(digits)
+    assert [len(frame) for frame, _, _ in frames] == [60 * RATE] * 3 and len(digits) == 360
+    assert np.array_equal(samples, whole[: len(samples)])  # only silence cut: the last gap's end
+    assert [s for _, _, frame_starts in frames for s in frame_starts] == starts
+
+
+def test_long_recording_comes_back_exact(tmp_path: Path, start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"count": 1}})
+    got = asyncio.run(long_recording.transcribe(capsd.url, 3 / 60, seed=2, timeout=60))
+    assert long_recording.exactness(got, 60) is None
+    assert got["partials"]  # the results were read while the audio was sent
+
+
+def test_chaos_reads_each_capsd_log() -> None:
+    log = chaos.parse_log(
+        "2026-12-02T16:40:10.283257 [warning  ] worker exited                  exitcode=-9 lost_tasks=['c2-8']"
+        " pid=7544 reason=crashed slot=1\n"
+        "2026-12-02T16:40:10.283435 [warning  ] task failed                    code=worker_crashed"
+        " reason='the worker of slot 1 ended (crashed, exit code -9)' slot=0 task=c2-8\n"
+        "2026-12-02T16:40:14.716804 [warning  ] worker exited                  exitcode=-9 lost_tasks=[] pid=8282"
+        " reason=crashed slot=1\n"
+        "2026-12-02T16:45:56.007988 [warning  ] task refused                   code=shutting_down"
+        " reason='capsd is stopping' slot=0 task=c1-5\n"
+        "2026-12-02T16:45:57.007988 [error    ] poison job: not run again      audio_s=27.0 task='c 3'\n"
+        "2026-12-02T16:45:55.919406 [critical ] slot dispatcher failed         error=\"RuntimeError('x')\"\n"
+    )
+    assert log.exits == [chaos.WorkerExit(7544, "crashed", "-9", ["c2-8"]), chaos.WorkerExit(8282, "crashed", "-9", [])]
+    assert log.failed == {"c2-8", "c1-5"} and log.poison == {"c 3"}
+    assert len(log.critical) == 1 and "slot dispatcher failed" in log.critical[0]
