@@ -160,6 +160,8 @@ class Log(NamedTuple):
     exits: list[WorkerExit]
     failed: set[str]  # tasks of "task failed" and "task refused" lines
     poison: set[str]  # tasks of "poison job" lines (--retry)
+    retried: int  # "job retried" lines (--retry)
+    paused: int  # "lost jobs not retried" lines (--retry: retries paused)
     critical: list[str]  # critical lines, "slot dispatcher failed" among them
 
 
@@ -479,7 +481,7 @@ def judge_tasks(run: Run) -> tuple[dict[str, str], set[str]]:
 
 
 def parse_log(text: str) -> Log:
-    """capsd's console log: worker exits, failed, refused and poisoned tasks, critical lines."""
+    """capsd's console log: worker exits, failed, refused and poisoned tasks, retries, critical lines."""
     exits, failed, poison, critical = [], set(), set(), []
     for line in text.splitlines():
         task = m.group(1).strip("'") if (m := re.search(r"\btask=('[^']*'|\S+)", line)) else None
@@ -494,7 +496,8 @@ def parse_log(text: str) -> Log:
             poison.add(task)
         if "[critical" in line or "slot dispatcher failed" in line:
             critical.append(line)
-    return Log(exits, failed, poison, critical)
+    retried, paused = text.count("] job retried "), text.count("] lost jobs not retried")
+    return Log(exits, failed, poison, retried, paused, critical)
 
 
 def judge_lives(run: Run, logs: list[Log]) -> dict[str, bool]:
@@ -570,6 +573,7 @@ def judge_kills(run: Run, logs: list[Log], failed: dict[str, str], exact: set[st
         checks |= {
             f"failed by kills despite retry_lost_jobs: {sorted(crashed - twice)}": crashed <= twice,
             f"failed as poison jobs, not logged as such: {sorted(crashed - poisoned)}": crashed <= poisoned,
+            f"retries paused {sum(log.paused for log in logs)} times": not any(log.paused for log in logs),
         }
     else:
         hits = [e for e in landed.values() if e.lost]
@@ -598,7 +602,10 @@ def judge_kills(run: Run, logs: list[Log], failed: dict[str, str], exact: set[st
         print(f"  idle in status just before the kill, a job handed over meanwhile: {idle_lost}")
     if retry:
         poisoned = sorted(set().union(*(log.poison for log in logs)))
-        print(f"  tasks two kills hit (a job each, or one job twice): {sorted(twice)}; poison jobs logged: {poisoned}")
+        print(
+            f"  jobs retried per the logs {sum(log.retried for log in logs)}; tasks two kills hit (a job each, or one"
+            f" job twice): {sorted(twice)}; poison jobs logged: {poisoned}"
+        )
 
 
 def main() -> int:

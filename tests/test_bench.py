@@ -58,9 +58,10 @@ def test_chaos_reads_each_capsd_log() -> None:
         " reason=crashed slot=1\n"
         "2026-12-02T16:45:56.007988 [warning  ] task refused                   code=shutting_down"
         " reason='capsd is stopping' slot=0 task=c1-5\n"
+        "2026-12-02T16:45:56.507988 [info     ] job retried                    job=12 reason=crashed slot=0 task=c2-9\n"
         "2026-12-02T16:45:57.007988 [error    ] poison job: not run again      audio_s=27.0 task='c 3'\n"
         "2026-12-02T16:45:55.919406 [critical ] slot dispatcher failed         error=\"RuntimeError('x')\"\n"
     )
     assert log.exits == [chaos.WorkerExit(7544, "crashed", "-9", ["c2-8"]), chaos.WorkerExit(8282, "crashed", "-9", [])]
-    assert log.failed == {"c2-8", "c1-5"} and log.poison == {"c 3"}
+    assert log.failed == {"c2-8", "c1-5"} and log.poison == {"c 3"} and (log.retried, log.paused) == (1, 0)
     assert len(log.critical) == 1 and "slot dispatcher failed" in log.critical[0]
