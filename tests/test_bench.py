@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import pytest
 
 from capsd.models import EMBEDDED_MODEL_DIR
@@ -19,9 +18,8 @@ import chaos
 import long_recording
 import memory_calibration
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path) -> None:
     m = memory_calibration.measure(tmp_path, EMBEDDED_MODEL_DIR, count=1, threads=1, decodes=1, exact=True)
     (worker_est, worker), (supervisor_est, supervisor), (total_est, total) = m["parts"].values()
@@ -31,6 +29,7 @@ def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path) ->
     assert worker <= worker_est and supervisor <= supervisor_est
 
 
+@pytest.mark.unit
 def test_long_recording_is_made_frame_by_frame_as_one_recording() -> None:
     frames = list(long_recording.recording(3 / 60, seed=1))  # 3 minutes
     samples = np.concatenate([frame for frame, _, _ in frames])
@@ -41,6 +40,7 @@ def test_long_recording_is_made_frame_by_frame_as_one_recording() -> None:
     assert [s for _, _, frame_starts in frames for s in frame_starts] == starts
 
 
+@pytest.mark.integration
 def test_long_recording_comes_back_exact(tmp_path: Path, start_capsd: Any) -> None:
     capsd = start_capsd({"workers": {"count": 1}})
     got = asyncio.run(long_recording.transcribe(capsd.url, 3 / 60, seed=2, timeout=60))
@@ -48,6 +48,7 @@ def test_long_recording_comes_back_exact(tmp_path: Path, start_capsd: Any) -> No
     assert got["partials"]  # the results were read while the audio was sent
 
 
+@pytest.mark.unit
 def test_chaos_reads_each_capsd_log() -> None:
     log = chaos.parse_log(
         "2026-12-02T16:40:10.283257 [warning  ] worker exited                  exitcode=-9 lost_tasks=['c2-8']"
