@@ -131,7 +131,7 @@ class Kill:
     slot: int
     pid: int
     state: str  # the slot's state in status just before the kill: idle, busy
-    note: str = ""  # send: mid-send or in the pipe, and whether work was queued behind
+    note: str = ""  # send: mid-send or written, and whether work was queued behind
 
 
 @dataclass

@@ -8,8 +8,8 @@ is tone-coded random digits (capsd.selftest.tones.synth), made one 60 s frame at
 are 230 M samples, 920 MB of float32: never held at once); only the digits and the tones' start
 times are kept. Reported: whether the final frame arrived (within --timeout s of the last frame
 sent), whether it is exact (tests/support/checks.assert_exact: the tokens are the digits sent,
-timestamps within 0.1 s, partials growing), the wall time from the first frame
-sent to the final frame, audio seconds per wall second, and memory: the supervisor's RSS when
+timestamps within 0.1 s, partials growing), the wall time from the first frame sent to the final
+frame, audio seconds per wall second, the client's own CPU, and memory: the supervisor's RSS when
 ready and its peak (VmHWM), each worker's peak. PASS when the final frame arrived and is exact.
 
 Not part of the test run: `python bench/long_recording.py` (the embedded self-test model,
