@@ -39,6 +39,11 @@ def all_busy(capsd: Any) -> list[int] | None:
     return [s["pid"] for s in slots] if all(s["state"] == "busy" for s in slots) else None
 
 
+def accepted(capsd: Any) -> int:
+    """Tasks accepted so far: in progress or done."""
+    return sum(s["tasks_in_progress"] + s["tasks_done"] for s in capsd.status()["slots"])
+
+
 async def dictate_all(ws: Any) -> dict[str, list[dict[str, Any]]]:
     for task_id, digits in DICTATIONS.items():
         await send_mic(ws, task_id, synth(digits)[0])
@@ -99,8 +104,8 @@ def test_a_worker_killed_during_a_stop_leaves_every_task_answered(
             await send_file(ws_file, "file", audio, seg=(25, 2))
             pid = await asyncio.to_thread(busy_pid, capsd)
             dictations = asyncio.create_task(dictate_all(ws_mic))
-            await asyncio.to_thread(wait_for, lambda: capsd.status()["slots"][0]["queue_depth"] >= 4, 30, "queued")
-            capsd.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: accepted(capsd) == 1 + len(DICTATIONS), 30, "all accepted")
+            capsd.proc.send_signal(signal.SIGTERM)  # tasks accepted may finish; new ones would be refused
             stopping = time.monotonic()
             await asyncio.to_thread(wait_for, lambda: "stopping" in capsd.logs(), 30, "stopping")
             os.kill(pid, signal.SIGKILL)
