@@ -50,6 +50,15 @@ ACTIVATION_PER_MODEL_BYTE_PER_S = 5.5 / 120
 # the segment pickled for the worker) 20.5 MiB more: 85.7, 103, 127.5 MiB for 1-3 workers.
 SUPERVISOR_BASELINE_BYTES = 72 * MIB
 SUPERVISOR_BYTES_PER_WORKER_S = 0.2 * MIB
+# What clients make the supervisor hold, all connections together, is bounded by the intake
+# (docs/design.md#intake): frames being received, audio buffered and queued. Its budget is two of
+# the longest frames (one arriving, one being parsed) and per worker what one connection may hold
+# waiting (16 MiB: a file client at that bound keeps a worker busy); small frames (dictation) have
+# a reserve of their own above it. A frame being parsed is also held as its text and its decoded
+# audio for a moment: PARSE_FRAMES of the longest frame.
+CLIENT_AUDIO_PER_WORKER_BYTES = 16 * MIB
+DICTATION_RESERVE_BYTES = 8 * MIB
+PARSE_FRAMES = 2
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712).
 _V1_UNLIMITED = 2**62
@@ -75,6 +84,7 @@ class Plan:
     source: Available
     fits: bool
     max_count: int  # the largest worker count that fits; 0 if not even one
+    client_audio_bytes: int  # the intake's budget, part of supervisor_bytes
 
     def message(self, fix: str = "") -> str:
         """One line for an operator; `fix`: how to ask for what fits (default: the config key)."""
@@ -113,9 +123,16 @@ def estimate_worker_bytes(model_bytes: int, threads: int, longest_segment_s: flo
     )
 
 
-def estimate_supervisor_bytes(count: int, longest_segment_s: float) -> int:
-    """Peak RSS of the supervisor with each of `count` workers busy with a longest segment."""
-    return SUPERVISOR_BASELINE_BYTES + count * int(longest_segment_s * SUPERVISOR_BYTES_PER_WORKER_S)
+def client_audio_bytes(count: int, max_frame_bytes: int) -> int:
+    """The intake's budget: what clients may make the supervisor hold, besides dictation's reserve."""
+    return 2 * max_frame_bytes + count * CLIENT_AUDIO_PER_WORKER_BYTES
+
+
+def estimate_supervisor_bytes(count: int, longest_segment_s: float, max_frame_bytes: int) -> int:
+    """Peak RSS of the supervisor with each of `count` workers busy with a longest segment, and
+    clients holding all the intake admits (`max_frame_bytes`: [server] max_message_bytes)."""
+    clients = client_audio_bytes(count, max_frame_bytes) + DICTATION_RESERVE_BYTES + PARSE_FRAMES * max_frame_bytes
+    return SUPERVISOR_BASELINE_BYTES + clients + count * int(longest_segment_s * SUPERVISOR_BYTES_PER_WORKER_S)
 
 
 def hand_back_freed_memory() -> None:
@@ -133,13 +150,15 @@ def hand_back_freed_memory() -> None:
         pass
 
 
-def plan(count: int, worker_bytes: int, available: Available, reserve_bytes: int, longest_segment_s: float) -> Plan:
+def plan(
+    count: int, worker_bytes: int, available: Available, reserve_bytes: int, longest_segment_s: float, max_frame_bytes: int
+) -> Plan:
     usable = max(0, available.bytes - reserve_bytes)
-    supervisor = estimate_supervisor_bytes(count, longest_segment_s)
+    supervisor = estimate_supervisor_bytes(count, longest_segment_s, max_frame_bytes)
     total = count * worker_bytes + supervisor
     # The supervisor's estimate is affine in the count, so the largest count that fits is exact.
-    base = estimate_supervisor_bytes(0, longest_segment_s)
-    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s) - base
+    base = estimate_supervisor_bytes(0, longest_segment_s, max_frame_bytes)
+    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s, max_frame_bytes) - base
     return Plan(
         count=count,
         worker_bytes=worker_bytes,
@@ -150,6 +169,7 @@ def plan(count: int, worker_bytes: int, available: Available, reserve_bytes: int
         source=available,
         fits=total <= usable,
         max_count=max(0, (usable - base) // per_worker),
+        client_audio_bytes=client_audio_bytes(count, max_frame_bytes),
     )
 
 

@@ -69,6 +69,7 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         available or memory.read_available(),
         cfg.workers.memory_reserve_mb * memory.MIB,
         LONGEST_SEGMENT_S,
+        cfg.server.max_message_bytes,
     )
     if not plan.fits:
         raise ConfigError(plan.message())

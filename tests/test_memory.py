@@ -7,10 +7,14 @@ import psutil
 import pytest
 
 from capsd.memory import (
+    CLIENT_AUDIO_PER_WORKER_BYTES,
+    DICTATION_RESERVE_BYTES,
     MIB,
+    PARSE_FRAMES,
     SUPERVISOR_BASELINE_BYTES,
     WORKER_BASELINE_BYTES,
     Available,
+    client_audio_bytes,
     estimate_supervisor_bytes,
     estimate_worker_bytes,
     plan,
@@ -253,50 +257,59 @@ def test_a_punctuation_model_is_loaded_but_does_not_read_audio() -> None:
 
 
 @pytest.mark.unit
-def test_supervisor_grows_with_each_busy_worker() -> None:
-    assert estimate_supervisor_bytes(0, 120) == SUPERVISOR_BASELINE_BYTES
-    step = estimate_supervisor_bytes(1, 120) - estimate_supervisor_bytes(0, 120)
-    assert step > 0
-    assert estimate_supervisor_bytes(3, 120) == SUPERVISOR_BASELINE_BYTES + 3 * step
+def test_supervisor_grows_with_each_busy_worker_and_with_the_longest_frame() -> None:
+    assert estimate_supervisor_bytes(0, 0, 0) == SUPERVISOR_BASELINE_BYTES + DICTATION_RESERVE_BYTES
+    step = estimate_supervisor_bytes(1, 120, FRAME) - estimate_supervisor_bytes(0, 120, FRAME)
+    assert step > CLIENT_AUDIO_PER_WORKER_BYTES
+    assert estimate_supervisor_bytes(3, 120, FRAME) == estimate_supervisor_bytes(0, 120, FRAME) + 3 * step
+    assert estimate_supervisor_bytes(0, 120, FRAME) - estimate_supervisor_bytes(0, 120, 0) == (2 + PARSE_FRAMES) * FRAME
+    assert client_audio_bytes(2, FRAME) == 2 * FRAME + 2 * CLIENT_AUDIO_PER_WORKER_BYTES
 
 
 CGROUP = Available(900 * MIB + 512 * MIB, "cgroup", "cgroup limit 1.5 GiB minus 600 MiB in use")
-SUPERVISOR = SUPERVISOR_BASELINE_BYTES  # the supervisor's estimate when segments are 0 s long
+FRAME = 16 * MIB  # [server] max_message_bytes, its default
+
+
+def supervisor(count: int) -> int:
+    """The supervisor's estimate when segments and frames are 0 long: its baseline, the dictation
+    reserve and each worker's share of client audio."""
+    return estimate_supervisor_bytes(count, 0, 0)
 
 
 @pytest.mark.unit
 def test_plan_does_not_fit() -> None:
-    p = plan(3, 410 * MIB, CGROUP, 512 * MIB, 0)
+    p = plan(3, 410 * MIB, CGROUP, 512 * MIB, 0, 0)
     assert not p.fits
-    assert p.total_bytes == 3 * 410 * MIB + SUPERVISOR
+    assert p.total_bytes == 3 * 410 * MIB + supervisor(3)
     assert p.available_bytes == 900 * MIB
-    assert p.max_count == 2
+    assert p.max_count == 1 == (900 * MIB - supervisor(0)) // (410 * MIB + supervisor(1) - supervisor(0))
     assert p.message() == (
-        f"memory plan does not fit: 3 workers x 410 MiB + supervisor {SUPERVISOR // MIB} MiB = 1.3 GiB,"
+        f"memory plan does not fit: 3 workers x 410 MiB + supervisor {supervisor(3) // MIB} MiB = 1.3 GiB,"
         " available 900 MiB (cgroup limit 1.5 GiB minus 600 MiB in use,"
-        " minus memory_reserve_mb 512); at most 2 workers fit; set [workers] count = 2"
+        " minus memory_reserve_mb 512); at most 1 worker fits; set [workers] count = 1"
     )
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("seconds", [0, 120])
 def test_plan_max_count_is_exact(seconds: float) -> None:
-    fits = Available(2 * 100 * MIB + estimate_supervisor_bytes(2, seconds), "machine", "MemAvailable")
-    assert plan(2, 100 * MIB, fits, 0, seconds).fits
-    assert plan(3, 100 * MIB, fits, 0, seconds).max_count == 2
+    fits = Available(2 * 100 * MIB + estimate_supervisor_bytes(2, seconds, FRAME), "machine", "MemAvailable")
+    assert plan(2, 100 * MIB, fits, 0, seconds, FRAME).fits
+    assert plan(3, 100 * MIB, fits, 0, seconds, FRAME).max_count == 2
     short = Available(fits.bytes - 1, "machine", "MemAvailable")
-    assert not plan(2, 100 * MIB, short, 0, seconds).fits
-    assert plan(2, 100 * MIB, short, 0, seconds).max_count == 1
-    assert "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0, seconds).message()
+    assert not plan(2, 100 * MIB, short, 0, seconds, FRAME).fits
+    assert plan(2, 100 * MIB, short, 0, seconds, FRAME).max_count == 1
+    assert "at most 1 worker fits; set [workers] count = 1" in plan(2, 100 * MIB, short, 0, seconds, FRAME).message()
 
 
 @pytest.mark.unit
 def test_plan_fits() -> None:
-    p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB, 0)
+    p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB, 0, 0)
     assert p.fits
-    assert p.max_count == (8 * GIB - 512 * MIB - SUPERVISOR) // (410 * MIB)
+    assert p.max_count == (8 * GIB - 512 * MIB - supervisor(0)) // (410 * MIB + supervisor(1) - supervisor(0))
+    total = (2 * 410 * MIB + supervisor(2)) // MIB
     assert p.message() == (
-        f"memory plan fits: 2 workers x 410 MiB + supervisor {SUPERVISOR // MIB} MiB = 892 MiB of 7.5 GiB available"
+        f"memory plan fits: 2 workers x 410 MiB + supervisor {supervisor(2) // MIB} MiB = {total} MiB of 7.5 GiB available"
         f" (MemAvailable 8.0 GiB, minus memory_reserve_mb 512); at most {p.max_count} workers"
         " would fit"
     )
@@ -305,7 +318,7 @@ def test_plan_fits() -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("free", [0, 100 * MIB, 600 * MIB])
 def test_plan_not_even_one(free: int) -> None:
-    p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB, 120)
+    p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB, 120, FRAME)
     assert not p.fits
     assert p.max_count == 0
     assert p.available_bytes == max(0, free - 512 * MIB)
@@ -328,5 +341,5 @@ def test_a_worker_above_its_estimate_is_reported_once(start_capsd: Any, tmp_path
     fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
     status = capsd.status()
     assert fields["pid"] == str(status["slots"][0]["pid"])
-    estimate = status["memory"]["planned_bytes"] - estimate_supervisor_bytes(1, LONGEST_SEGMENT_S)
+    estimate = status["memory"]["planned_bytes"] - estimate_supervisor_bytes(1, LONGEST_SEGMENT_S, FRAME)
     assert int(fields["estimate_mb"]) == estimate // MIB < int(fields["rss_mb"])

@@ -86,7 +86,9 @@ class Daemon:
         self.runners: dict[Slot, asyncio.Task[None]] = {}
         for index in range(self.count):
             self.add_slot(index)
-        self.front = Front(cfg.server, self.home, self.formatting(), self.not_ready, self.metrics)
+        self.front = Front(
+            cfg.server, self.home, self.formatting(), self.not_ready, self.metrics, lambda: self.plan.client_audio_bytes
+        )
         self.control = control.ControlServer(cfg.control.socket, self)
 
     def formatting(self) -> Formatting:
@@ -453,7 +455,7 @@ class Daemon:
         detail = f"{free.detail}, plus {memory.format_bytes(held)} capsd holds"
         available = memory.Available(free.bytes + held, free.limit, detail)
         reserve = self.cfg.workers.memory_reserve_mb * memory.MIB
-        return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S)
+        return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S, self.cfg.server.max_message_bytes)
 
     async def scale(self, count: int, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, object]:
         """Grow: the memory plan first, then new slots, routed to once all are ready. Shrink:
@@ -607,6 +609,7 @@ class Daemon:
             },
             "retries": {"retried": self.retried, "poison_jobs": self.poison_jobs, "paused": self.retries_were_paused},
             "connections": len(self.front.clients),
+            "intake": self.front.intake.status(),
             "audio_per_second": round(self.metrics.audio_per_second(), 3),
         }
 

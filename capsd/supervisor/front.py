@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from capsd.config import ServerConfig
 from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame
 from capsd.segment import Segmenter
+from capsd.supervisor.intake import Intake, Metered
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.plainhttp import Answer, PlainHttp
 from capsd.supervisor.slot import MIC_RESERVE, Slot
@@ -55,9 +56,10 @@ CLOSED_BY_CAPSD = "connection_closed"
 class Client:
     """One connection: its tasks, what it holds of capsd's memory, and its outbox."""
 
-    def __init__(self, ws: ServerConnection, max_buffered: int) -> None:
+    def __init__(self, ws: Metered, max_buffered: int, intake: Intake) -> None:
         self.ws = ws
         self.max_buffered = max_buffered
+        self.intake = intake  # what every connection together holds
         self.receiving: dict[str, Task] = {}  # tasks whose is_final has not arrived
         self.open: set[Task] = set()  # tasks not yet answered with their final frame
         # Ids whose frames are dropped until their is_final, oldest first, each with the final frame
@@ -70,6 +72,7 @@ class Client:
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
         self.reading = False  # waiting for the next frame
+        self.held_back = False  # not read until its queued audio drains (wait_for_room)
         self.keepalive: asyncio.Task[None] | None = None  # running while the connection is read
         self.told_seg_duration = False  # a seg_duration above the ceiling is logged once
         self.closed = False
@@ -93,18 +96,25 @@ class Client:
     def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
         self.queued_bytes += nbytes
         self.queued_per_slot[slot, urgent] += 1
+        self.intake.add(queued=nbytes)
 
     def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
         self.queued_bytes -= nbytes
         self.queued_per_slot[slot, urgent] -= 1
         if not self._over_waiting_bound():
             self.drained.set()
+        self.intake.add(queued=-nbytes)
+
+    def buffer(self, nbytes: int) -> None:
+        """Audio buffered in this connection's segmenters grew (or shrank) by `nbytes`."""
+        self.buffered_bytes += nbytes
+        self.intake.add(buffered=nbytes)
 
     def ended(self, task: Task, error_frame: str | None = None) -> None:
         """The task holds nothing more; a failed task's error frame goes out once its client has
         sent its is_final frame."""
         self.open.discard(task)
-        self.buffered_bytes -= task.segmenter.buffered_bytes
+        self.buffer(-task.segmenter.buffered_bytes)
         task.segmenter.clear()
         if self.receiving.get(task.task_id) is task:
             del self.receiving[task.task_id]
@@ -161,16 +171,21 @@ class Client:
         pong waits in the TCP stream behind the frames capsd does not read
         (docs/design.md#keepalive-only-while-read)."""
         if self._blocked_on() is not None:
-            self.run_keepalive(False)
+            self.held_back = True
+            self.run_keepalive()
             closed = asyncio.ensure_future(self.ws.wait_closed())
             while not self.closed and not closed.done() and (event := self._blocked_on()) is not None:
                 waiting = asyncio.ensure_future(event.wait())
                 await asyncio.wait([waiting, closed], return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
             closed.cancel()
-        self.run_keepalive(not self.closed)
+            self.held_back = False
+        self.run_keepalive()
 
-    def run_keepalive(self, run: bool) -> None:
+    def run_keepalive(self) -> None:
+        """The keepalive runs while capsd reads the connection: not while it is closed, held back
+        by its own bounds, or waiting for the intake's room (docs/design.md#intake)."""
+        run = not (self.closed or self.held_back or self.ws.waiting)
         if run and self.keepalive is None:
             self.keepalive = asyncio.get_running_loop().create_task(self._keepalive())
         elif not run and self.keepalive is not None:
@@ -257,6 +272,7 @@ class Front:
         formatting: Formatting,
         not_ready: Callable[[], str | None],
         metrics: Metrics,
+        client_audio_bytes: Callable[[], int],
     ) -> None:
         self.cfg = cfg
         self.home = home  # a new task's home slot
@@ -265,6 +281,7 @@ class Front:
         self.metrics = metrics
         self.admitted: set[ServerConnection] = set()
         self.http = PlainHttp(self.answer_http)
+        self.intake = Intake(client_audio_bytes, cfg.max_message_bytes)
         self.clients: set[Client] = set()
         self.server: Server | None = None
         self.accepting = True  # False while stopping: new tasks are refused with shutting_down
@@ -279,7 +296,7 @@ class Front:
             self.cfg.port,
             max_size=self.cfg.max_message_bytes,  # a CapsWriter file frame is ~5.1 MB (docs/design.md#frame-size)
             process_request=self.admit,
-            create_connection=self.http.connection,  # plain HTTP answered there (docs/design.md#health-and-metrics)
+            create_connection=self.connection,
             max_queue=INCOMING_QUEUE,
             ping_interval=None,  # capsd runs its own (docs/design.md#keepalive-only-while-read)
             compression=None,
@@ -288,6 +305,11 @@ class Front:
             select_subprotocol=_binary_if_offered,
         )
         log.info("listening", addr=self.cfg.addr, port=self.cfg.port)
+
+    def connection(self, *args: Any, **kwargs: Any) -> Metered:
+        """serve()'s create_connection: plain HTTP answered first (docs/design.md#health-and-metrics),
+        then frames admitted by the intake (docs/design.md#intake)."""
+        return Metered(self.intake, self.http, *args, **kwargs)
 
     def keep(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -328,8 +350,9 @@ class Front:
         # One whole frame of audio always fits (a v1.x client sends a file as one frame).
         return max(MAX_BUFFERED_AUDIO_BYTES, self.cfg.max_message_bytes * 3 // 4)
 
-    async def handle(self, ws: ServerConnection) -> None:
-        client = Client(ws, self.max_buffered)
+    async def handle(self, ws: Metered) -> None:
+        client = Client(ws, self.max_buffered, self.intake)
+        ws.on_wait = client.run_keepalive
         self.clients.add(client)
         writer = asyncio.create_task(client.write())
         try:
@@ -339,6 +362,7 @@ class Front:
                 raw = await ws.recv()
                 client.reading = False
                 self.receive(client, raw)
+                ws.delivered()
         except ConnectionClosed as e:
             if e.sent and not e.rcvd_then_sent:  # websockets closed it for capsd: a frame over max_size, ...
                 if e.sent.code == CloseCode.MESSAGE_TOO_BIG:
@@ -348,7 +372,7 @@ class Front:
                     client.close(e.sent.code, e.sent.reason)
         finally:
             client.closed = True
-            client.run_keepalive(False)
+            client.run_keepalive()
             self.clients.discard(client)
             if client.open:
                 log.info("connection closed: tasks cancelled", peer=str(ws.remote_address), tasks=len(client.open))
@@ -374,7 +398,11 @@ class Front:
             return
         before = task.segmenter.buffered_bytes
         segments = task.segmenter.feed(frame.samples, frame.is_final)
-        client.buffered_bytes += task.segmenter.buffered_bytes - before
+        client.buffer(grown := task.segmenter.buffered_bytes - before)
+        if grown > 0 and self.intake.buffered_over(task.source == "mic"):
+            held = self.intake.buffered >> 20
+            task.fail("overloaded", f"capsd holds {held} MiB of audio not yet cut into segments, over its bound")
+            return
         for segment in segments:
             task.submit(segment)
 

@@ -84,10 +84,6 @@ class PlainHttp:
         self.refused = 0  # 503s since the last logged
         self.refused_logged = 0.0
 
-    def connection(self, *args: Any, **kwargs: Any) -> HttpFirst:
-        """serve()'s create_connection: websockets' connection, with the head read here first."""
-        return HttpFirst(self, *args, **kwargs)
-
     def answer(self, parser: h11.Connection, head: h11.Request | h11.RemoteProtocolError) -> bytes | None:
         """The bytes that answer a connection's first request, or None for a WebSocket handshake."""
         if isinstance(head, h11.RemoteProtocolError):
@@ -138,7 +134,7 @@ class HttpFirst(ServerConnection):
         if self.answered:
             return  # dropped: the lingering close reads until the client's end
         if self.parser is None:
-            super().data_received(data)
+            self.frames_received(data)
             return
         self.received += data
         self.read(self.parser, data)
@@ -157,13 +153,21 @@ class HttpFirst(ServerConnection):
         answer = self.plain.answer(parser, head)
         if answer is None:  # a WebSocket handshake, for websockets from its first byte
             self.parser = None
-            super().data_received(bytes(self.received))
+            end = self.received.find(b"\r\n\r\n") + 4  # as websockets reads it (h11 would take a bare LF)
+            end = len(self.received) if end < 4 else end
+            super().data_received(bytes(self.received[:end]))
+            if end < len(self.received):
+                self.frames_received(bytes(self.received[end:]))
         else:
             self.answered = True
             self.plain.open += 1
             self.transport.write(answer)
             self.transport.write_eof()
         self.received.clear()
+
+    def frames_received(self, data: bytes) -> None:
+        """What follows a WebSocket handshake (intake.Metered admits it frame by frame)."""
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.answered:
