@@ -362,6 +362,7 @@ class Front:
                 raw = await ws.recv()
                 client.reading = False
                 self.receive(client, raw)
+                del raw  # not held while the next frame is awaited: it may be 16 MiB
                 ws.delivered()
         except ConnectionClosed as e:
             if e.sent and not e.rcvd_then_sent:  # websockets closed it for capsd: a frame over max_size, ...

@@ -27,6 +27,11 @@ from capsd.supervisor.plainhttp import HttpFirst, PlainHttp
 # (docs/design.md#dictation-first).
 SMALL_FRAME_BYTES = 256 * 2**10
 MAX_HEADER_BYTES = 14  # 2, an extended length of 8, a mask of 4
+# websockets' parser keeps the last frame it parsed (a local of its generator) until it parses the
+# next one: a connection that waits would hold its last frame, up to max_message_bytes, uncounted.
+# An empty pong (which websockets ignores: it answers no ping) makes it let go once capsd has
+# taken the message.
+EMPTY_PONG = b"\x8a\x80\x00\x00\x00\x00"  # FIN and PONG; masked as a client's frames are; 0 long
 
 
 def frame_size(head: bytes | bytearray) -> tuple[int, bool, bool] | None:
@@ -156,6 +161,7 @@ class Metered(HttpFirst):
         self.next_message: tuple[int, bool] = (0, False)  # ... and what it adds to its message
         self.message = 0  # bytes of the frames admitted for the message not yet complete
         self.messages: deque[int] = deque()  # bytes of each complete message not yet delivered
+        self.taken = 0  # bytes of messages taken while websockets was in the next frame: let go at its end
         self.waiting = False  # for the intake's room, not read meanwhile
         self.on_wait: Callable[[], None] = lambda: None  # the client's keepalive follows `waiting`
 
@@ -191,6 +197,9 @@ class Metered(HttpFirst):
             del self.backlog[:n]
             self.frame_left -= n
             ServerConnection.data_received(self, chunk)
+            if not self.frame_left and self.taken:
+                self.intake.add(frames=-self.taken)
+                self.taken = 0
 
     def counted(self) -> None:
         size, fin = self.next_message
@@ -212,13 +221,22 @@ class Metered(HttpFirst):
         self.on_wait()
 
     def delivered(self) -> None:
-        """capsd has parsed the next message: its bytes are no longer held as a frame."""
-        if self.messages:
-            self.intake.add(frames=-self.messages.popleft())
+        """capsd has parsed the next message: once websockets lets go of it, its bytes are no
+        longer held as a frame."""
+        if not self.messages:
+            return
+        size = self.messages.popleft()
+        if self.frame_left:  # websockets is inside the next frame: it lets go of this one at its end
+            self.taken += size
+            return
+        if self.protocol.state is State.OPEN:
+            ServerConnection.data_received(self, EMPTY_PONG)
+        self.intake.add(frames=-size)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.intake.forget(self)
-        held, self.messages, self.message = sum(self.messages) + self.message, deque(), 0
+        held = sum(self.messages) + self.message + self.taken
+        self.messages, self.message, self.taken = deque(), 0, 0
         if held:
             self.intake.add(frames=-held)
         super().connection_lost(exc)
