@@ -36,8 +36,8 @@ EMPTY_PONG = b"\x8a\x80\x00\x00\x00\x00"  # FIN and PONG; masked as a client's f
 
 def frame_size(head: bytes | bytearray) -> tuple[int, bool, bool] | None:
     """A frame's whole length on the wire, whether it carries data (not a control frame) and
-    whether it ends its message, read from its first bytes; None while they hold less than its
-    header. Only the length is read: websockets parses and checks the frame."""
+    whether it ends its message, read from its first bytes; None while they do not hold its
+    length. Only that is read: websockets parses and checks the frame."""
     if len(head) < 2:
         return None
     length, start = head[1] & 0x7F, 2

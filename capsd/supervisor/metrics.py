@@ -112,3 +112,10 @@ class StatusCollector(Collector):
                                 value=status["memory"]["planned_bytes"])  # fmt: skip
         yield GaugeMetricFamily("capsd_memory_available_bytes", "Memory available to capsd when it planned",
                                 value=status["memory"]["available_bytes"])  # fmt: skip
+        intake = status["intake"]  # docs/design.md#intake
+        yield GaugeMetricFamily("capsd_intake_held_bytes", "Client audio the supervisor holds: frames, buffered, queued",
+                                value=intake["held_bytes"])  # fmt: skip
+        yield GaugeMetricFamily("capsd_intake_budget_bytes", "What the intake admits, from the memory plan",
+                                value=intake["budget_bytes"])  # fmt: skip
+        yield GaugeMetricFamily("capsd_intake_waiting_connections", "Connections not read until the intake has room",
+                                value=intake["connections_waiting"])  # fmt: skip
