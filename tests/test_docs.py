@@ -12,12 +12,15 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-CITING = ["capsd", "tests", "bench", "docs", "etc", "systemd", ".ci", "README.md", "pyproject.toml"]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CITING = ["capsd", "tests", "bench", "docs", "etc", "systemd", ".ci", "README.md", "CHANGELOG.md", "pyproject.toml"]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 # An anchor cited by document: "design.md" then "#" then the anchor (spelt apart so that this
-# file cites nothing), in code comments, docstrings and markdown links alike.
-CITATION = re.compile(r"(docs/design\.md|README\.md)" + "#" + r"([\w-]+)")
+# file cites nothing), in code comments, docstrings and markdown links alike. A document is named
+# from the repository's root in code ("docs/design.md") and relative to the citing file in links.
+CITATION = re.compile(r"((?:\.\./)?(?:docs/)?[\w-]+\.md)" + "#" + r"([\w-]+)")
 SAME_DOCUMENT = re.compile(r"\]\(" + "#" + r"([\w-]+)\)")
+# A relative link in a document: "](" then a path that is not a URL, up to an anchor or the end.
+LINK = re.compile(r"\]\((?![a-z]+:|#)([^)#\s]+)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 DOTTED = re.compile(r"(?:capsd|tests)(?:\.[A-Za-z_]\w*)+")
 RUN_MODULE = re.compile(r"python3? -m ((?:capsd|tests)(?:\.\w+)+)")
@@ -63,19 +66,38 @@ def test_github_anchor_keeps_underscores_and_hyphens() -> None:
     assert github_anchor("`capsctl status`: one row per slot") == "capsctl-status-one-row-per-slot"
 
 
+def cited_document(citing: Path, name: str) -> Path:
+    """The document a citation names: relative to the citing markdown file, else to the root."""
+    relative = (citing.parent / name).resolve()
+    return relative if citing.suffix == ".md" and relative.is_file() else ROOT / name
+
+
 def test_every_cited_anchor_names_a_heading() -> None:
-    known = {"docs/design.md": anchors(ROOT / "docs/design.md"), "README.md": anchors(ROOT / "README.md")}
     broken, checked = [], 0
     for path in citing_files():
         text = path.read_text(errors="replace")
-        cited = [(document, anchor) for document, anchor in CITATION.findall(text)]
+        cited = [(cited_document(path, document), anchor) for document, anchor in CITATION.findall(text)]
         if path.suffix == ".md":
-            document = "README.md" if path.name == "README.md" else "docs/design.md"
-            cited += [(document, anchor) for anchor in SAME_DOCUMENT.findall(text)]
-        broken += [f"{path.relative_to(ROOT)}: {d}#{a}" for d, a in cited if a not in known[d]]
+            cited += [(path, anchor) for anchor in SAME_DOCUMENT.findall(text)]
+        broken += [
+            f"{path.relative_to(ROOT)}: {d.relative_to(ROOT)}#{a}"
+            for d, a in cited
+            if not d.is_file() or a not in anchors(d)
+        ]
         checked += len(cited)
     assert not broken, "\n".join(broken)
     assert checked > 50, checked  # the patterns still find the citations
+
+
+def test_every_relative_link_in_the_docs_leads_to_a_file() -> None:
+    broken, checked = [], 0
+    for doc in DOCS:
+        for target in LINK.findall(doc.read_text()):
+            checked += 1
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not broken, "\n".join(broken)
+    assert checked > 10, checked
 
 
 def resolves(dotted: str) -> bool:
