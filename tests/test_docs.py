@@ -3,6 +3,7 @@ attribute and path the docs name exists. A reader who follows a comment's citati
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -36,6 +37,7 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.cache
 def anchors(document: Path) -> set[str]:
     found: set[str] = set()
     fenced = False
@@ -69,7 +71,7 @@ def test_github_anchor_keeps_underscores_and_hyphens() -> None:
 def cited_document(citing: Path, name: str) -> Path:
     """The document a citation names: relative to the citing markdown file, else to the root."""
     relative = (citing.parent / name).resolve()
-    return relative if citing.suffix == ".md" and relative.is_file() else ROOT / name
+    return relative if citing.suffix == ".md" and relative.is_file() and ROOT in relative.parents else ROOT / name
 
 
 def test_every_cited_anchor_names_a_heading() -> None:
