@@ -8,6 +8,12 @@ LONGEST_SEGMENT_S = 120 in the plan (onnxruntime's arena keeps the peak of the l
 docs/design.md#the-arena-keeps-its-peak). This is repeated --decodes times, since a worker's RSS may still creep
 up over the first few long decodes.
 
+Before the last round, the workers are stopped while clients send never-final tasks of the
+longest frames capsd admits ([server] max_message_bytes, 16 MiB: 196 s of audio), on more
+connections than the intake's budget holds (docs/design.md#intake), until it is full; then the
+workers go on and the round is decoded while those clients keep sending: the supervisor is
+planned for all the intake admits, however fast the model drains it.
+
 Measured is the peak RSS (VmHWM) of every process, which is what an OOM kill or a cgroup limit
 meets: each worker's, and the supervisor's (the daemon's process plus multiprocessing's resource
 tracker). "loaded" is a worker's RSS when ready, before any decode, and "now" after the last.
@@ -20,7 +26,13 @@ shared library pages in every process: an upper bound of what the cgroup is char
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +40,56 @@ from common import check_exact, machine, models, rss, task_ids, tone_file, trans
 
 from capsd import config, preflight
 from capsd.protocol import LONGEST_SEGMENT_S
-from tests.support.client import file_frames
+from tests.support.checks import wait_for
+from tests.support.client import connect, file_frames, frame
 from tests.support.daemon import Capsd
 
 MIB = 2**20
 LONGEST_SEG = (60.0, 59.99)  # seg_duration <= 60, seg_overlap < seg_duration (docs/design.md#the-protocol)
 LOW, HIGH = 1.0, 1.3
+FLOOD_FRAME_S = 196  # the longest frame the default max_message_bytes admits (JSON, base64 float32)
+
+
+@contextlib.contextmanager
+def flooded(capsd: Capsd, count: int) -> Iterator[None]:
+    """Meanwhile, clients send never-final tasks of the longest frames, as fast as capsd reads
+    them (in a thread of their own, so the bench's own clients are not delayed); it begins with
+    the intake full, filled while the workers were stopped."""
+    samples, _ = tone_file(FLOOD_FRAME_S, seed=7)
+    url, workers = capsd.url, [capsd.worker_pid(slot) for slot in range(count)]
+    done = threading.Event()
+
+    async def client(task_id: str) -> None:
+        async with connect(url) as ws:
+            message = frame(task_id, samples, False, "file", LONGEST_SEG)
+            while not done.is_set():
+                await ws.send(message)  # waits while capsd does not read
+
+    async def flood() -> None:
+        clients = [asyncio.create_task(client(f"flood-{n}")) for n in range(count + 4)]
+        await asyncio.to_thread(done.wait)
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+
+    def full() -> bool:
+        intake = capsd.status()["intake"]
+        return intake["connections_waiting"] > 0 and intake["held_bytes"] >= intake["budget_bytes"] - 16 * MIB
+
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    thread = threading.Thread(target=asyncio.run, args=(flood(),))
+    thread.start()
+    try:
+        wait_for(full, 120, "the intake full")
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        yield
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        done.set()
+        thread.join()
 
 
 def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, exact: bool) -> dict[str, Any]:
@@ -47,7 +103,8 @@ def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, 
             for slot, task_id in enumerate(task_ids(list(range(count)), count)):
                 samples, digits = tone_file(seconds, seed=100 * n + slot)
                 tasks[task_id] = (file_frames(task_id, samples, seg=LONGEST_SEG), digits)
-            _, finals = transcribe(capsd.url, {t: frames for t, (frames, _) in tasks.items()})
+            with flooded(capsd, count) if n == decodes - 1 else contextlib.nullcontext():
+                _, finals = transcribe(capsd.url, {t: frames for t, (frames, _) in tasks.items()})
             for task_id, (_, digits) in tasks.items():
                 if exact:
                     check_exact(finals[task_id], digits)
