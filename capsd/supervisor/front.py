@@ -361,9 +361,14 @@ class Front:
                 client.reading = True
                 raw = await ws.recv()
                 client.reading = False
-                self.receive(client, raw)
-                del raw  # not held while the next frame is awaited: it may be 16 MiB
-                ws.delivered()
+                ws.took()  # websockets lets go of its frame (docs/design.md#intake)
+                try:
+                    parsed: AudioFrame | BadRequest = parse_frame(raw)
+                except BadRequest as e:
+                    parsed = e
+                del raw  # held neither while its audio is cut nor until the next frame: it may be 16 MiB
+                self.receive(client, parsed)
+                ws.parsed()
         except ConnectionClosed as e:
             if e.sent and not e.rcvd_then_sent:  # websockets closed it for capsd: a frame over max_size, ...
                 if e.sent.code == CloseCode.MESSAGE_TOO_BIG:
@@ -380,11 +385,9 @@ class Front:
                 client.cancel_tasks()
             writer.cancel()
 
-    def receive(self, client: Client, raw: str | bytes) -> None:
-        try:
-            frame = parse_frame(raw)
-        except BadRequest as e:
-            self.refuse_frame(client, e)
+    def receive(self, client: Client, frame: AudioFrame | BadRequest) -> None:
+        if isinstance(frame, BadRequest):
+            self.refuse_frame(client, frame)
             return
         if client.dropped(frame.task_id, frame.is_final):
             return

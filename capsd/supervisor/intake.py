@@ -193,7 +193,8 @@ class Metered(HttpFirst):
                     self.counted()
                 self.frame_left = size
             n = min(self.frame_left, len(self.backlog))
-            chunk = bytes(self.backlog[:n])
+            with memoryview(self.backlog) as view:
+                chunk = bytes(view[:n])
             del self.backlog[:n]
             self.frame_left -= n
             ServerConnection.data_received(self, chunk)
@@ -220,18 +221,22 @@ class Metered(HttpFirst):
         self.gate.hold("intake", waiting)
         self.on_wait()
 
-    def delivered(self) -> None:
-        """capsd has parsed the next message: once websockets lets go of it, its bytes are no
-        longer held as a frame."""
+    def took(self) -> None:
+        """capsd has taken the next message: websockets lets go of its last frame now, or at the
+        end of the next frame if it is inside that one."""
+        if not self.frame_left and self.protocol.state is State.OPEN:
+            ServerConnection.data_received(self, EMPTY_PONG)
+
+    def parsed(self) -> None:
+        """capsd has parsed the message it took, and holds its audio as its own: once websockets
+        has let go of the frame, its bytes are no longer held as a frame."""
         if not self.messages:
             return
         size = self.messages.popleft()
         if self.frame_left:  # websockets is inside the next frame: it lets go of this one at its end
             self.taken += size
-            return
-        if self.protocol.state is State.OPEN:
-            ServerConnection.data_received(self, EMPTY_PONG)
-        self.intake.add(frames=-size)
+        else:
+            self.intake.add(frames=-size)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.intake.forget(self)
