@@ -366,8 +366,11 @@ class Front:
                     parsed: AudioFrame | BadRequest = parse_frame(raw)
                 except BadRequest as e:
                     parsed = e
-                del raw  # held neither while its audio is cut nor until the next frame: it may be 16 MiB
+                # Neither the text (up to 16 MiB) nor its audio is held longer than it takes to
+                # parse and cut it: not while the next frame is awaited (docs/design.md#intake).
+                del raw
                 self.receive(client, parsed)
+                del parsed
                 ws.parsed()
         except ConnectionClosed as e:
             if e.sent and not e.rcvd_then_sent:  # websockets closed it for capsd: a frame over max_size, ...

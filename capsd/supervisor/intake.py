@@ -88,9 +88,10 @@ class Intake:
         return self.held + size <= budget or (self.frames == 0 and self.queued == 0)
 
     def buffered_over(self, urgent: bool) -> bool:
-        """Whether the audio not yet cut, of every task, is over the budget (for a mic task, over
-        the budget and dictation's reserve): it cannot drain by waiting (docs/design.md#intake)."""
-        return self.buffered > self.budget + (DICTATION_RESERVE_BYTES if urgent else 0)
+        """Whether the audio not yet cut, of every task, is over its bound: the budget less one of
+        the longest frames, so that such a frame fits beside it (for a mic task, dictation's
+        reserve too). It cannot drain by waiting (docs/design.md#intake)."""
+        return self.buffered > self.budget - self.max_frame + (DICTATION_RESERVE_BYTES if urgent else 0)
 
     def admit(self, meter: Metered, size: int, small: bool) -> bool:
         """A frame of `size` bytes starts on `meter`'s connection: admitted (and counted) now, or
