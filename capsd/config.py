@@ -236,24 +236,3 @@ def load(arg: str | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     return from_dict(data, source=str(path))
-
-
-def fallback_runtime_dir() -> Path:
-    """Where a user without $XDG_RUNTIME_DIR keeps the control socket: in /tmp, so it must be private."""
-    return Path(f"/tmp/capsd-{os.geteuid()}")
-
-
-# The system service's socket: systemd/capsd.service has RuntimeDirectory=capsd.
-SYSTEM_SOCKET = Path("/run/capsd/control.sock")
-
-
-def control_socket(cfg_socket: str) -> Path:
-    """The control socket path; capsd and capsctl resolve the same default."""
-    if cfg_socket:
-        return Path(cfg_socket)
-    if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=capsd
-        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
-    if os.geteuid() == 0:
-        return SYSTEM_SOCKET
-    runtime = Path(os.environ["XDG_RUNTIME_DIR"]) if os.environ.get("XDG_RUNTIME_DIR") else fallback_runtime_dir()
-    return runtime / "capsd" / "control.sock"

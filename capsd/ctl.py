@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 
 from capsd.cli import Parser
-from capsd.config import SYSTEM_SOCKET, control_socket
+from capsd.control_protocol import DRAIN_TIMEOUT_S, Refused
 from capsd.protocol import RATE, file_frames
-from capsd.supervisor.control import DRAIN_TIMEOUT_S, BadRequest, NoSlot, PlanRefused
+from capsd.socketpath import SYSTEM_SOCKET, control_socket
 
 EX_FAILED = 1  # the transcription got an error frame, or capsd could not do what was asked
 EX_PLAN_REFUSED = os.EX_TEMPFAIL  # 75: scale refused by the memory plan; nothing changed, retry when memory is free
 # What capsd refused, as capsctl's exit code; anything else capsd could not do is EX_FAILED.
-EXIT_CODES = {BadRequest.refused: os.EX_USAGE, NoSlot.refused: os.EX_DATAERR, PlanRefused.refused: EX_PLAN_REFUSED}
+EXIT_CODES = {Refused.BAD_REQUEST: os.EX_USAGE, Refused.NO_SLOT: os.EX_DATAERR, Refused.MEMORY_PLAN: EX_PLAN_REFUSED}
 DEFAULT_URL = "ws://127.0.0.1:6016"
 STATUS_TIMEOUT_S, TRANSCRIBE_TIMEOUT_S = 10.0, 300.0  # without --timeout
 MAX_TIMEOUT_S = 86400  # a day; a socket timeout must fit in a C timeval

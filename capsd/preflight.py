@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsd import memory, models, textformat
-from capsd.config import Config, ConfigError, control_socket
+from capsd.config import Config, ConfigError
 from capsd.protocol import LONGEST_SEGMENT_S
-from capsd.supervisor import control
-from capsd.worker.main import WorkerSpec
+from capsd.socketpath import control_socket, in_use, path_problem
+from capsd.worker.messages import WorkerSpec
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def check_listen(cfg: Config, beside_running: bool = False) -> Path:
     """
     check_addr(cfg.server.addr)
     path = control_socket(cfg.control.socket)
-    problem = control.path_problem(path) or (None if beside_running else control.in_use(path))
+    problem = path_problem(path) or (None if beside_running else in_use(path))
     if problem:
         shown = repr(cfg.control.socket) if cfg.control.socket else f"'' (default {path})"
         raise ConfigError(f"config: [control] socket = {shown} is refused: {problem}")

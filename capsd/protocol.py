@@ -13,6 +13,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,21 @@ MAX_TASK_ID_CHARS = 256
 
 FILE_FRAME_S = 60.0  # CapsWriter's file client sends 60 s per frame ...
 FILE_SEG = (25.0, 2.0)  # ... with file_seg_duration = 25, file_seg_overlap = 2
+
+
+class ErrorCode(str, Enum):
+    """The `error.code` of a final frame that ends a task capsd could not complete (CONTRACT.md 3.):
+    a `str`, so the frame's JSON is the bare string."""
+
+    BAD_REQUEST = "bad_request"  # a malformed frame
+    WORKER_CRASHED = "worker_crashed"  # a worker died while decoding one of the task's segments
+    WORKER_HUNG = "worker_hung"  # a worker stopped answering and was killed
+    WORKER_RESTARTED = "worker_restarted"  # a forced restart, or a graceful drain that timed out
+    OVERLOADED = "overloaded"  # a bound was reached
+    SHUTTING_DOWN = "shutting_down"  # capsd is stopping
+
+    def __str__(self) -> str:  # in logs, metrics labels and messages: the bare string
+        return self.value
 
 
 def clip(text: str, limit: int = 64) -> str:
@@ -215,7 +231,7 @@ class Result:
     timestamps: tuple[float, ...] | list[float] = ()
     is_final: bool = False
 
-    def to_json(self, error: tuple[str, str] | None = None) -> str:
+    def to_json(self, error: tuple[ErrorCode, str] | None = None) -> str:
         frame: dict[str, Any] = {
             "task_id": self.task_id,
             "is_final": self.is_final,
@@ -235,6 +251,6 @@ class Result:
                 text_accu="",
                 tokens=[],
                 timestamps=[],
-                error={"code": error[0], "message": error[1]},
+                error={"code": str(error[0]), "message": error[1]},
             )
         return json.dumps(frame, ensure_ascii=False)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from capsd import config, models
+from capsd import config, models, socketpath
 from capsd.config import Config, ConfigError
 
 pytestmark = pytest.mark.unit
@@ -371,24 +371,24 @@ def runtime_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_control_socket_configured_path_wins(runtime_env: pytest.MonkeyPatch) -> None:
     runtime_env.setenv("RUNTIME_DIRECTORY", "/run/capsd")
     runtime_env.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.control_socket("/srv/c.sock") == Path("/srv/c.sock")
+    assert socketpath.control_socket("/srv/c.sock") == Path("/srv/c.sock")
 
 
 @pytest.mark.parametrize("euid", [0, 1000])
 def test_control_socket_under_systemd(runtime_env: pytest.MonkeyPatch, euid: int) -> None:
-    runtime_env.setattr(config.os, "geteuid", lambda: euid)
+    runtime_env.setattr(socketpath.os, "geteuid", lambda: euid)
     runtime_env.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     runtime_env.setenv("RUNTIME_DIRECTORY", "/run/capsd-x")
-    assert config.control_socket("") == Path("/run/capsd-x/control.sock")
+    assert socketpath.control_socket("") == Path("/run/capsd-x/control.sock")
     # Several RuntimeDirectory= entries: systemd joins them with ":".
     runtime_env.setenv("RUNTIME_DIRECTORY", "/run/capsd:/run/other")
-    assert config.control_socket("") == Path("/run/capsd/control.sock")
+    assert socketpath.control_socket("") == Path("/run/capsd/control.sock")
 
 
 def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
     if os.geteuid() != 0:
         pytest.skip("not running as root")
-    assert config.control_socket("") == Path("/run/capsd/control.sock")
+    assert socketpath.control_socket("") == Path("/run/capsd/control.sock")
 
 
 @pytest.mark.parametrize(
@@ -403,10 +403,10 @@ def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
 def test_control_socket_outside_systemd(
     runtime_env: pytest.MonkeyPatch, euid: int, xdg: str | None, expected: str
 ) -> None:
-    runtime_env.setattr(config.os, "geteuid", lambda: euid)
+    runtime_env.setattr(socketpath.os, "geteuid", lambda: euid)
     if xdg:
         runtime_env.setenv("XDG_RUNTIME_DIR", xdg)
-    assert config.control_socket("") == Path(expected)
+    assert socketpath.control_socket("") == Path(expected)
 
 
 def test_repo_config_file_is_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -457,6 +457,6 @@ def test_find_path_default_below_a_file_is_absent(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_fallback_runtime_dir_is_per_user(runtime_env: pytest.MonkeyPatch) -> None:
-    runtime_env.setattr(config.os, "geteuid", lambda: 1234)
-    assert config.fallback_runtime_dir() == Path("/tmp/capsd-1234")
-    assert config.control_socket("").parent.parent == config.fallback_runtime_dir()
+    runtime_env.setattr(socketpath.os, "geteuid", lambda: 1234)
+    assert socketpath.fallback_runtime_dir() == Path("/tmp/capsd-1234")
+    assert socketpath.control_socket("").parent.parent == socketpath.fallback_runtime_dir()

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 import capsd
+from capsd.control_protocol import ControlError, Request, parse_request
 from capsd.selftest.tones import synth, write_wav
-from capsd.supervisor.control import ControlError, Request, parse_request
 from tests.support.checks import assert_exact, run_client
 from tests.support.daemon import free_port, toml_value
 

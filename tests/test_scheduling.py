@@ -16,8 +16,7 @@ from capsd.segment import Segment, Segmenter
 from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.slot import ExitReason, Slot, job_deadline
 from capsd.supervisor.task import INLINE_FINAL_TOKENS, MAX_TASK_S, PARTIAL_INTERVAL_S, Task
-from capsd.worker.main import WorkerSpec
-from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop
+from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop, WorkerSpec
 
 pytestmark = pytest.mark.unit
 

@@ -1,8 +1,8 @@
-"""The control socket: one JSON request line in, one JSON reply line out.
+"""The control socket: one JSON request line in (`capsd.control_protocol`), one JSON reply line out.
 
 Mode 0660: root and the service's group may control capsd; anyone else cannot connect.
-capsd takes its socket path only when nothing is there or a stale socket is (one nobody listens
-on), and at stop removes the path only while it is still the socket capsd bound.
+capsd takes its socket path only when nothing is there or a stale socket is (`capsd.socketpath`),
+and at stop removes the path only while it is still the socket capsd bound.
 """
 
 from __future__ import annotations
@@ -10,170 +10,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import socket
-import stat
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
-from capsd.config import control_socket, fallback_runtime_dir
-from capsd.supervisor.slot import DRAIN_TIMEOUT_S
-
-if TYPE_CHECKING:
-    from capsd.supervisor.daemon import Daemon
+from capsd.control_protocol import DRAIN_TIMEOUT_S, BadRequest, ControlError, NoSlot, Refused, Request, parse_request
+from capsd.socketpath import control_socket, fallback_runtime_dir, in_use, path_problem
+from capsd.supervisor.slot import Slot
 
 log = structlog.get_logger("capsd.control")
 MAX_REQUEST_BYTES = 64 * 1024  # one request line; capsctl's are under 100 bytes
 IDLE_TIMEOUT_S = 10.0  # a connection without a whole request line by then is answered and closed
-UNIX_PATH_MAX = 107  # sockaddr_un.sun_path: 108 bytes with the terminating NUL
-COMMANDS = {"status": set(), "restart-worker": {"slot", "force", "timeout"}, "scale": {"count", "timeout"}}
+class Controlled(Protocol):
+    """What the control socket asks of the daemon."""
+
+    state: str
+    count: int
+    slots: Sequence[Slot]
+    changing: asyncio.Lock
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def scale(self, count: int, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, Any]: ...
+
+    async def restart(self, slot: Slot, force: bool = False, timeout: float | None = None) -> dict[str, Any]: ...
+
+    async def rolling_restart(self, force: bool = False, timeout: float | None = None) -> list[dict[str, Any]]: ...
 
 
-MAX_COUNT = 1_000_000  # slots a scale may ask for: the memory plan refuses far fewer; this keeps its sums finite
-
-
-class ControlError(Exception):
-    """capsd could not do what was asked; `refused` is the kind, which capsctl maps to its exit code."""
-
-    refused = "failed"
-
-
-class BadRequest(ControlError):
-    refused = "bad request"
-
-
-class NoSlot(ControlError):
-    refused = "no slot"
-
-
-class PlanRefused(ControlError):
-    refused = "memory plan"
-
-
-@dataclass(frozen=True)
-class Request:
-    cmd: str
-    slot: int | None = 0  # None: every slot, one after another (a rolling restart)
-    force: bool = False
-    timeout: float | None = None  # the drain limit; None: slot.DRAIN_TIMEOUT_S
-    count: int = 0  # scale: the new number of slots
-
-
-def parse_request(line: bytes) -> Request:
-    """The whole request, checked before anything is done; ControlError says what is wrong."""
-    try:
-        request = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
-        raise BadRequest("bad request: not a line of JSON") from None
-    if not isinstance(request, dict):
-        raise BadRequest("bad request: not a JSON object")
-    cmd = request.get("cmd")
-    if not isinstance(cmd, str) or cmd not in COMMANDS:
-        raise BadRequest(f"bad request: cmd = {_show(cmd)}: allowed is one of {', '.join(map(repr, COMMANDS))}")
-    unknown = sorted(set(request) - COMMANDS[cmd] - {"cmd"})
-    if unknown:
-        raise BadRequest(f"bad request: {cmd} takes no {', '.join(map(_show, unknown))}")
-    if cmd == "status":
-        return Request(cmd)
-    timeout = request.get("timeout")
-    seconds = None if timeout is None else _seconds(timeout)
-    if timeout is not None and seconds is None:
-        raise BadRequest(f"bad request: timeout = {_show(timeout)}: allowed is null or a positive number of seconds")
-    if cmd == "scale":
-        count = request.get("count")
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
-            raise BadRequest(f"bad request: count = {_show(count)}: allowed is a number of slots, 1..{MAX_COUNT}")
-        return Request(cmd, timeout=seconds, count=count)
-    slot, force = request.get("slot"), request.get("force", False)
-    if slot == "all":
-        slot = None
-    elif not isinstance(slot, int) or isinstance(slot, bool):
-        raise BadRequest(f"bad request: slot = {_show(slot)}: allowed is a slot number (an integer) or \"all\"")
-    if not isinstance(force, bool):
-        raise BadRequest(f"bad request: force = {_show(force)}: allowed is true or false")
-    return Request(cmd, slot, force, seconds)
-
-
-def _seconds(value: Any) -> float | None:
-    """`value` as a positive, finite number of seconds, else None."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    try:
-        seconds = float(value)
-    except OverflowError:  # an integer beyond any float
-        return None
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _error(message: str, refused: str = BadRequest.refused) -> dict[str, Any]:
+def _error(message: str, refused: Refused = BadRequest.refused) -> dict[str, Any]:
     return {"ok": False, "error": message, "refused": refused}
-
-
-# -- the socket's path ------------------------------------------------------------------------
-
-
-def path_problem(path: Path) -> str | None:
-    """Why capsd may not take `path` for its control socket; None when nothing or a socket is there."""
-    size = len(os.fsencode(path))
-    if size > UNIX_PATH_MAX:
-        return f"{path} is {size} bytes long; a unix socket path has at most {UNIX_PATH_MAX}"
-    private = fallback_runtime_dir()
-    if private in path.parents and (problem := private_dir_problem(private)):
-        return problem
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return f"cannot look at {path}: {e.strerror}"
-    if not stat.S_ISSOCK(mode):
-        return f"{path} exists and is not a socket; capsd replaces nothing but a stale socket"
-    return None
-
-
-def private_dir_problem(directory: Path) -> str | None:
-    """Anyone may create a directory in /tmp first: capsd uses it only if it is its user's alone."""
-    try:
-        st = os.lstat(directory)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return f"cannot look at {directory}: {e.strerror}"
-    uid = os.geteuid()
-    if not stat.S_ISDIR(st.st_mode):
-        why = "is not a directory"
-    elif st.st_uid != uid:
-        why = f"is owned by uid {st.st_uid}"
-    elif st.st_mode & 0o077:
-        why = f"has mode {stat.S_IMODE(st.st_mode):04o}"
-    else:
-        return None
-    return (
-        f"{directory} {why}; it must be a directory of mode 0700 owned by capsd's user (uid {uid}): "
-        "remove it, or set $XDG_RUNTIME_DIR or [control] socket"
-    )
-
-
-def in_use(path: Path) -> str | None:
-    """Why the socket at `path` is not stale (someone listens on it, or capsd cannot tell); None if stale."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(5)  # a listener with a full backlog makes connect wait
-        try:
-            probe.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        except OSError as e:
-            return f"cannot tell whether {path} is in use: {e.strerror or e}"
-    return f"another process is listening on {path}"
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -187,7 +57,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 
 class ControlServer:
-    def __init__(self, configured: str, daemon: Daemon) -> None:
+    def __init__(self, configured: str, daemon: Controlled) -> None:
         self.path = control_socket(configured)
         self.daemon = daemon
         self.server: asyncio.AbstractServer | None = None

@@ -23,15 +23,15 @@ import structlog
 from capsd import __version__, memory, preflight
 from capsd import log as logs
 from capsd.config import Config, ConfigError
-from capsd.protocol import LONGEST_SEGMENT_S, clip, route
+from capsd.control_protocol import DRAIN_TIMEOUT_S, ControlError, PlanRefused
+from capsd.protocol import LONGEST_SEGMENT_S, ErrorCode, clip, route
 from capsd.supervisor import control, notify
-from capsd.supervisor.control import ControlError, PlanRefused
 from capsd.supervisor.front import Front
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.queue import Waiting
-from capsd.supervisor.slot import DRAIN_TIMEOUT_S, ExitReason, Incarnation, LastExit, Slot, SlotState
+from capsd.supervisor.slot import ExitReason, Incarnation, LastExit, Slot, SlotState
 from capsd.supervisor.task import Formatting
-from capsd.worker.main import WorkerSpec
+from capsd.worker.messages import WorkerSpec
 
 log = structlog.get_logger("capsd.supervisor")
 
@@ -577,7 +577,7 @@ class Daemon:
             await asyncio.sleep(0.1)  # polled: once, at a stop, for at most stop_timeout_s
         for slot in self.slots:
             for task in list(slot.open_tasks):
-                task.fail("shutting_down", "capsd is stopping")
+                task.fail(ErrorCode.SHUTTING_DOWN, "capsd is stopping")
         # Nothing needs the workers now: they stop while the connections close.
         await asyncio.gather(self.front.close(), self.stop_workers())
         self.control.stop()  # status answered to the end: what a drain still holds is what operators ask

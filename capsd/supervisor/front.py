@@ -22,7 +22,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from capsd.config import ServerConfig
-from capsd.protocol import AudioFrame, BadRequest, Result, clip, parse_frame
+from capsd.protocol import AudioFrame, BadRequest, ErrorCode, Result, clip, parse_frame
 from capsd.segment import Segmenter
 from capsd.supervisor.intake import Intake, Metered
 from capsd.supervisor.metrics import Metrics
@@ -401,7 +401,7 @@ class Front:
             del client.receiving[task.task_id]
             task.final_received = time.monotonic()
         if client.buffered_bytes + frame.samples.nbytes > client.max_buffered:
-            task.fail("overloaded", f"more than {client.max_buffered >> 20} MiB of audio buffered on this connection")
+            task.fail(ErrorCode.OVERLOADED, f"more than {client.max_buffered >> 20} MiB of audio buffered on this connection")
             return
         before = task.segmenter.buffered_bytes
         segments = task.segmenter.feed(frame.samples, frame.is_final)
@@ -417,12 +417,12 @@ class Front:
         """A new task, or None when it is refused (with its final frame)."""
         slot = self.home(frame.task_id)
         if not self.accepting:  # tasks in progress may finish; new ones cannot
-            refusal = ("shutting_down", "capsd is stopping")
+            refusal = (ErrorCode.SHUTTING_DOWN, "capsd is stopping")
         elif len(client.receiving) >= MAX_OPEN_TASKS:
-            refusal = ("overloaded", f"{MAX_OPEN_TASKS} tasks are already open on this connection")
+            refusal = (ErrorCode.OVERLOADED, f"{MAX_OPEN_TASKS} tasks are already open on this connection")
         elif slot.full(urgent := frame.source == "mic"):  # dictation has a reserve of its own
             kind, bound = ("mic", f"its reserve of {MIC_RESERVE}") if urgent else ("file", f"queue_limit {slot.queue_limit}")
-            refusal = ("overloaded", f"slot {slot.index} has {kind} jobs waiting up to {bound}")
+            refusal = (ErrorCode.OVERLOADED, f"slot {slot.index} has {kind} jobs waiting up to {bound}")
         else:
             if frame.asked_seg_duration > frame.seg_duration and not client.told_seg_duration:
                 client.told_seg_duration = True
@@ -436,7 +436,7 @@ class Front:
             return task
         now = time.time()
         slot.count(frame.source, refusal[0])
-        log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=refusal[0], reason=refusal[1])
+        log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=str(refusal[0]), reason=refusal[1])
         error_frame = Result(frame.task_id, frame.time_start, now, now).to_json(error=refusal)
         if frame.is_final:
             client.send(error_frame)
@@ -453,13 +453,13 @@ class Front:
         if task is not None:
             if e.is_final:
                 del client.receiving[task.task_id]
-            task.fail("bad_request", str(e))  # a task missing a frame cannot be exact
+            task.fail(ErrorCode.BAD_REQUEST, str(e))  # a task missing a frame cannot be exact
             return
         now = time.time()
         time_start = now if e.time_start is None else e.time_start
-        error_frame = Result(e.task_id, time_start, now, now).to_json(error=("bad_request", str(e)))
+        error_frame = Result(e.task_id, time_start, now, now).to_json(error=(ErrorCode.BAD_REQUEST, str(e)))
         if e.task_id:  # a task refused at its first frame
-            self.home(e.task_id).count(e.source, "bad_request")
+            self.home(e.task_id).count(e.source, ErrorCode.BAD_REQUEST)
         else:
             self.metrics.bad_frames.inc()
         if e.task_id and not e.is_final:

@@ -36,19 +36,19 @@ from typing import Any
 import psutil
 import structlog
 
+from capsd.control_protocol import DRAIN_TIMEOUT_S
+from capsd.protocol import ErrorCode
 from capsd.segment import Segment
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.task import Task
 from capsd.worker import main as worker
-from capsd.worker.main import WorkerSpec
-from capsd.worker.messages import Beat, Decode, Decoded, Format, Job, Ready, Reply, Stop
+from capsd.worker.messages import Beat, Decode, Decoded, Format, Job, Ready, Reply, Stop, WorkerSpec
 
 log = structlog.get_logger("capsd.slot")
 
 # spawn, not fork: the supervisor runs an event loop and threads (docs/design.md#fork-with-a-running-loop).
 _mp = multiprocessing.get_context("spawn")
-DRAIN_TIMEOUT_S = 30.0  # a graceful recycle waits this long for the job in its worker, then forces
 BUSY_WINDOW_S = 60.0  # status shows the share of this last stretch spent on jobs
 # A job's deadline (docs/design.md#deadlines): its audio times the slot's measured seconds per
 # audio second, times this, and never less than heartbeat_timeout_s.
@@ -85,9 +85,9 @@ class ExitReason(Enum):
     REQUESTED = "requested"
 
     @property
-    def code(self) -> str:
-        return {ExitReason.HUNG: "worker_hung", ExitReason.RSS: "worker_restarted",
-                ExitReason.REQUESTED: "worker_restarted"}.get(self, "worker_crashed")  # fmt: skip
+    def code(self) -> ErrorCode:
+        return {ExitReason.HUNG: ErrorCode.WORKER_HUNG, ExitReason.RSS: ErrorCode.WORKER_RESTARTED,
+                ExitReason.REQUESTED: ErrorCode.WORKER_RESTARTED}.get(self, ErrorCode.WORKER_CRASHED)  # fmt: skip
 
     @property
     def counts(self) -> bool:

@@ -21,16 +21,15 @@ import structlog
 
 from capsd import textformat
 from capsd.merge import PartialResult, realign
-from capsd.protocol import Result, clip
+from capsd.protocol import ErrorCode, Result, clip
 from capsd.segment import Segment, Segmenter
+from capsd.worker.messages import MIN_DECODE_SAMPLES
 
 if TYPE_CHECKING:
     from capsd.supervisor.slot import Slot
 
 log = structlog.get_logger("capsd.task")
 _keys = itertools.count(1)
-# Shorter than one 25 ms fbank window: nothing to recognise; merged as empty without a worker.
-MIN_DECODE_SAMPLES = 400
 # Partial frames carry the whole task so far (docs/design.md#long-tasks): at most one per
 # PARTIAL_INTERVAL_S, and no more than PARTIAL_BYTES_PER_S of them, the latest merged state.
 PARTIAL_INTERVAL_S = 0.5
@@ -106,7 +105,7 @@ class Task:
             return
         if segment.end > MAX_TASK_S:
             self.fail(
-                "overloaded", f"the task is longer than {MAX_TASK_S / 3600:g} h of audio, the longest capsd takes"
+                ErrorCode.OVERLOADED, f"the task is longer than {MAX_TASK_S / 3600:g} h of audio, the longest capsd takes"
             )
         elif len(segment.samples) < MIN_DECODE_SAMPLES:
             self.segment_decoded(segment, [], [], time.time())
@@ -193,7 +192,7 @@ class Task:
             self.slot.metrics.latency.labels(self.source).observe(time.monotonic() - self.final_received)
         self.slot.finished(self, "done")
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: ErrorCode, message: str) -> None:
         """Forget the task; its client gets a complete error frame as its final frame."""
         if self.done:
             return
@@ -202,7 +201,7 @@ class Task:
         now = time.time()
         result = Result(self.task_id, self.time_start, self.time_submit or now, now, self.partial.duration)
         self.owner.ended(self, result.to_json(error=(code, message)))
-        log.warning("task failed", slot=self.slot.index, task=clip(self.task_id), code=code, reason=message)
+        log.warning("task failed", slot=self.slot.index, task=clip(self.task_id), code=str(code), reason=message)
         self.slot.finished(self, code)
 
     def cancel(self) -> None:

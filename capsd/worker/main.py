@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -25,32 +24,22 @@ import structlog
 from capsd import log as logs
 from capsd import memory, models, textformat
 from capsd.protocol import RATE
-from capsd.worker.messages import BEAT_S, Beat, Decode, Decoded, Format, Formatted, Ready
+from capsd.worker.messages import (
+    BEAT_S,
+    MIN_DECODE_SAMPLES,
+    Beat,
+    Decode,
+    Decoded,
+    Format,
+    Formatted,
+    Ready,
+    WorkerSpec,
+)
 
 log = structlog.get_logger("capsd.worker")
 
-# Shorter than one 25 ms fbank window: nothing to recognise, and some models (CTC) raise on it.
-MIN_DECODE_SAMPLES = 400
 WARM_UP_S = 2.0  # audio decoded once at load: the slot's first measure of this worker's speed
 PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs, picklable for the spawn start method."""
-
-    model_type: str
-    files: dict[str, Path]
-    threads: int
-    punctuation: str = ""  # punctuation model dir, "" = none
-    log_level: str = "info"
-    log_format: str = "auto"
-    model_dir: str = ""  # where `files` are, as status shows it
-
-    @property
-    def model(self) -> dict[str, str]:
-        """The model as status shows it, per slot."""
-        return {"type": self.model_type, "dir": self.model_dir, "punctuation": self.punctuation}
 
 
 class Recognizer:

@@ -10,8 +10,35 @@ tells a live worker from a hung one whatever the job's length (docs/design.md#de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+# -- what a worker is -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, picklable for the spawn start method."""
+
+    model_type: str
+    files: dict[str, Path]
+    threads: int
+    punctuation: str = ""  # punctuation model dir, "" = none
+    log_level: str = "info"
+    log_format: str = "auto"
+    model_dir: str = ""  # where `files` are, as status shows it
+
+    @property
+    def model(self) -> dict[str, str]:
+        """The model as status shows it, per slot."""
+        return {"type": self.model_type, "dir": self.model_dir, "punctuation": self.punctuation}
+
+
+# Shorter than one 25 ms fbank window: nothing to recognise, and some models (CTC) raise on it.
+# The supervisor merges such a segment as empty without a worker; a worker answers it so too.
+MIN_DECODE_SAMPLES = 400
+
 
 # -- supervisor to worker ------------------------------------------------------------------------
 
