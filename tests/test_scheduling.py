@@ -168,9 +168,9 @@ class FakeProcess:
 class FakeWorker:
     """An incarnation whose worker answers each job when the test says so."""
 
-    def __init__(self, slot: Slot, pid: int) -> None:
-        self.slot, self.pid = slot, pid
-        self.ready, self.jobs, self.started = True, 0, 0.0
+    def __init__(self, index: int, spec: WorkerSpec) -> None:
+        self.pid, self.spec = 100 + index, spec
+        self.ready, self.jobs, self.started, self.warm_up = True, 0, 0.0, None
         self.process = FakeProcess()
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.loaded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -203,7 +203,8 @@ class FakeWorker:
         await asyncio.sleep(0)
 
     def die(self, exitcode: int) -> None:
-        self.slot.on_exit(self, exitcode)  # type: ignore[arg-type]
+        self.close()
+        self.exited.set_result(exitcode)
 
     def close(self) -> None:
         from capsd.supervisor.slot import _GONE
@@ -220,18 +221,16 @@ class Pool:
     def __init__(self, stealing: bool) -> None:
         spec = WorkerSpec("paraformer", {}, 1)
         self.exits: list[tuple[int, ExitReason, Waiting | None]] = []
-        self.slots = [Slot(i, spec, 100, stealing, self.exited) for i in range(2)]
+        self.slots: list[Slot] = []
+        self.slots += [Slot(i, spec, 100, stealing, self.exited, peers=self.slots, spawn=FakeWorker) for i in range(2)]  # type: ignore[arg-type]
         self.workers = []
         for slot in self.slots:
-            slot.peers = self.slots
-            slot.incarnation = FakeWorker(slot, 100 + slot.index)  # type: ignore[assignment]
-            slot.ever_ready = True
+            slot.start()
             self.workers.append(slot.incarnation)
         self.runners = [asyncio.create_task(slot.run()) for slot in self.slots]
 
     def exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Waiting | None) -> None:
         self.exits.append((slot.index, reason, lost))
-        slot.incarnation = None  # no replacement here: the slot stays "restarting"
         if lost:
             lost.task.fail(reason.code, "the worker died")
 
@@ -295,7 +294,7 @@ def test_a_worker_dying_mid_job_fails_exactly_the_task_of_that_job() -> None:
     assert [f.get("error", {}).get("code") for f in home0.frames] == ["worker_crashed"]
     assert home1.frames[-1]["is_final"] and home1.frames[-1]["tokens"] == ["二"]
     assert pool.slots[0].tasks_failed == 1 and pool.slots[1].tasks_done == 1
-    assert len(pool.slots[0].queue) == 0  # the failed task's waiting segment was dropped
+    assert len(pool.slots[0].backlog) == 0  # the failed task's waiting segment was dropped
 
 
 def test_a_send_that_fails_loses_that_job_only_and_the_dead_worker_is_handed_nothing_more() -> None:
@@ -328,7 +327,7 @@ def test_a_send_that_fails_loses_that_job_only_and_the_dead_worker_is_handed_not
     assert len(sent) == 1  # nothing more to the worker that is gone
     assert [(slot, reason, lost.task.task_id) for slot, reason, lost in pool.exits] == [(0, ExitReason.CRASHED, "t0")]
     assert [(f["task_id"], f["error"]["code"]) for f in client.frames] == [("t0", "worker_crashed")]
-    assert len(pool.slots[0].queue) == 2  # t1 and t2 wait for the next worker
+    assert len(pool.slots[0].backlog) == 2  # t1 and t2 wait for the next worker
 
 
 def test_an_idle_worker_dying_fails_nothing() -> None:
@@ -368,7 +367,7 @@ def test_a_slot_scaled_away_hands_its_waiting_jobs_over_and_its_tasks_finish_els
         task.submit(segment(1))  # waiting in slot 1's queue
         await asyncio.sleep(0)
         pool.slots[1].retire(lambda task_id: pool.slots[0])
-        moved = [len(pool.slots[0].queue) + (pool.slots[0].in_flight is not None), len(pool.slots[1].queue)]
+        moved = [len(pool.slots[0].backlog) + (pool.slots[0].in_flight is not None), len(pool.slots[1].backlog)]
         task.submit(segment(2, last=True))  # still to come: to slot 0 as well
         await pool.workers[1].answer("一")  # the job in hand finishes, then the worker is stopped
         await pool.workers[0].answer("二")

@@ -15,7 +15,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import psutil
 import structlog
@@ -29,7 +28,7 @@ from capsd.supervisor import control, notify
 from capsd.supervisor.front import Front
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.queue import Waiting
-from capsd.supervisor.slot import ExitReason, Incarnation, LastExit, Slot, SlotState
+from capsd.supervisor.slot import ExitReason, Incarnation, Slot, SlotState
 from capsd.supervisor.task import Formatting
 from capsd.worker.messages import WorkerSpec
 
@@ -102,12 +101,10 @@ class Daemon:
         """Slot `index`, new, or one scaled away that still homes tasks, active again."""
         if index < len(self.slots) and self.slots[index].index == index:
             slot = self.slots[index]
-            slot.unretire()
-            slot.spec = self.spec
+            slot.unretire(self.spec)
         else:
             slot = Slot(index, self.spec, self.cfg.workers.queue_limit, self.cfg.workers.work_stealing,
-                        self.worker_exited, self.metrics)  # fmt: skip
-            slot.peers = self.slots
+                        self.worker_exited, self.metrics, peers=self.slots)  # fmt: skip
             self.slots.insert(index, slot)
             runner = asyncio.get_running_loop().create_task(slot.run())
             runner.add_done_callback(self.runner_ended)
@@ -116,8 +113,7 @@ class Daemon:
 
     def remove_slot(self, slot: Slot) -> None:
         self.slots.remove(slot)
-        slot.stopping = True
-        slot.wakeup.set()
+        slot.remove()
         self.runners.pop(slot)
         log.info("slot removed", slot=slot.index, slots=len(self.slots))
 
@@ -184,7 +180,7 @@ class Daemon:
         # A worker that dies before it is ready has a bad model or environment: restarting it
         # would loop forever, so refuse to start, like uvicorn's STARTUP_FAILURE. A slot added
         # by a scale fails alone: the scale is given up.
-        slot.failed = True
+        slot.fail(reason)
         log.error("startup failed" if self.state == "starting" else "new slot failed", slot=slot.index, reason=reason)
         if self.state == "starting":
             self.finish(os.EX_CONFIG)
@@ -224,7 +220,6 @@ class Daemon:
         inc = slot.incarnation
         pid = inc.pid if inc else None
         if slot.retiring:  # scaled away: its worker is not replaced
-            slot.incarnation = None
             log.info("worker stopped: slot scaled away", slot=slot.index, pid=pid, exitcode=exitcode)
             if lost is not None:  # the drain's deadline passed
                 self.job_lost(slot, lost, reason, exitcode, f"slot {slot.index} was scaled away and its worker forced to stop")
@@ -233,7 +228,7 @@ class Daemon:
             # A new model that passed the checks but does not load: back to the one that does.
             log.error("new model failed to load: the slot keeps the running model", slot=slot.index, pid=pid,
                       exitcode=exitcode, model=inc.spec.model)  # fmt: skip
-            slot.spec = slot.ready_spec
+            slot.run_spec(slot.ready_spec)
             self.start_worker(slot)
             return
         if not slot.ever_ready:
@@ -241,9 +236,7 @@ class Daemon:
             cause = loading if reason is ExitReason.NOT_LOADED else "died while loading the model"
             self.startup_failed(slot, f"the worker of slot {slot.index} {cause} (exit code {exitcode})")
             return
-        slot.last_exit = LastExit(reason.reported, exitcode, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        slot.restarts += 1
-        self.metrics.restarts.labels(str(slot.index), reason.reported).inc()
+        slot.count_restart(reason, exitcode)
         level = log.info if not reason.counts and lost is None else log.warning
         level("worker exited", slot=slot.index, pid=pid, reason=reason.value, exitcode=exitcode,
               lost_tasks=[clip(lost.task.task_id)] if lost else [])  # fmt: skip
@@ -505,7 +498,7 @@ class Daemon:
         """Replace the slot's worker (graceful: after the job in hand), return when the new one is ready."""
         old = slot.incarnation
         if old is None or not old.ready:
-            raise ControlError(f"slot {slot.index} is {slot.state.value}; try again when it is ready")
+            raise ControlError(f"slot {slot.index} is {slot.state.shown}; try again when it is ready")
         log.info("restart requested", slot=slot.index, pid=old.pid, force=force)
         if force:
             slot.kill(ExitReason.REQUESTED)
@@ -557,7 +550,7 @@ class Daemon:
         for slot in self.slots[: self.count]:
             if slot.ready_spec == spec and slot.spec == spec:
                 continue
-            slot.spec = spec
+            slot.run_spec(spec)
             try:
                 await self.loaded(slot)  # as in rolling_restart
                 await self.restart(slot)

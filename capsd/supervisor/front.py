@@ -27,7 +27,8 @@ from capsd.segment import Segmenter
 from capsd.supervisor.intake import Intake, Metered
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.plainhttp import Answer, PlainHttp
-from capsd.supervisor.slot import MIC_RESERVE, Slot
+from capsd.supervisor.queue import MIC_RESERVE, Backlog
+from capsd.supervisor.slot import Slot
 from capsd.supervisor.task import Formatting, Task
 
 log = structlog.get_logger("capsd.front")
@@ -67,7 +68,7 @@ class Client:
         self.refused: OrderedDict[str, str | None] = OrderedDict()
         self.buffered_bytes = 0  # audio in the tasks' segmenters
         self.queued_bytes = 0  # audio in segments waiting in the slots' queues
-        self.queued_per_slot: Counter[tuple[Slot, bool]] = Counter()  # jobs waiting, per slot and urgency
+        self.queued_per_slot: Counter[tuple[Backlog, bool]] = Counter()  # jobs waiting, per slot and urgency
         self.drained = asyncio.Event()  # set when queued audio went below its bound
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
@@ -93,12 +94,12 @@ class Client:
         self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
 
-    def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
+    def queued(self, slot: Backlog, nbytes: int, urgent: bool) -> None:
         self.queued_bytes += nbytes
         self.queued_per_slot[slot, urgent] += 1
         self.intake.add(queued=nbytes)
 
-    def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
+    def unqueued(self, slot: Backlog, nbytes: int, urgent: bool) -> None:
         self.queued_bytes -= nbytes
         self.queued_per_slot[slot, urgent] -= 1
         if not self._over_waiting_bound():

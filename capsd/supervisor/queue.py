@@ -6,13 +6,17 @@ dictation goes first and taking the next job is O(1) however long the queue. A s
 nothing of its own to do helps the others (docs/design.md#work-stealing): their mic jobs
 first, then the oldest file segment. A job whose worker died and that is to run once more
 (docs/design.md#retrying-a-lost-job) goes before all of them, on another slot where there is one.
+
+A slot's `Backlog` is its queue with its accounting: the bound per kind of job, the events that
+say there is room again, and what each connection is told it has waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +26,9 @@ if TYPE_CHECKING:
     from capsd.supervisor.task import Task
 
 _jobs = itertools.count(1)
+# Mic jobs (and texts to punctuate) that may wait per slot, apart from queue_limit, which counts
+# file segments: files cannot lock dictation out (docs/design.md#dictation-first).
+MIC_RESERVE = 64
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,60 @@ class JobQueue:
                 waiting.clear()
                 waiting.extend(kept)
         return dropped
+
+
+class Backlog:
+    """A slot's waiting jobs, and their accounting: each job pushed or taken is told to its
+    task's connection (`task.Owner.queued`, `unqueued`), and `room` says, per kind of job
+    (urgent or not), whether one more may wait. `wake` is called at each push: who may take it."""
+
+    def __init__(self, limit: int, wake: Callable[[], None]) -> None:
+        self.jobs = JobQueue()
+        self.limit = limit  # queue_limit: file segments
+        self.wake = wake
+        self.room = {urgent: asyncio.Event() for urgent in (False, True)}
+        self._update_room()
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def full(self, urgent: bool = False) -> bool:
+        """Whether a job of this kind may wait here: file segments up to `limit`, urgent jobs
+        (mic segments, texts to punctuate) up to MIC_RESERVE of their own."""
+        if urgent:
+            return self.jobs.urgent_count() >= MIC_RESERVE
+        return len(self.jobs) - self.jobs.urgent_count() >= self.limit
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._update_room()
+
+    def push(self, item: Waiting) -> None:
+        self.jobs.push(item)
+        item.task.owner.queued(self, item.nbytes, item.urgent)
+        self._update_room()
+        self.wake()
+
+    def taken(self, item: Waiting) -> None:
+        """`item` left the queue (popped by `next_job`)."""
+        item.task.owner.unqueued(self, item.nbytes, item.urgent)
+        self._update_room()
+
+    def drop(self, task: Task) -> None:
+        """Forget every job of `task`."""
+        for item in self.jobs.drop(task):
+            self.taken(item)
+
+    def take_all(self) -> list[Waiting]:
+        """Every job waiting, in order, taken out."""
+        items, self.jobs = list(self.jobs), JobQueue()
+        for item in items:
+            self.taken(item)
+        return items
+
+    def _update_room(self) -> None:
+        for urgent, room in self.room.items():
+            (room.clear if self.full(urgent) else room.set)()
 
 
 def next_job(own: JobQueue, others: Sequence[JobQueue], me: object = None, alone: bool = True) -> tuple[JobQueue, Waiting] | None:

@@ -6,15 +6,10 @@ nothing shared down with it (docs/design.md#queues-wedged-by-a-killed-process). 
 stateless (docs/design.md#stateless-workers): the slot hands its worker one job at a time, from
 its own queue or, when it has nothing of its own, from another slot's (work stealing), so a dead
 worker loses exactly the one job it was doing. The slot reports what happens to its worker; the
-daemon decides what to do about it.
+daemon decides what to do about it, and asks the slot to do it.
 
-Life cycle (`SlotState`, derived from the incarnation and what it is doing):
-
-    starting --ready--> ready <--job / done--> busy
-    ready, busy --drain--> draining --job done, process replaced--> restarting --ready--> ready
-    any --process ended--> restarting --ready--> ready
-    starting --process ended before ready--> failed (capsd refuses to start)
-    any --retire (scaled down)--> draining --last task homed here ended--> gone
+Life cycle: one stored `SlotState`, changed only by the slot's own methods, each change logged
+once ("slot state", with from, to and why); the diagram is in docs/design.md#a-slots-life-cycle.
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -40,7 +36,7 @@ from capsd.control_protocol import DRAIN_TIMEOUT_S
 from capsd.protocol import ErrorCode
 from capsd.segment import Segment
 from capsd.supervisor.metrics import Metrics
-from capsd.supervisor.queue import JobQueue, Waiting, next_job
+from capsd.supervisor.queue import Backlog, Waiting, next_job
 from capsd.supervisor.task import Task
 from capsd.worker import main as worker
 from capsd.worker.messages import Beat, Decode, Decoded, Format, Job, Ready, Reply, Stop, WorkerSpec
@@ -55,9 +51,6 @@ BUSY_WINDOW_S = 60.0  # status shows the share of this last stretch spent on job
 DEADLINE_FACTOR = 4.0
 RTF_WEIGHT = 0.3  # each finished decode's share in the slot's measured speed
 ABORT_GRACE_S = 2.0  # a hung worker has this long after SIGABRT to write where it was stuck
-# Mic jobs (and texts to punctuate) that may wait per slot, apart from queue_limit, which counts
-# file segments: files cannot lock dictation out (docs/design.md#dictation-first).
-MIC_RESERVE = 64
 
 
 def job_deadline(audio_s: float, rtf: float, heartbeat_timeout_s: float) -> float:
@@ -66,12 +59,19 @@ def job_deadline(audio_s: float, rtf: float, heartbeat_timeout_s: float) -> floa
 
 
 class SlotState(Enum):
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    DRAINING = "draining"
-    RESTARTING = "restarting"
-    FAILED = "failed"
+    STARTING = "starting"  # its first worker loads the model
+    READY = "ready"  # its worker waits for a job
+    BUSY = "busy"  # its worker does a job
+    DRAINING = "draining"  # its worker finishes the job in hand, then is replaced
+    RESTARTING = "restarting"  # its worker ended; the next one is started (or loads)
+    FAILED = "failed"  # its worker could not start or load: not started again
+    RETIRING = "retiring"  # scaled away: no new job; goes when its last task ends
+    GONE = "gone"  # removed from the pool
+
+    @property
+    def shown(self) -> str:
+        """As status shows it (CONTRACT.md 4. names six states): a slot scaled away is draining."""
+        return SlotState.DRAINING.value if self is SlotState.RETIRING else self.value
 
 
 class ExitReason(Enum):
@@ -114,13 +114,15 @@ class LastExit:
 
 
 class Incarnation:
-    """One worker process, the pipe made for it alone, and a thread reading that pipe."""
+    """One worker process, the pipe made for it alone, and a thread reading that pipe. What
+    happens to it shows in its futures: `loaded` (True at Ready, False if it died first) and
+    `exited` (its exit code); it knows nothing of the slot it serves."""
 
-    def __init__(self, slot: Slot, spec: WorkerSpec) -> None:
+    def __init__(self, index: int, spec: WorkerSpec) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn, child = _mp.Pipe(duplex=True)
         self.process = _mp.Process(
-            target=worker.main, args=(child, spec, slot.index, os.getpid()), name=f"capsd-slot-{slot.index}", daemon=True
+            target=worker.main, args=(child, spec, index, os.getpid()), name=f"capsd-slot-{index}", daemon=True
         )
         try:
             self.process.start()
@@ -134,16 +136,16 @@ class Incarnation:
         self.started = time.monotonic()
         self.last_beat = self.started  # when it last said it is alive (written by the reader thread)
         self.ready = False
+        self.warm_up: Ready | None = None  # its Ready: the first measure of its speed
         self.jobs = 0  # jobs done; a fresh worker over max_rss_mb is not recycled again
         self.over_plan = False  # warned once that its RSS exceeds the memory plan's estimate
         self.aborting = False  # hung: sent SIGABRT, SIGKILL follows
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
-        self.loaded: asyncio.Future[bool] = self.loop.create_future()  # True at Ready, False if it died first
+        self.loaded: asyncio.Future[bool] = self.loop.create_future()
         # Sends run in a thread of their own: a stopped worker must block only its own slot.
-        self.sender = ThreadPoolExecutor(1, thread_name_prefix=f"capsd-send-{slot.index}")
-        self.slot = slot
-        threading.Thread(target=self._read, name=f"capsd-read-{slot.index}", daemon=True).start()
+        self.sender = ThreadPoolExecutor(1, thread_name_prefix=f"capsd-send-{index}")
+        threading.Thread(target=self._read, name=f"capsd-read-{index}", daemon=True).start()
 
     def _read(self) -> None:
         # EOF on the pipe is the moment the worker dies, whatever killed it.
@@ -152,15 +154,27 @@ class Incarnation:
                 message = self.conn.recv()
                 if isinstance(message, Beat):  # twice a second: noted here, the loop not woken
                     self.last_beat = time.monotonic()
+                elif isinstance(message, Ready):
+                    self.loop.call_soon_threadsafe(self._ready, message)
                 else:
-                    self.loop.call_soon_threadsafe(self.slot.on_message, self, message)
+                    self.loop.call_soon_threadsafe(self.replies.put_nowait, message)
         except (EOFError, OSError):
             pass
         self.process.join(5)
         if self.process.is_alive():  # closed its pipe but lingers: make sure it is gone
             self.process.kill()
             self.process.join()
-        self.loop.call_soon_threadsafe(self.slot.on_exit, self, self.process.exitcode)
+        self.loop.call_soon_threadsafe(self._ended, self.process.exitcode)
+
+    def _ready(self, message: Ready) -> None:
+        self.ready, self.warm_up, self.last_beat = True, message, time.monotonic()
+        self.loaded.set_result(True)
+
+    def _ended(self, exitcode: int | None) -> None:
+        self.close()
+        self.exited.set_result(exitcode)
+        if not self.loaded.done():
+            self.loaded.set_result(False)
 
     async def send(self, message: Job | Stop) -> None:
         try:
@@ -212,73 +226,100 @@ class Slot:
         stealing: bool,
         on_exit: Callable[[Slot, ExitReason, int | None, Waiting | None], None],
         metrics: Metrics | None = None,
+        peers: Sequence[Slot] | None = None,
+        spawn: Callable[[int, WorkerSpec], Incarnation] = Incarnation,
     ) -> None:
         self.index = index
+        self.state = SlotState.STARTING
         self.spec = spec  # what the next incarnation runs
         self.ready_spec = spec  # what the last incarnation that became ready ran
-        self.queue_limit = queue_limit
         self.stealing = stealing
         self.on_worker_exit = on_exit  # the daemon decides what follows
         self.metrics = metrics or Metrics()
-        self.peers: Sequence[Slot] = [self]  # every slot, this one included (the daemon's list)
-        self.queue = JobQueue()
-        # Per kind of job (urgent or not): set while the slot has room for one more of that kind.
-        self.room = {urgent: asyncio.Event() for urgent in (False, True)}
-        self._update_room()
+        self.peers: Sequence[Slot] = peers if peers is not None else [self]  # every slot, this one included
+        self.spawn = spawn
+        self.wakeup = asyncio.Event()
+        self.backlog = Backlog(queue_limit, self._wake)
         self.open_tasks: set[Task] = set()  # homed here, accepted and not finished
         self.in_flight: Waiting | None = None  # the job in the worker
         self.busy_since = 0.0
         self.rtf = 0.0  # seconds its worker takes per second of audio, measured (docs/design.md#deadlines)
         self.incarnation: Incarnation | None = None
+        self.reported: Incarnation | None = None  # the last incarnation whose end was handled here
         self.exit_reason: ExitReason | None = None  # set just before we end an incarnation on purpose
         self.drain_reason: ExitReason | None = None
         self.drain_deadline = 0.0  # time.monotonic() when the daemon forces the drain
         self.ever_ready = False
-        self.failed = False
         self.tasks_done = self.tasks_failed = self.restarts = self.segments_decoded = 0
         self.busy: deque[tuple[float, float]] = deque()  # (start, end) of the last minute's jobs
         self.cpu: deque[tuple[float, float]] = deque()  # (when, CPU seconds) of the worker, last minute
         self.last_exit: LastExit | None = None
-        self.wakeup = asyncio.Event()
         self.ready_event = asyncio.Event()  # set at each incarnation's Ready
-        self.stopping = False
-        self.retiring = False  # scaled down: takes no new task, goes when its last task ends
+        self.stopping = False  # its runner ends: the daemon stops, or the slot is gone
 
-    # -- life cycle: the slot reports, the daemon decides -------------------------------------
+    # -- its state --------------------------------------------------------------------------------
+
+    def _enter(self, state: SlotState, why: str) -> None:
+        """The one place the state changes: logged once per change (busy and ready, one per
+        job, at debug)."""
+        if state is self.state:
+            return
+        quiet = {state, self.state} == {SlotState.READY, SlotState.BUSY}
+        (log.debug if quiet else log.info)("slot state", slot=self.index, before=self.state.value,
+                                           after=state.value, why=why)  # fmt: skip
+        self.state = state
+
+    @property
+    def retiring(self) -> bool:
+        return self.state is SlotState.RETIRING
+
+    @property
+    def failed(self) -> bool:
+        return self.state is SlotState.FAILED
+
+    def _idle_or_busy(self) -> SlotState:
+        return SlotState.BUSY if self.in_flight else SlotState.READY
+
+    # -- life cycle: the slot reports, the daemon decides and asks -----------------------------
 
     def start(self) -> None:
         """A new incarnation; OSError if it cannot be spawned (the daemon retries)."""
         self.incarnation = None
-        self.incarnation = Incarnation(self, self.spec)
-        log.info("worker started", slot=self.index, pid=self.incarnation.pid)
+        self._enter(SlotState.RESTARTING if self.ever_ready else SlotState.STARTING, "worker starting")
+        inc = self.incarnation = self.spawn(self.index, self.spec)
+        inc.loaded.add_done_callback(lambda loaded: self._loaded(inc, loaded.result()))
+        inc.exited.add_done_callback(lambda exited: self._exited(inc, exited.result()))
+        log.info("worker started", slot=self.index, pid=inc.pid)
 
-    def on_message(self, inc: Incarnation, message: Any) -> None:
-        if isinstance(message, Ready):
-            inc.ready = self.ever_ready = True
-            inc.last_beat = time.monotonic()
-            inc.loaded.set_result(True)
-            self.ready_spec = inc.spec
-            self.rtf = message.warm_up_s / message.warm_up_audio_s
-            self.ready_event.set()
-            self.wakeup.set()
-            log.info("worker ready", slot=self.index, pid=inc.pid, load_s=round(time.monotonic() - inc.started, 2),
-                     rtf=round(self.rtf, 4))  # fmt: skip
-        else:
-            inc.replies.put_nowait(message)
+    def _loaded(self, inc: Incarnation, ok: bool) -> None:
+        if not ok or inc is not self.incarnation:
+            return
+        self.ever_ready = True
+        self.ready_spec = inc.spec
+        if inc.warm_up is not None:
+            self.rtf = inc.warm_up.warm_up_s / inc.warm_up.warm_up_audio_s
+        self.ready_event.set()
+        self.wakeup.set()
+        log.info("worker ready", slot=self.index, pid=inc.pid, load_s=round(time.monotonic() - inc.started, 2),
+                 rtf=round(self.rtf, 4))  # fmt: skip
+        if self.state in (SlotState.STARTING, SlotState.RESTARTING):
+            self._enter(SlotState.DRAINING if self.drain_reason else SlotState.READY, "worker ready")
 
-    def on_exit(self, inc: Incarnation, exitcode: int | None) -> None:
-        inc.close()
-        inc.exited.set_result(exitcode)
-        if not inc.loaded.done():
-            inc.loaded.set_result(False)
+    def _exited(self, inc: Incarnation, exitcode: int | None) -> None:
+        self.reported = inc
         reason = self.exit_reason or ExitReason.CRASHED
         self.exit_reason = self.drain_reason = None
         lost, self.in_flight = self.in_flight, None
         self.ready_event.clear()
         for slot in self.peers:  # a job retried elsewhere may now have to run here
             slot.wakeup.set()
-        if not self.stopping:
-            self.on_worker_exit(self, reason, exitcode, lost)
+        if self.stopping:
+            return
+        if self.state not in (SlotState.RETIRING, SlotState.STARTING, SlotState.FAILED):
+            self._enter(SlotState.RESTARTING, f"worker exited: {reason.value}")
+        self.on_worker_exit(self, reason, exitcode, lost)
+        if self.retiring:  # scaled away: its worker is not replaced
+            self.incarnation = None
 
     def kill(self, reason: ExitReason) -> None:
         """End the current incarnation now; the job in it is lost (its task fails with reason.code,
@@ -297,7 +338,7 @@ class Slot:
             os.kill(inc.pid, signal.SIGCONT)  # a stopped process handles SIGABRT only once continued
         except ProcessLookupError:
             return
-        inc.loop.call_later(ABORT_GRACE_S, lambda: inc.exited.done() or inc.process.kill())
+        asyncio.get_running_loop().call_later(ABORT_GRACE_S, lambda: inc.exited.done() or inc.process.kill())
 
     def drain(self, reason: ExitReason, timeout: float = DRAIN_TIMEOUT_S) -> None:
         """Take no new job, let the one in the worker finish, then replace the process.
@@ -306,7 +347,25 @@ class Slot:
         """
         self.drain_reason = reason
         self.drain_deadline = time.monotonic() + timeout
+        if self.state in (SlotState.READY, SlotState.BUSY):
+            self._enter(SlotState.DRAINING, f"drain: {reason.value}")
         self.wakeup.set()
+
+    def run_spec(self, spec: WorkerSpec) -> None:
+        """What the next incarnation runs (a model change, or its roll back)."""
+        self.spec = spec
+
+    def count_restart(self, reason: ExitReason, exitcode: int | None) -> None:
+        """The daemon replaces the worker that ended: counted in status and metrics."""
+        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.last_exit = LastExit(reason.reported, exitcode, at)
+        self.restarts += 1
+        self.metrics.restarts.labels(str(self.index), reason.reported).inc()
+
+    def fail(self, why: str) -> None:
+        """Its worker could not start or load: not started again (capsd refuses to start, or a
+        scale is given up)."""
+        self._enter(SlotState.FAILED, why)
 
     async def stop(self, timeout: float) -> None:
         """Stop the worker for good (daemon shutdown)."""
@@ -322,27 +381,29 @@ class Slot:
             inc.process.kill()
             await inc.exited
 
+    def remove(self) -> None:
+        """Scaled away and its last task ended: its runner ends."""
+        self._enter(SlotState.GONE, "its last task ended")
+        self.stopping = True
+        self.wakeup.set()
+
     # -- work ---------------------------------------------------------------------------------
 
-    def set_queue_limit(self, limit: int) -> None:
-        self.queue_limit = limit
-        self._update_room()
+    @property
+    def queue_limit(self) -> int:
+        return self.backlog.limit
 
-    def _update_room(self) -> None:
-        for urgent, room in self.room.items():
-            (room.clear if self.full(urgent) else room.set)()
+    def set_queue_limit(self, limit: int) -> None:
+        self.backlog.set_limit(limit)
 
     @property
     def worker_gone(self) -> bool:
-        """No worker process, or one that has ended."""
-        return self.incarnation is None or self.incarnation.exited.done()
+        """No worker process, or one whose end was handled here (reported to the daemon)."""
+        return self.incarnation is None or self.incarnation is self.reported
 
     def full(self, urgent: bool = False) -> bool:
-        """Whether a job of this kind may wait here: file segments up to queue_limit, urgent
-        jobs (mic segments, texts to punctuate) up to MIC_RESERVE of their own."""
-        if urgent:
-            return self.queue.urgent_count() >= MIC_RESERVE
-        return len(self.queue) - self.queue.urgent_count() >= self.queue_limit
+        """Whether a job of this kind may wait here (queue.Backlog.full)."""
+        return self.backlog.full(urgent)
 
     def accept(self, task: Task) -> None:
         """A new task homed here: it counts in status, and a stop waits for it or fails it."""
@@ -353,23 +414,17 @@ class Slot:
         At its bound (queue_limit, or MIC_RESERVE for urgent jobs) new tasks of that kind are
         refused and the connections with such jobs here are not read, so the queue stays near it."""
         task.time_submit = time.time()
-        self._push(Waiting(task, work, task.time_submit))
+        self.backlog.push(Waiting(task, work, task.time_submit))
 
     def retry(self, item: Waiting, lost_on: Slot, death: str, fault: bool) -> None:
         """A job of a task whose jobs wait here, lost with `lost_on`'s worker, runs once more:
         before any other job, on another slot where there is one (docs/design.md#retrying-a-lost-job)."""
-        self._push(dataclasses.replace(item, lost_on=lost_on, deaths=(*item.deaths, death), faults=item.faults + fault))
+        self.backlog.push(dataclasses.replace(item, lost_on=lost_on, deaths=(*item.deaths, death), faults=item.faults + fault))
 
-    def _push(self, item: Waiting) -> None:
-        self.queue.push(item)
-        item.task.owner.queued(self, item.nbytes, item.urgent)
-        self._update_room()
+    def _wake(self) -> None:
+        """A job was pushed here: who may take it."""
         for slot in self.peers if self.stealing else (self,):
             slot.wakeup.set()
-
-    def _left_queue(self, item: Waiting) -> None:
-        item.task.owner.unqueued(self, item.nbytes, item.urgent)
-        self._update_room()
 
     def cancel(self, task: Task) -> None:
         """The client went away: drop the task's waiting jobs (one in a worker is ignored)."""
@@ -380,6 +435,8 @@ class Slot:
         self.count(task.source, outcome)
         if outcome == "done":
             self.metrics.recognised(task.partial.duration)
+            if task.final_received is not None:
+                self.metrics.latency.labels(task.source).observe(time.monotonic() - task.final_received)
         self._forget(task)
 
     def count(self, source: str, outcome: str) -> None:
@@ -392,28 +449,33 @@ class Slot:
 
     def _forget(self, task: Task) -> None:
         self.open_tasks.discard(task)
-        queue_slot = task.queue_slot
-        for item in queue_slot.queue.drop(task):
-            queue_slot._left_queue(item)
+        self._queue_of(task).backlog.drop(task)
+
+    def _queue_of(self, task: Task) -> Slot:
+        """The slot whose queue the task's jobs wait in: its home, unless that was scaled away."""
+        return task.queue_slot  # type: ignore[return-value]  # a task sees its slots as task.Home
 
     def retire(self, home: Callable[[str], Slot], timeout: float = DRAIN_TIMEOUT_S) -> None:
         """Scaled down (docs/design.md#changing-the-pool): take no new job; the jobs waiting here
         and those still to come of the tasks queued here move to the slot `home` names for their
         task; the worker finishes its job in hand and stops. The tasks homed here keep it as
         their home (their line in status) until they end."""
-        self.retiring = True
+        self._enter(SlotState.RETIRING, "scaled away")
         for task in {task for slot in self.peers for task in slot.open_tasks if task.queue_slot is self}:
             task.queue_slot = home(task.task_id)
-        moved, self.queue = list(self.queue), JobQueue()
-        for item in moved:
-            self._left_queue(item)
-            item.task.queue_slot._push(item)
+        for item in self.backlog.take_all():
+            self._queue_of(item.task).backlog.push(item)
         self.drain(ExitReason.REQUESTED, timeout)
 
-    def unretire(self) -> None:
-        """Scaled up again before it was gone: a slot like any other."""
-        self.retiring = self.failed = False
+    def unretire(self, spec: WorkerSpec) -> None:
+        """Scaled up again before it was gone: a slot like any other, its next worker running `spec`."""
+        self.spec = spec
         self.drain_reason = None
+        inc = self.incarnation
+        if inc is not None and inc.ready and not inc.exited.done():
+            self._enter(self._idle_or_busy(), "scaled up again")
+        else:
+            self._enter(SlotState.RESTARTING if self.ever_ready else SlotState.STARTING, "scaled up again")
 
     @property
     def serving(self) -> bool:
@@ -423,12 +485,11 @@ class Slot:
     def _next(self) -> Waiting | None:
         others = [slot for slot in self.peers if slot is not self] if self.stealing else []
         alone = not any(slot.serving for slot in others)
-        picked = next_job(self.queue, [slot.queue for slot in others], self, alone)
+        picked = next_job(self.backlog.jobs, [slot.backlog.jobs for slot in others], self, alone)
         if picked is None:
             return None
-        queue, item = picked
-        home = next(slot for slot in self.peers if slot.queue is queue)
-        home._left_queue(item)
+        jobs, item = picked
+        next(slot for slot in self.peers if slot.backlog.jobs is jobs).backlog.taken(item)
         return item
 
     async def run(self) -> None:
@@ -452,6 +513,8 @@ class Slot:
         # In flight from this moment: a worker that dies at any instant from here on, mid-send
         # included, loses this job, and only this one.
         self.in_flight, self.busy_since = item, time.monotonic()
+        if self.state is SlotState.READY:
+            self._enter(SlotState.BUSY, "job")
         self.metrics.queue_wait.observe(max(0.0, time.time() - item.submitted))
         work = item.work
         job: Job = Decode(item.job, work.samples) if isinstance(work, Segment) else Format(item.job, work)
@@ -459,9 +522,11 @@ class Slot:
             await inc.send(job)
             reply = await inc.reply()
         except WorkerGone:
-            await asyncio.shield(inc.exited)  # on_exit reports the lost job; the next job waits for a new worker
+            await asyncio.shield(inc.exited)  # _exited reports the lost job; the next job waits for a new worker
             return
         self.in_flight = None
+        if self.state is SlotState.BUSY:
+            self._enter(SlotState.READY, "job done")
         now = time.monotonic()
         self._record_busy(self.busy_since, now)
         if isinstance(work, Segment):
@@ -497,7 +562,7 @@ class Slot:
             await inc.send(Stop())
         except WorkerGone:
             pass
-        await asyncio.shield(inc.exited)  # on_exit has had the daemon start the replacement
+        await asyncio.shield(inc.exited)  # _exited has had the daemon start the replacement
 
     # -- status -------------------------------------------------------------------------------
 
@@ -532,28 +597,15 @@ class Slot:
         spans = [*self.busy, *([(self.busy_since, now)] if self.in_flight else [])]
         return sum(max(0.0, end - max(start, since)) for start, end in spans) / BUSY_WINDOW_S
 
-    @property
-    def state(self) -> SlotState:
-        inc = self.incarnation
-        if self.failed:
-            return SlotState.FAILED
-        if self.retiring:
-            return SlotState.DRAINING
-        if inc is None or not inc.ready:
-            return SlotState.RESTARTING if self.ever_ready else SlotState.STARTING
-        if self.drain_reason:
-            return SlotState.DRAINING
-        return SlotState.BUSY if self.in_flight else SlotState.READY
-
     def status(self) -> dict[str, Any]:
         inc = self.incarnation
         now = time.monotonic()
         return {
             "slot": self.index,
             "pid": inc.pid if inc else None,
-            "state": self.state.value,
+            "state": self.state.shown,
             "rss_bytes": inc.rss() if inc else 0,
-            "queue_depth": len(self.queue),
+            "queue_depth": len(self.backlog),
             "tasks_in_progress": len(self.open_tasks),
             "tasks_done": self.tasks_done,
             "tasks_failed": self.tasks_failed,

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
@@ -24,9 +24,6 @@ from capsd.merge import PartialResult, realign
 from capsd.protocol import ErrorCode, Result, clip
 from capsd.segment import Segment, Segmenter
 from capsd.worker.messages import MIN_DECODE_SAMPLES
-
-if TYPE_CHECKING:
-    from capsd.supervisor.slot import Slot
 
 log = structlog.get_logger("capsd.task")
 _keys = itertools.count(1)
@@ -40,15 +37,32 @@ MAX_TASK_S = 24 * 3600.0  # audio seconds; a task reaching beyond fails with ove
 
 
 class Owner(Protocol):
-    """The connection a task belongs to: it sends the task's frames and counts what it holds."""
+    """The connection a task belongs to: it sends the task's frames and counts what it holds
+    (`backlog`: the slot's queue.Backlog where a job of the task waits)."""
 
     def send(self, frame: str, partial: bool = False) -> None: ...
 
-    def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None: ...
+    def queued(self, backlog: Any, nbytes: int, urgent: bool) -> None: ...
 
-    def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None: ...
+    def unqueued(self, backlog: Any, nbytes: int, urgent: bool) -> None: ...
 
     def ended(self, task: Task, error_frame: str | None = None) -> None: ...
+
+
+class Home(Protocol):
+    """The slot a task is homed on, as the task sees it: where its jobs wait, and where it
+    reports its end (so that a task knows nothing of slots)."""
+
+    index: int
+
+    def submit(self, task: Task, work: Segment | str) -> None:
+        """Queue a job of the task."""
+
+    def finished(self, task: Task, outcome: str) -> None:
+        """The task ended: "done", or the error code of its final frame."""
+
+    def cancel(self, task: Task) -> None:
+        """The client went away: the task ended without a final frame."""
 
 
 class Piece(NamedTuple):
@@ -77,7 +91,7 @@ class Task:
     task_id: str
     source: str  # "mic" | "file"
     time_start: float
-    slot: Slot  # its home: its queue_limit, its line in status, and its queue ...
+    slot: Home  # its home: its queue_limit, its line in status, and its queue ...
     segmenter: Segmenter
     owner: Owner
     formatting: Formatting = field(default_factory=Formatting)
@@ -93,7 +107,7 @@ class Task:
     finishing: asyncio.Future[None] | None = None  # its final frame, being built in a thread
     done: bool = False  # its final frame is sent (or owed), or it was cancelled
     # ... unless its home was scaled away: then its jobs wait in another slot's queue.
-    queue_slot: Slot = field(init=False)
+    queue_slot: Home = field(init=False)
 
     def __post_init__(self) -> None:
         self.queue_slot = self.slot
@@ -188,8 +202,6 @@ class Task:
         self.done = True
         self.owner.ended(self)
         self.owner.send(frame)
-        if self.final_received is not None:
-            self.slot.metrics.latency.labels(self.source).observe(time.monotonic() - self.final_received)
         self.slot.finished(self, "done")
 
     def fail(self, code: ErrorCode, message: str) -> None:
