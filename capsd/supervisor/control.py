@@ -32,6 +32,7 @@ class Controlled(Protocol):
     count: int
     slots: Sequence[Slot]
     changing: asyncio.Lock
+    pool_changing: bool
 
     def status(self) -> dict[str, Any]: ...
 
@@ -125,11 +126,11 @@ class ControlServer:
             return daemon.status()
         if daemon.state != "ready":
             raise ControlError(f"capsd is {daemon.state}: only status is answered")
-        if daemon.changing.locked():
+        if daemon.pool_changing:
             raise ControlError("another change of the pool is under way; try again when it has ended")
+        if request.cmd == "scale":  # the pool's wanted count: the daemon's reconcile reaches it
+            return await daemon.scale(request.count, request.timeout or DRAIN_TIMEOUT_S)
         async with daemon.changing:
-            if request.cmd == "scale":
-                return await daemon.scale(request.count, request.timeout or DRAIN_TIMEOUT_S)
             if request.slot is None:
                 return {"restarted": await daemon.rolling_restart(request.force, request.timeout)}
             if not 0 <= request.slot < daemon.count:

@@ -1,8 +1,10 @@
-"""The supervisor: start the slots, serve, watch the workers, stop gracefully.
+"""The supervisor: start the slots, serve, watch the workers, decide what follows each worker's
+end, reload, stop gracefully.
 
 Its loop reads as a list of duties, like gunicorn's arbiter: `start_slots`, `watch_workers`
-(hung and bloated workers), `count_crash` (restart intensity, OTP style), `stop`; and the pool's
-changes while it serves (docs/design.md#changing-the-pool): `scale`, `restart`, `change_model`.
+(hung and bloated workers), `worker_exited` (every restart decision, by the pure rules of
+`capsd.supervisor.policy`), `stop`. The pool's changes while it serves are `PoolChanges`
+(`capsd.supervisor.pool`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,28 @@ import dataclasses
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 
-import psutil
 import structlog
 
-from capsd import __version__, memory, preflight
+from capsd import __version__, preflight
 from capsd import log as logs
 from capsd.config import Config, ConfigError
-from capsd.control_protocol import DRAIN_TIMEOUT_S, ControlError, PlanRefused
-from capsd.protocol import LONGEST_SEGMENT_S, ErrorCode, clip, route
+from capsd.protocol import ErrorCode, clip
 from capsd.supervisor import control, notify
 from capsd.supervisor.front import Front
 from capsd.supervisor.metrics import Metrics
+from capsd.supervisor.policy import (
+    RETRY_PAUSE_JOBS,
+    ExitAction,
+    Fate,
+    LostJobs,
+    RestartBudget,
+    exit_action,
+    lost_job_fate,
+    model_key,
+)
+from capsd.supervisor.pool import POOL, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, PoolChanges, ScaleWaiter, Shape
 from capsd.supervisor.queue import Waiting
 from capsd.supervisor.slot import ExitReason, Incarnation, Slot, SlotState
 from capsd.supervisor.task import Formatting
@@ -35,11 +45,6 @@ from capsd.worker.messages import WorkerSpec
 log = structlog.get_logger("capsd.supervisor")
 
 WATCH_INTERVAL_S = 0.5
-# A worker that cannot be spawned is tried again after 0.5, 1, 2 ... s, at most 30 s apart.
-SPAWN_RETRY_S, SPAWN_RETRY_MAX_S = 0.5, 30.0
-# This many distinct jobs lost to crashed or hung workers within restart_period_s: the machine,
-# not a job, is at fault, and lost jobs are not retried until that window clears.
-RETRY_PAUSE_JOBS = 3
 # What SIGHUP can change in a running daemon; anything else needs a restart.
 RELOADABLE = {
     "server": {"max_connections", "stop_timeout_s"},
@@ -47,18 +52,18 @@ RELOADABLE = {
                 "load_timeout_s", "retry_lost_jobs"},
     "log": {"level", "format"},
 }
-# What SIGHUP changes by changing the pool while it serves (docs/design.md#changing-the-pool).
-POOL = {"workers": {"count"}, "model": {"type", "dir", "files", "punctuation"}}
 
 
-def model_key(spec: WorkerSpec) -> tuple[object, ...]:
-    """Workers alike in memory: the same model files, punctuation and threads."""
-    return spec.model_type, tuple(sorted(spec.files.items())), spec.punctuation, spec.threads
-
-
-class Daemon:
-    def __init__(self, cfg: Config, checked: preflight.Preflight, reload: Callable[[], Config]) -> None:
+class Daemon(PoolChanges):
+    def __init__(
+        self,
+        cfg: Config,
+        checked: preflight.Preflight,
+        reload: Callable[[], Config],
+        spawn: Callable[[int, WorkerSpec], Incarnation] = Incarnation,  # a test's fake workers
+    ) -> None:
         self.cfg = cfg
+        self.spawn = spawn
         self.reload = reload
         self.plan = checked.plan
         self.spec = checked.spec  # what new workers run
@@ -68,14 +73,15 @@ class Daemon:
         self.changing = asyncio.Lock()  # one change of the pool at a time
         self.started = time.monotonic()
         self.state = "starting"
-        self.crashes: deque[float] = deque()
+        self.budget = RestartBudget()
         self.spawn_retries: dict[Slot, asyncio.TimerHandle] = {}  # pending, per slot
         # Retrying lost jobs (docs/design.md#retrying-a-lost-job): (when, job) of each job lost
         # to a crashed or hung worker, within restart_period_s; what was retried; poison jobs.
-        self.job_faults: deque[tuple[float, int]] = deque()
+        self.lost_jobs = LostJobs()
         self.retries_were_paused = False
         self.retried = self.poison_jobs = 0
-        self.wanted: Config | None = None  # the latest reload's config, for the pool to reach
+        self.wanted = Shape(self.count, cfg.model)  # what the pool is to be (docs/design.md#changing-the-pool)
+        self.scale_waiter: ScaleWaiter | None = None
         self.reconciling: asyncio.Task[None] | None = None
         self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -93,35 +99,9 @@ class Daemon:
     def formatting(self) -> Formatting:
         return Formatting(self.cfg.format.num, self.cfg.format.spell, punctuate=bool(self.spec.punctuation))
 
-    def home(self, task_id: str) -> Slot:
-        """A new task's home slot (docs/design.md#routing-is-crc32)."""
-        return self.slots[route(task_id, self.count)]
-
-    def add_slot(self, index: int) -> Slot:
-        """Slot `index`, new, or one scaled away that still homes tasks, active again."""
-        if index < len(self.slots) and self.slots[index].index == index:
-            slot = self.slots[index]
-            slot.unretire(self.spec)
-        else:
-            slot = Slot(index, self.spec, self.cfg.workers.queue_limit, self.cfg.workers.work_stealing,
-                        self.worker_exited, self.metrics, peers=self.slots)  # fmt: skip
-            self.slots.insert(index, slot)
-            runner = asyncio.get_running_loop().create_task(slot.run())
-            runner.add_done_callback(self.runner_ended)
-            self.runners[slot] = runner
-        return slot
-
-    def remove_slot(self, slot: Slot) -> None:
-        self.slots.remove(slot)
-        slot.remove()
-        self.runners.pop(slot)
-        log.info("slot removed", slot=slot.index, slots=len(self.slots))
-
     def finish(self, code: int) -> None:
         if not self.done.done():
             self.done.set_result(code)
-
-    # -- duties -------------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -216,35 +196,36 @@ class Daemon:
             slot.kill(ExitReason.NOT_LOADED)
 
     def worker_exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Waiting | None) -> None:
-        """Every restart decision, in one place: what the exit costs, and what comes next."""
+        """Every restart decision, in one place (policy.exit_action): what the exit costs, and
+        what comes next."""
         inc = slot.incarnation
         pid = inc.pid if inc else None
-        if slot.retiring:  # scaled away: its worker is not replaced
+        loading_new_model = inc is not None and not inc.ready and inc.spec != slot.ready_spec
+        action = exit_action(slot.retiring, loading_new_model, slot.ever_ready)
+        if action is ExitAction.LET_GO:
             log.info("worker stopped: slot scaled away", slot=slot.index, pid=pid, exitcode=exitcode)
             if lost is not None:  # the drain's deadline passed
                 self.job_lost(slot, lost, reason, exitcode, f"slot {slot.index} was scaled away and its worker forced to stop")
-            return
-        if inc is not None and not inc.ready and inc.spec != slot.ready_spec:
-            # A new model that passed the checks but does not load: back to the one that does.
+        elif action is ExitAction.ROLL_BACK:
+            assert inc is not None
             log.error("new model failed to load: the slot keeps the running model", slot=slot.index, pid=pid,
                       exitcode=exitcode, model=inc.spec.model)  # fmt: skip
             slot.run_spec(slot.ready_spec)
             self.start_worker(slot)
-            return
-        if not slot.ever_ready:
+        elif action is ExitAction.STARTUP_FAILED:
             loading = f"was not ready within load_timeout_s = {self.cfg.workers.load_timeout_s:g} s"
             cause = loading if reason is ExitReason.NOT_LOADED else "died while loading the model"
             self.startup_failed(slot, f"the worker of slot {slot.index} {cause} (exit code {exitcode})")
-            return
-        slot.count_restart(reason, exitcode)
-        level = log.info if not reason.counts and lost is None else log.warning
-        level("worker exited", slot=slot.index, pid=pid, reason=reason.value, exitcode=exitcode,
-              lost_tasks=[clip(lost.task.task_id)] if lost else [])  # fmt: skip
-        if lost is not None:
-            self.job_lost(slot, lost, reason, exitcode, f"the worker of slot {slot.index} ended ({reason.value}, exit code {exitcode})")
-        if reason.counts:
-            self.count_crash(slot)
-        self.start_worker(slot)
+        else:
+            slot.count_restart(reason, exitcode)
+            level = log.info if not reason.counts and lost is None else log.warning
+            level("worker exited", slot=slot.index, pid=pid, reason=reason.value, exitcode=exitcode,
+                  lost_tasks=[clip(lost.task.task_id)] if lost else [])  # fmt: skip
+            if lost is not None:
+                self.job_lost(slot, lost, reason, exitcode, f"the worker of slot {slot.index} ended ({reason.value}, exit code {exitcode})")
+            if reason.counts:
+                self.count_crash(slot)
+            self.start_worker(slot)
 
     def job_lost(self, slot: Slot, item: Waiting, reason: ExitReason, exitcode: int | None, message: str) -> None:
         """A job whose worker died: its task fails with the reason's code, or, with
@@ -255,54 +236,46 @@ class Daemon:
         fault = reason.counts  # capsd's own kills (a forced restart or drain) are not the job's fault
         allowed = self.cfg.workers.retry_lost_jobs
         if fault and allowed:
-            self.job_faults.append((time.monotonic(), item.job))
+            self.lost_jobs.add(time.monotonic(), item.job)
         inc = slot.incarnation
         death = f"slot {slot.index} pid {inc.pid if inc else None} {reason.value} (exit code {exitcode})"
-        if not allowed:
+        fate = lost_job_fate(allowed, item.faults, fault, self.retries_paused)
+        if fate is Fate.FAIL:
             task.fail(reason.code, message)
-        elif item.faults + fault > allowed:
+        elif fate is Fate.POISON:
             self.poison_jobs += 1
             self.metrics.poison_jobs.inc()
             log.error("poison job: not run again", task=clip(task.task_id), audio_s=round(item.audio_s, 2),
                       model=(inc.spec if inc else slot.spec).model, workers=[*item.deaths, death])  # fmt: skip
             task.fail(reason.code, f"{message}; this job ended {item.faults + fault} workers and is not run again")
-        elif self.retries_paused():
+        elif fate is Fate.PAUSED:
             task.fail(reason.code, f"{message}; lost jobs are not retried while workers keep dying")
         else:
             self.retried += 1
             self.metrics.retried_jobs.inc()
             log.info("job retried", task=clip(task.task_id), slot=slot.index, reason=reason.value, job=item.job)
-            task.queue_slot.retry(item, slot, death, fault)
+            task.queue_slot.retry(item, slot, death, fault)  # type: ignore[attr-defined]  # a Slot, as task.Home
 
     def retries_paused(self) -> bool:
-        """Whether RETRY_PAUSE_JOBS distinct jobs were lost to crashed or hung workers within
-        restart_period_s; a change either way is logged once."""
-        now = time.monotonic()
-        while self.job_faults and self.job_faults[0][0] < now - self.cfg.workers.restart_period_s:
-            self.job_faults.popleft()
-        jobs = len({job for _, job in self.job_faults})
+        """Whether policy.RETRY_PAUSE_JOBS distinct jobs were lost to crashed or hung workers
+        within restart_period_s; a change either way is logged once."""
+        period_s = self.cfg.workers.restart_period_s
+        jobs = self.lost_jobs.jobs(time.monotonic(), period_s)
         paused = jobs >= RETRY_PAUSE_JOBS
         if paused != self.retries_were_paused:
             self.retries_were_paused = paused
             if paused:
-                log.warning("lost jobs not retried: workers keep dying", jobs=jobs,
-                            period_s=self.cfg.workers.restart_period_s)  # fmt: skip
+                log.warning("lost jobs not retried: workers keep dying", jobs=jobs, period_s=period_s)
             else:
                 log.info("lost jobs retried again")
         return paused
 
     def count_crash(self, slot: Slot) -> None:
-        now = time.monotonic()
-        self.crashes.append(now)
-        while self.crashes and self.crashes[0] < now - self.cfg.workers.restart_period_s:
-            self.crashes.popleft()
-        if len(self.crashes) > self.cfg.workers.restart_intensity:
-            log.critical(
-                "restart intensity exceeded",
-                slot=slot.index,
-                restarts=len(self.crashes),
-                period_s=self.cfg.workers.restart_period_s,
-            )
+        """A crash against the restart budget (OTP's restart intensity); over it, capsd gives up."""
+        workers = self.cfg.workers
+        if not self.budget.spend(time.monotonic(), workers.restart_intensity, workers.restart_period_s):
+            log.critical("restart intensity exceeded", slot=slot.index, restarts=len(self.budget.crashes),
+                         period_s=workers.restart_period_s)  # fmt: skip
             self.finish(os.EX_SOFTWARE)
 
     async def watch_workers(self) -> None:
@@ -411,154 +384,7 @@ class Daemon:
         if kept:
             log.warning("config changes need a restart: systemctl restart capsd", not_applied=kept)
         if pool or self.reconciling is not None:
-            self.wanted = new
-            if self.reconciling is None:
-                self.reconciling = asyncio.get_running_loop().create_task(self.reconcile())
-
-    async def reconcile(self) -> None:
-        """Bring the pool to the latest reload's [model], then its count, each refused alone with
-        the reason logged. A reload during a change is reached once that change ends: the last
-        reload wins."""
-        try:
-            while (new := self.wanted) is not None and not self.done.done():
-                self.wanted = None
-                async with self.changing:
-                    if new.model != self.cfg.model:
-                        await self.change_model(new)
-                    if new.workers.count != self.count and not self.done.done():
-                        try:
-                            await self.scale(new.workers.count)
-                        except ControlError as e:
-                            log.error("scale refused: keeping the running count", count=self.count, reason=str(e))
-        finally:
-            self.reconciling = None
-
-    # -- changing the pool while it serves (docs/design.md#changing-the-pool) -------------------
-
-    def worker_bytes(self, spec: WorkerSpec) -> int:
-        """A worker's planned peak: the estimate, or more if workers of this model measured more."""
-        key = model_key(spec)
-        return max(self.estimates[key], self.peaks.get(key, 0))
-
-    def plan_for(self, count: int, worker_bytes: int) -> memory.Plan:
-        """The memory plan for `count` workers while capsd runs: what it holds now is available
-        to it, as well as what the machine or cgroup has free."""
-        free = memory.read_available()
-        held = _rss_of_tree()
-        detail = f"{free.detail}, plus {memory.format_bytes(held)} capsd holds"
-        available = memory.Available(free.bytes + held, free.limit, detail)
-        reserve = self.cfg.workers.memory_reserve_mb * memory.MIB
-        return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S, self.cfg.server.max_message_bytes)
-
-    async def scale(self, count: int, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, object]:
-        """Grow: the memory plan first, then new slots, routed to once all are ready. Shrink:
-        the slots that go take no new task and hand their waiting jobs to the others; their
-        workers stop after the job in hand; each slot goes when its last task ends."""
-        before = self.count
-        if count > before:
-            plan = self.plan_for(count, self.worker_bytes(self.spec))
-            if not plan.fits:
-                raise PlanRefused(plan.message(fix=f"capsctl scale {plan.max_count}"))
-            added = [self.add_slot(index) for index in range(before, count)]
-            for slot in added:
-                self.start_worker(slot)
-            loaded = await asyncio.gather(*(self.loaded(slot) for slot in added))
-            if not all(loaded):
-                for slot in added:
-                    slot.retire(self.home)
-                failed = next(slot.index for slot, ok in zip(added, loaded) if not ok)
-                raise ControlError(f"the worker of slot {failed} did not load; the pool keeps {before} slots")
-            self.plan, self.count = plan, count
-        elif count < before:
-            self.count = count
-            going = self.slots[count:before]
-            for slot in going:
-                slot.retire(self.home, timeout)
-            await asyncio.gather(*(asyncio.shield(slot.incarnation.exited) for slot in going if slot.incarnation))
-            self.plan = self.plan_for(count, self.worker_bytes(self.spec))
-        self.cfg = dataclasses.replace(self.cfg, workers=dataclasses.replace(self.cfg.workers, count=count))
-        log.info("pool scaled", slots=count, before=before, plan=self.plan.message())
-        return {"count": count, "before": before, "plan": self.plan.message()}
-
-    async def loaded(self, slot: Slot) -> bool:
-        """Whether the slot's current (or next) worker becomes ready. A worker not ready within
-        load_timeout_s is killed, so the wait is bounded by the config, not by a number of its own."""
-        if slot.failed:  # a new slot whose worker could not start
-            return False
-        inc = slot.incarnation
-        if inc is None or inc.exited.done():  # its spawn is to be retried
-            try:
-                await asyncio.wait_for(slot.ready_event.wait(), self.cfg.workers.load_timeout_s + SPAWN_RETRY_MAX_S)
-            except asyncio.TimeoutError:
-                return False
-            return True
-        return await asyncio.shield(inc.loaded)
-
-    async def restart(self, slot: Slot, force: bool = False, timeout: float | None = None) -> dict[str, object]:
-        """Replace the slot's worker (graceful: after the job in hand), return when the new one is ready."""
-        old = slot.incarnation
-        if old is None or not old.ready:
-            raise ControlError(f"slot {slot.index} is {slot.state.shown}; try again when it is ready")
-        log.info("restart requested", slot=slot.index, pid=old.pid, force=force)
-        if force:
-            slot.kill(ExitReason.REQUESTED)
-        else:
-            slot.drain(ExitReason.REQUESTED, timeout or DRAIN_TIMEOUT_S)  # forced at the deadline
-        await asyncio.shield(old.exited)
-        if not await self.loaded(slot):
-            raise ControlError(f"slot {slot.index}: the new worker did not load")
-        return {"slot": slot.index, "old_pid": old.pid, "new_pid": slot.incarnation.pid}
-
-    async def rolling_restart(self, force: bool = False, timeout: float | None = None) -> list[dict[str, object]]:
-        """One slot at a time, the next once the previous replacement is ready: never more than
-        one slot down (and, with stealing, the others take its waiting jobs)."""
-        log.info("rolling restart", slots=self.count, force=force)
-        restarted = []
-        for slot in self.slots[: self.count]:
-            await self.loaded(slot)  # a slot restarting after a crash is replaced once ready
-            restarted.append(await self.restart(slot, force, timeout))
-        return restarted
-
-    async def change_model(self, new: Config) -> None:
-        """Check the new [model] as check-config would and plan old and new side by side, then
-        roll every slot onto it; if a worker cannot load it, roll back."""
-        try:
-            spec, estimate = preflight.worker(dataclasses.replace(self.cfg, model=new.model))
-        except ConfigError as e:
-            log.error("model change refused: keeping the running model", reason=str(e))
-            return
-        self.estimates.setdefault(model_key(spec), estimate)
-        # During the roll each slot runs one model or the other: plan every slot at the larger.
-        plan = self.plan_for(self.count, max(self.worker_bytes(self.spec), self.worker_bytes(spec)))
-        if not plan.fits:
-            log.error("model change refused: keeping the running model", reason=plan.message())
-            return
-        old = self.spec
-        log.info("model change: rolling restart", slots=self.count, model=spec.model, before=old.model)
-        if not await self.roll(spec):
-            log.error("model change failed: rolling back to the running model", model=spec.model)
-            await self.roll(old)
-            return
-        self.plan = self.plan_for(self.count, self.worker_bytes(spec))
-        self.cfg = dataclasses.replace(self.cfg, model=new.model)
-        self.front.formatting = self.formatting()
-        log.info("model changed", model=spec.model)
-
-    async def roll(self, spec: WorkerSpec) -> bool:
-        """Every active slot onto `spec`, one at a time; False at the first worker that does not load it."""
-        self.spec = spec
-        for slot in self.slots[: self.count]:
-            if slot.ready_spec == spec and slot.spec == spec:
-                continue
-            slot.run_spec(spec)
-            try:
-                await self.loaded(slot)  # as in rolling_restart
-                await self.restart(slot)
-            except ControlError:
-                return False
-            if slot.ready_spec != spec:  # reverted by worker_exited
-                return False
-        return True
+            self.want(Shape(new.workers.count, new.model))
 
     async def stop(self, code: int) -> None:
         """Stop accepting, let tasks finish (not when giving up), fail the rest, stop workers."""
@@ -578,8 +404,6 @@ class Daemon:
 
     async def stop_workers(self) -> None:
         await asyncio.gather(*(slot.stop(timeout=5) for slot in self.slots))
-
-    # -- status -------------------------------------------------------------------------------
 
     def summary(self) -> str:
         ready = sum(slot.state in (SlotState.READY, SlotState.BUSY) for slot in self.slots)
@@ -605,13 +429,3 @@ class Daemon:
             "intake": self.front.intake.status(),
             "audio_per_second": round(self.metrics.audio_per_second(), 3),
         }
-
-
-def _rss_of_tree() -> int:
-    """The resident memory of capsd: this process and its children (workers, resource tracker)."""
-    me = psutil.Process()
-    total = me.memory_info().rss
-    for child in me.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += child.memory_info().rss
-    return total
