@@ -284,11 +284,7 @@ class Daemon(PoolChanges):
         last_ping, last_status = 0.0, ""
         while True:
             now = time.monotonic()
-            for slot in list(self.slots):
-                slot.sample_cpu(now)
-                self.check_worker(slot, now)
-                if slot.retiring and not slot.open_tasks and slot.worker_gone:
-                    self.remove_slot(slot)  # its last task ended
+            self.watch_slots(now)
             if self.retries_were_paused:
                 self.retries_paused()  # logs when retries resume
             ping = watchdog is not None and now - last_ping >= watchdog
@@ -297,6 +293,13 @@ class Daemon(PoolChanges):
                 notify.notify(status=status, **({"watchdog": 1} if ping else {}))
                 last_status, last_ping = status, now if ping else last_ping
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def watch_slots(self, now: float) -> None:
+        for slot in list(self.slots):
+            slot.sample_cpu(now)
+            self.check_worker(slot, now)
+            if slot.retiring and not slot.open_tasks and slot.worker_gone:
+                self.remove_slot(slot)  # its last task ended
 
     def check_worker(self, slot: Slot, now: float) -> None:
         workers, inc = self.cfg.workers, slot.incarnation
