@@ -299,3 +299,31 @@ def test_each_state_change_is_logged_once_with_its_reason() -> None:
     changes = with_daemon(scenario)
     assert [(e["slot"], e["before"], e["after"]) for e in changes] == [(0, "ready", "restarting"), (0, "restarting", "ready")]
     assert changes[0]["why"] == "worker exited: crashed"
+
+
+def test_a_reload_during_a_capsctl_scale_leaves_its_count_alone_and_a_later_wish_wins() -> None:
+    """A reload whose [workers] count is the running one (say, a new log level) does not undo a
+    capsctl scale under way; one that asks for another count is reached once the scale ends."""
+    import structlog
+
+    saved = structlog.get_config()
+
+    async def scenario(daemon: Daemon) -> list[int]:
+        Worker.loads = False
+        asking = asyncio.ensure_future(daemon.scale(3))
+        await settle()
+        daemon.handle_sighup()  # the file still says 2
+        Worker.spawned[-1].load()
+        grown = (await asking)["count"]
+        await settle()
+        counts = [grown, daemon.count]
+        daemon.reload = lambda: config.from_dict({"workers": {"count": 1, "memory_reserve_mb": 0}})
+        daemon.handle_sighup()
+        assert daemon.reconciling is not None
+        await daemon.reconciling
+        return [*counts, daemon.count, daemon.wanted.count]
+
+    try:
+        assert with_daemon(scenario) == [3, 3, 1, 1]
+    finally:
+        structlog.configure(**saved)

@@ -386,7 +386,7 @@ class Daemon(PoolChanges):
         log.info("config reloaded", applied=applied or "nothing changed", changing_the_pool=pool or "no")
         if kept:
             log.warning("config changes need a restart: systemctl restart capsd", not_applied=kept)
-        if pool or self.reconciling is not None:
+        if pool or (self.reconciling is not None and self.scale_waiter is None):  # a capsctl scale's count stands
             self.want(Shape(new.workers.count, new.model))
 
     async def stop(self, code: int) -> None:

@@ -67,7 +67,7 @@ class PoolChanges:
     runners: dict[Slot, asyncio.Task[None]]
     changing: asyncio.Lock  # one change of the pool at a time
     wanted: Shape  # what the pool is to be: the latest wish (a reload, capsctl scale)
-    scale_waiter: ScaleWaiter | None
+    scale_waiter: ScaleWaiter | None  # a capsctl scale, until the step that reaches its count ends
     reconciling: asyncio.Task[None] | None  # the duty that reaches `wanted`, while it runs
     done: asyncio.Future[int]
     metrics: Metrics
@@ -146,19 +146,21 @@ class PoolChanges:
                         return
         finally:
             self.reconciling = None
-            if self.scale_waiter is not None:  # capsd stops
-                self.scale_waiter.reply.set_exception(ControlError("capsd is stopping"))
+            if self.scale_waiter is not None:  # capsd stops before its step, or the step failed
+                why = "capsd is stopping" if self.done.done() else "the change of the pool failed"
+                self.scale_waiter.reply.set_exception(ControlError(why))
                 self.scale_waiter = None
 
     async def resize(self, count: int) -> None:
         """One step: the pool to `count` slots; refused, the wanted count is the running one again."""
-        waiter, self.scale_waiter = self.scale_waiter, None
-        if waiter is not None and waiter.count != count:  # a reload wished otherwise meanwhile
+        waiter = self.scale_waiter  # until the step ends: a reload meanwhile leaves its count alone
+        if waiter is not None and waiter.count != count:  # a reload wished otherwise first
             waiter.reply.set_exception(ControlError(f"a reload asked for {count} slots meanwhile"))
-            waiter = None
+            waiter = self.scale_waiter = None
         try:
             result = await self.grow_or_shrink(count, waiter.timeout if waiter else DRAIN_TIMEOUT_S)
         except ControlError as e:
+            self.scale_waiter = None
             if self.wanted.count == count:
                 self.wanted = dataclasses.replace(self.wanted, count=self.count)
             if waiter is None:
@@ -166,6 +168,7 @@ class PoolChanges:
             else:
                 waiter.reply.set_exception(e)
             return
+        self.scale_waiter = None
         if waiter is not None:
             waiter.reply.set_result(result)
 
