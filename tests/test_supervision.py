@@ -59,7 +59,9 @@ def test_restart_intensity_zero_gives_up_at_the_first_crash() -> None:
         (False, False, True, ExitAction.RESTART),
     ],
 )
-def test_what_follows_a_workers_end(retiring: bool, loading_new_model: bool, ever_ready: bool, action: ExitAction) -> None:
+def test_what_follows_a_workers_end(
+    retiring: bool, loading_new_model: bool, ever_ready: bool, action: ExitAction
+) -> None:
     assert exit_action(retiring, loading_new_model, ever_ready) is action
 
 
@@ -297,7 +299,10 @@ def test_each_state_change_is_logged_once_with_its_reason() -> None:
         return [e for e in logs if e["event"] == "slot state"]
 
     changes = with_daemon(scenario)
-    assert [(e["slot"], e["before"], e["after"]) for e in changes] == [(0, "ready", "restarting"), (0, "restarting", "ready")]
+    assert [(e["slot"], e["before"], e["after"]) for e in changes] == [
+        (0, "ready", "restarting"),
+        (0, "restarting", "ready"),
+    ]
     assert changes[0]["why"] == "worker exited: crashed"
 
 

@@ -25,6 +25,8 @@ from capsd.supervisor.slot import Slot
 log = structlog.get_logger("capsd.control")
 MAX_REQUEST_BYTES = 64 * 1024  # one request line; capsctl's are under 100 bytes
 IDLE_TIMEOUT_S = 10.0  # a connection without a whole request line by then is answered and closed
+
+
 class Controlled(Protocol):
     """What the control socket asks of the daemon."""
 

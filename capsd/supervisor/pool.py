@@ -78,7 +78,6 @@ class PoolChanges:
     runner_ended: Callable[[asyncio.Task[None]], None]
     formatting: Callable[[], Formatting]
 
-
     def home(self, task_id: str) -> Slot:
         """A new task's home slot (docs/design.md#routing-is-crc32)."""
         return self.slots[route(task_id, self.count)]
@@ -296,6 +295,7 @@ class PoolChanges:
             if slot.ready_spec != spec:  # reverted by worker_exited
                 return False
         return True
+
 
 def _rss_of_tree() -> int:
     """The resident memory of capsd: this process and its children (workers, resource tracker)."""

@@ -277,9 +277,6 @@ class Slot:
     def failed(self) -> bool:
         return self.state is SlotState.FAILED
 
-    def _idle_or_busy(self) -> SlotState:
-        return SlotState.BUSY if self.in_flight else SlotState.READY
-
     # -- life cycle: the slot reports, the daemon decides and asks -----------------------------
 
     def start(self) -> None:
@@ -419,7 +416,9 @@ class Slot:
     def retry(self, item: Waiting, lost_on: Slot, death: str, fault: bool) -> None:
         """A job of a task whose jobs wait here, lost with `lost_on`'s worker, runs once more:
         before any other job, on another slot where there is one (docs/design.md#retrying-a-lost-job)."""
-        self.backlog.push(dataclasses.replace(item, lost_on=lost_on, deaths=(*item.deaths, death), faults=item.faults + fault))
+        self.backlog.push(
+            dataclasses.replace(item, lost_on=lost_on, deaths=(*item.deaths, death), faults=item.faults + fault)
+        )
 
     def _wake(self) -> None:
         """A job was pushed here: who may take it."""
@@ -473,7 +472,7 @@ class Slot:
         self.drain_reason = None
         inc = self.incarnation
         if inc is not None and inc.ready and not inc.exited.done():
-            self._enter(self._idle_or_busy(), "scaled up again")
+            self._enter(SlotState.BUSY if self.in_flight else SlotState.READY, "scaled up again")
         else:
             self._enter(SlotState.RESTARTING if self.ever_ready else SlotState.STARTING, "scaled up again")
 

@@ -119,7 +119,8 @@ class Task:
             return
         if segment.end > MAX_TASK_S:
             self.fail(
-                ErrorCode.OVERLOADED, f"the task is longer than {MAX_TASK_S / 3600:g} h of audio, the longest capsd takes"
+                ErrorCode.OVERLOADED,
+                f"the task is longer than {MAX_TASK_S / 3600:g} h of audio, the longest capsd takes",
             )
         elif len(segment.samples) < MIN_DECODE_SAMPLES:
             self.segment_decoded(segment, [], [], time.time())
