@@ -439,6 +439,15 @@ def test_parse_request_accepts() -> None:
     assert parse_request(b'{"cmd": "scale", "count": 3, "timeout": 5}') == Request("scale", timeout=5.0, count=3)
 
 
+@pytest.mark.unit
+def test_capsctl_loads_no_supervisor_module() -> None:
+    """capsctl speaks the control protocol (capsd.control_protocol) and finds the socket
+    (capsd.socketpath): the daemon's modules, with multiprocessing and the slots, stay out."""
+    code = "import sys, capsd.ctl; print(sorted(m for m in sys.modules if m.startswith('capsd.supervisor')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
 @pytest.mark.integration
 def test_an_invalid_control_request_does_nothing_and_says_why(start_capsd: Any) -> None:
     capsd = start_capsd()
