@@ -1,10 +1,24 @@
 #!/usr/bin/env python3
-"""Hostile soak: abusive clients against a real capsd while a well-behaved client dictates.
+"""Hostile soak: abusive clients against a real capsd while well-behaved clients dictate.
 
-One abuse after another, round-robin, PHASE_S each, for M minutes (see ABUSES), while one client
-dictates on the abused slot. PASS: every dictation exact, p95 latency under LATENCY_BOUND_S, the
-supervisor's peak RSS within its budget in the memory plan, its descriptors back within +5, no task
-left in a slot, exit 0 on SIGTERM. Not part of the test run: `python bench/hostile.py [--heavy]`.
+Rows, one after another (--rows; all by default, about 8 minutes in all):
+- abuses: one abuse after another, round-robin, PHASE_S each, for --minutes (3; see ABUSES), while
+  one client dictates on the abused slot;
+- endless (120 s): one never-final task of 1 s segments of dense digits, sent in 10 s frames as
+  fast as capsd reads them; its audio accepted per second in its first and its last minute (thirds
+  when the row is shorter than 2 minutes) are compared;
+- many16, many48 (60 s each): 16 and 48 connections at once, each a never-final task of 60 s
+  frames sent as fast as capsd reads them (a send waits while capsd does not read), their task
+  ids spread evenly over the slots.
+--row-s sets the length of each of the last three. During those rows a client dictates on every
+slot, and the supervisor's peak RSS is that row's own: its VmHWM is reset at the row's start
+(Capsd.reset_peak_rss, /proc/PID/clear_refs) and read at its end.
+
+PASS: every dictation exact, the good p95 latency under LATENCY_BOUND_S (in each row, on every
+slot), the supervisor's peak RSS within its budget in the memory plan (in each row), the endless
+task's last stretch accepted at least half as fast as its first, its descriptors back within +5, no
+task left in a slot, exit 0 on SIGTERM. Not part of the test run:
+`python bench/hostile.py [--heavy] [--rows endless,many16,many48] [--row-s S]`.
 """
 
 from __future__ import annotations
@@ -26,15 +40,16 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import MIC_FRAME_S, conclude, machine
+from common import MIC_FRAME_S, conclude, machine, task_ids
 from websockets.exceptions import ConnectionClosed
 
 from capsd import config, preflight
 from capsd.ctl import request
-from capsd.protocol import route
+from capsd.protocol import FILE_SEG, route
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
-from tests.support.client import connect, file_frames, frame, receive, send_mic
+from tests.support.checks import accepted_per_second, wait_for
+from tests.support.client import connect, file_frames, frame, receive, send_mic, stream_endless
 from tests.support.daemon import Capsd
 
 PHASE_S = 15  # each abuse, in rounds; a round ends by itself at most OVERRUN_S after its phase
@@ -49,6 +64,20 @@ SETTLE_S = 5  # after the abusers stopped, before the descriptors are counted ag
 LINGER_S = 60  # an unresponsive client is held until capsd drops it, at most this long
 MINUTE, _ = synth("1234567890" * 12)  # 60.2 s of tones
 BLIP = MINUTE[:1600]  # 0.1 s
+IDLE_S = 120  # after a row, until every slot is idle again
+
+
+@dataclass
+class Good:
+    """What the well-behaved clients got: each answer's (phase, slot, seconds), and how many were exact."""
+
+    latencies: list[tuple[str, int, float]] = field(default_factory=list)
+    exact: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def p95(self, slot: int | None = None) -> float:
+        seconds = [s for _, at, s in self.latencies if slot in (None, at)]
+        return float(np.percentile(seconds, 95)) if seconds else float("nan")
 
 
 @dataclass
@@ -58,9 +87,7 @@ class Soak:
     phase: str = "warm-up"
     target: str = "good"  # a task id on the slot being abused: the good client dictates there
     counts: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    latencies: list[tuple[str, float]] = field(default_factory=list)  # (phase, seconds)
-    exact: int = 0
-    failed: list[str] = field(default_factory=list)
+    good: Good = field(default_factory=Good)
     problems: list[str] = field(default_factory=list)
     lingering: list[asyncio.Task[None]] = field(default_factory=list)
     peak: tuple[int, str] = (0, "warm-up")  # the supervisor's VmHWM after a phase, and the phase that raised it
@@ -85,9 +112,9 @@ async def answers(ws: Any, counts: Counter[str], until: tuple[str, int] = ("", 0
 
 
 @contextlib.asynccontextmanager
-async def reading(soak: Soak, counts: Counter[str], **options: Any) -> AsyncIterator[Any]:
+async def reading(url: str, counts: Counter[str], **options: Any) -> AsyncIterator[Any]:
     """A connection whose answers are counted until the abuser closes it."""
-    async with connect(soak.capsd.url, **options) as ws:
+    async with connect(url, **options) as ws:
         reader = asyncio.create_task(answers(ws, counts))
         try:
             yield ws
@@ -131,7 +158,7 @@ async def tiny_stride(soak: Soak, tid: str, until: float, counts: Counter[str]) 
 
 
 async def smallest_stride(soak: Soak, tid: str, until: float, counts: Counter[str]) -> None:
-    async with reading(soak, counts, close_timeout=2) as ws:
+    async with reading(soak.capsd.url, counts, close_timeout=2) as ws:
         await send_all(ws, [frame(tid, MINUTE, False, "file", (1, 0))] * 60, until, counts, "60 s frames sent")
 
 
@@ -144,7 +171,7 @@ async def walk_away(soak: Soak, tid: str, until: float, counts: Counter[str]) ->
 
 
 async def endless(soak: Soak, tid: str, until: float, counts: Counter[str]) -> None:
-    async with reading(soak, counts, close_timeout=2) as ws:
+    async with reading(soak.capsd.url, counts, close_timeout=2) as ws:
         await send_all(ws, [frame(tid, MINUTE, False, "file", (25, 2))] * 60, until, counts, "60 s frames sent")
 
 
@@ -159,7 +186,7 @@ async def never_reads(soak: Soak, tid: str, until: float, counts: Counter[str]) 
 
 async def many_ids(soak: Soak, tid: str, until: float, counts: Counter[str]) -> None:
     """2000 task ids, never final: beyond 32 refused with overloaded (counted; when capsd sends it is its choice)."""
-    async with reading(soak, counts) as ws:
+    async with reading(soak.capsd.url, counts) as ws:
         frames = (frame(f"{tid}-{i}", BLIP, False, "mic", (15, 2)) for i in range(2000))
         await send_all(ws, frames, until, counts, "task ids sent")
         await asyncio.sleep(1)
@@ -241,28 +268,136 @@ async def abuse(soak: Soak, deadline: float) -> None:
     await asyncio.gather(*soak.lingering)
 
 
-async def dictate(soak: Soak, deadline: float) -> None:
-    """The well-behaved client: a connection per dictation, each on the slot being abused."""
-    rng = random.Random(0)
+async def dictate(
+    url: str, workers: int, deadline: float, where: Callable[[], tuple[str, int]], good: Good, seed: int = 0
+) -> None:
+    """A well-behaved client: a connection per dictation, each on the slot `where()` names, counted
+    in the phase it names."""
+    rng = random.Random(seed)
     for n in itertools.count():
         if time.monotonic() >= deadline:
             return
-        phase, slot = soak.phase, route(soak.target, soak.workers)
+        phase, slot = where()
         digits = "".join(rng.choices("0123456789", k=rng.randint(4, 7)))  # 2.2-3.7 s of tones
-        task_id = next(t for k in itertools.count() if route(t := f"good-{n}-{k}", soak.workers) == slot)
+        task_id = next(t for k in itertools.count() if route(t := f"good-{n}-{k}", workers) == slot)
         try:
-            async with connect(soak.capsd.url) as ws:
+            async with connect(url) as ws:
                 await send_mic(ws, task_id, synth(digits)[0], frame_s=MIC_FRAME_S, pace=MIC_FRAME_S)
                 sent = time.monotonic()
                 final = (await receive(ws, {task_id}, timeout=120))[task_id][-1]
-                soak.latencies.append((phase, time.monotonic() - sent))
+                good.latencies.append((phase, slot, time.monotonic() - sent))
         except (ConnectionClosed, OSError, asyncio.TimeoutError) as e:
-            soak.failed.append(f"{task_id} during {phase}: {e!r}")
+            good.failed.append(f"{task_id} during {phase}: {e!r}")
             continue
         if "error" in final or token_digits(final["tokens"]) != digits or final["text"] != digits:
-            soak.failed.append(f"{task_id} during {phase}: sent {digits}, got {final.get('error') or final['text']!r}")
+            good.failed.append(f"{task_id} during {phase}: sent {digits}, got {final.get('error') or final['text']!r}")
         else:
-            soak.exact += 1
+            good.exact += 1
+
+
+# -- the rows after the abuses: many abusers at once, and one task that never ends ---------------
+
+
+@dataclass
+class Row:
+    """A row's abusers, run for `seconds` while a client dictates on every slot, and what it showed."""
+
+    name: str
+    abusers: int
+    seconds: float
+    counts: Counter[str] = field(default_factory=Counter)
+    good: Good = field(default_factory=Good)
+    rss_at_start: int = 0
+    peak: int = 0  # the supervisor's VmHWM during the row
+    sent: list[tuple[float, float]] = field(default_factory=list)  # endless: (time, audio seconds sent so far)
+
+    @property
+    def stretch_s(self) -> float:
+        """The endless task's first and last stretch compared: a minute, or a third of a shorter row."""
+        return 60.0 if self.seconds >= 120 else self.seconds / 3
+
+
+async def flood(url: str, task_id: str, until: float, counts: Counter[str]) -> None:
+    """A never-final task of 60 s frames, sent as fast as capsd reads them until `until`."""
+    message = frame(task_id, MINUTE, False, "file", FILE_SEG)
+    try:
+        async with reading(url, counts, close_timeout=2) as ws:
+            await send_all(ws, itertools.repeat(message), until, counts, "60 s frames sent")
+    except (ConnectionClosed, OSError) as e:
+        counts[f"cut off ({type(e).__name__})"] += 1
+
+
+async def many(row: Row, url: str, workers: int, until: float) -> None:
+    """`row.abusers` floods at once, their task ids spread evenly over the slots."""
+    ids = task_ids([n % workers for n in range(row.abusers)], workers)
+    await asyncio.gather(*(flood(url, task_id, until, row.counts) for task_id in ids))
+
+
+async def one_endless_task(row: Row, url: str, workers: int, until: float) -> None:
+    """One never-final task of 1 s segments of dense digits (10 s frames), as fast as capsd reads it."""
+    async with reading(url, row.counts, close_timeout=2) as ws:
+        await stream_endless(ws, "endless", MINUTE, until, row.sent, seg=(1, 0.5))
+    row.counts["audio seconds sent"] = round(row.sent[-1][1]) if row.sent else 0
+
+
+ROWS: dict[str, tuple[Callable[[Row, str, int, float], Awaitable[None]], int, float]] = {
+    "endless": (one_endless_task, 1, 120),
+    "many16": (many, 16, 60),
+    "many48": (many, 48, 60),
+}  # name: abuse, abusers, default seconds
+
+
+def run_row(capsd: Capsd, workers: int, row: Row) -> None:
+    """Once every slot is idle, the row's abusers for `row.seconds`, a client dictating on each
+    slot meanwhile; the supervisor's peak RSS is the row's own (VmHWM reset at its start)."""
+    abuse_, _, _ = ROWS[row.name]
+    wait_for(lambda: all(s["tasks_in_progress"] + s["queue_depth"] == 0 for s in capsd.status()["slots"]), IDLE_S,
+             f"every slot idle before {row.name}")  # fmt: skip
+    row.rss_at_start = usage(capsd.proc.pid)[0]
+    capsd.reset_peak_rss()
+    until = time.monotonic() + row.seconds
+
+    async def good_on_every_slot() -> None:
+        await asyncio.gather(*(dictate(capsd.url, workers, until, lambda s=s: (row.name, s), row.good, seed=s)
+                               for s in range(workers)))  # fmt: skip
+
+    async def run() -> None:
+        # The good clients in a thread of their own, so the abusers' work does not delay their clock.
+        await asyncio.gather(
+            asyncio.to_thread(asyncio.run, good_on_every_slot()), abuse_(row, capsd.url, workers, until)
+        )
+
+    asyncio.run(run())
+    row.peak = capsd.peak_rss()
+
+
+def judge(row: Row, workers: int, budget: int, bound: float) -> list[str]:
+    """The row's summary line, printed, and its problems."""
+    total = row.good.exact + len(row.good.failed)
+    p95 = [row.good.p95(slot) for slot in range(workers)]
+    checks = {
+        f"{row.name}: {len(row.good.failed)} of {total} dictations not exact": row.good.exact and not row.good.failed,
+        f"{row.name}: good p95 latency by slot {', '.join(f'{s:.2f}' for s in p95)} s, bound {bound:g} s":
+            all(s < bound for s in p95),  # a slot never answered: nan, not under the bound
+        f"{row.name}: supervisor peak RSS {row.peak / 2**20:.1f} MiB over its budget {budget / 2**20:.1f} MiB":
+            row.peak <= budget,
+    }  # fmt: skip
+    accepted = ""
+    if row.name == "endless":
+        first, last = accepted_per_second(row.sent, row.stretch_s) if len(row.sent) > 1 else (0.0, 0.0)
+        checks[f"endless: accepted {last:.1f} s of audio per second in its last {row.stretch_s:.0f} s, under half "
+               f"of {first:.1f} in its first"] = first > 0 and last >= first / 2  # fmt: skip
+        accepted = f", accepted {first:.1f} -> {last:.1f} s of audio/s (first/last {row.stretch_s:.0f} s)"
+    problems = [problem for problem, ok in checks.items() if not ok]
+    print(
+        f"row {row.name}: {row.abusers} abuser{'s' if row.abusers > 1 else ''}, {row.seconds:g} s{accepted}, supervisor peak RSS"
+        f" {row.peak / 2**20:.1f} MiB / {budget / 2**20:.1f} MiB planned, good dictations {row.good.exact}/{total}"
+        f" exact, p95 by slot {' '.join(f'{s:.2f}' for s in p95)} s: {'FAIL' if problems else 'PASS'}"
+    )
+    print(f"  RSS at start {row.rss_at_start / 2**20:.1f} MiB; {', '.join(f'{k} {v}' for k, v in row.counts.items())}")
+    for failed in row.good.failed:
+        print(f"  failed dictation: {failed}")
+    return problems
 
 
 def usage(pid: int) -> tuple[int, int, int]:
@@ -276,7 +411,16 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3, help="how long the abuses go on (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="worker slots (default 2)")
     parser.add_argument("--heavy", action="store_true", help="the CPU-heavy self-test model")
+    parser.add_argument(
+        "--rows", default=",".join(["abuses", *ROWS]), help="the rows to run, comma-separated (default all)"
+    )
+    parser.add_argument(
+        "--row-s", type=float, help="seconds each row after the abuses lasts (default: endless 120, many 60)"
+    )
     args = parser.parse_args()
+    names = args.rows.split(",")
+    if unknown := set(names) - {"abuses", *ROWS}:
+        parser.error(f"unknown rows {sorted(unknown)}; known: abuses, {', '.join(ROWS)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="capsd-hostile-"))
     cfg: dict[str, dict[str, Any]] = {"workers": {"count": args.workers}, "log": {"format": "console"}}
@@ -287,6 +431,8 @@ def main() -> int:
     capsd = Capsd(tmp, cfg)
     soak, pid = Soak(capsd, args.workers), capsd.proc.pid
     budget = preflight.check(config.load(str(capsd.config_path))).plan.supervisor_bytes
+    bound = LATENCY_BOUND_S[args.heavy]
+    rows = [Row(name, abusers, args.row_s or seconds) for name, (_, abusers, seconds) in ROWS.items() if name in names]
     _, fds0, threads0 = usage(pid)
     started = time.monotonic()
     deadline = started + args.minutes * 60
@@ -296,17 +442,25 @@ def main() -> int:
             await asyncio.sleep(min(60, args.minutes * 30))
             return usage(pid)[0]
 
+        def where() -> tuple[str, int]:
+            return soak.phase, route(soak.target, soak.workers)
+
         warm = asyncio.create_task(rss_after_warm_up())
         # The good client in a thread of its own, so the abusers' work does not delay its clock.
-        await asyncio.gather(asyncio.to_thread(asyncio.run, dictate(soak, deadline)), abuse(soak, deadline))
+        good = dictate(capsd.url, soak.workers, deadline, where, soak.good)
+        await asyncio.gather(asyncio.to_thread(asyncio.run, good), abuse(soak, deadline))
         return await warm, usage(pid)[0]
 
     try:
-        rss0, rss1 = asyncio.run(run())
+        if "abuses" in names:
+            rss0, rss1 = asyncio.run(run())
+            peak = capsd.peak_rss()  # before any row resets it
+        for row in rows:
+            run_row(capsd, args.workers, row)
         duration = time.monotonic() - started
         time.sleep(SETTLE_S)
         _, fds1, threads1 = usage(pid)
-        peak, slots = capsd.peak_rss(), capsd.status()["slots"]
+        slots = capsd.status()["slots"]
     finally:
         stopping = time.monotonic()
         try:
@@ -315,39 +469,46 @@ def main() -> int:
             exitcode = None
         stopped_in = time.monotonic() - stopping
 
-    latencies = [s for _, s in soak.latencies] or [float("nan")]
-    p50, p95 = np.percentile(latencies, [50, 95])
-    bound, held = LATENCY_BOUND_S[args.heavy], sum(s["tasks_in_progress"] + s["queue_depth"] for s in slots)
-    slowest = {phase: max(s for p, s in soak.latencies if p == phase) for phase, _ in soak.latencies}
+    held = sum(s["tasks_in_progress"] + s["queue_depth"] for s in slots)
     checks = {
-        f"{len(soak.failed)} of {soak.exact + len(soak.failed)} dictations not exact": soak.exact and not soak.failed,
-        f"good p95 latency {p95:.2f} s, bound {bound:g} s": p95 < bound,
-        f"supervisor peak RSS {peak / 2**20:.1f} MiB over its budget {budget / 2**20:.1f} MiB": peak <= budget,
         f"open descriptors {fds0} -> {fds1}": fds1 <= fds0 + FDS_BOUND,
         f"{held} tasks in progress or segments queued after the soak": held == 0,
         f"capsd exited {exitcode} on SIGTERM": exitcode == 0,
     }
-    for phase, code in (("tiny_stride", "bad_request"), ("long_ids", "bad_request, task_id null")):
-        n = soak.counts.get(phase, Counter())  # more answers than frames: one was in flight at a phase's end
-        checks[f"{phase}: {n[code]} {code} for {n['frames sent']} frames sent"] = n[code] >= n["frames sent"]
-    soak.problems += [problem for problem, ok in checks.items() if not ok]
-
     model = "heavy" if args.heavy else "self-test"
-    print(f"hostile: {args.minutes:g} min, {args.workers} workers, {model} model, {duration:.0f} s in all")
-    for phase, counts in soak.counts.items():
-        print(f"  {phase}: {', '.join(f'{k} {v}' for k, v in counts.items())}")
+    print(f"hostile: rows {', '.join(names)}; {args.workers} workers, {model} model, {duration:.0f} s in all")
+    if "abuses" in names:
+        good = soak.good
+        latencies = [s for _, _, s in good.latencies] or [float("nan")]
+        p50, p95 = np.percentile(latencies, [50, 95])
+        slowest = {phase: max(s for p, _, s in good.latencies if p == phase) for phase, _, _ in good.latencies}
+        checks |= {
+            f"{len(good.failed)} of {good.exact + len(good.failed)} dictations not exact": good.exact
+            and not good.failed,
+            f"good p95 latency {p95:.2f} s, bound {bound:g} s": p95 < bound,
+            f"supervisor peak RSS {peak / 2**20:.1f} MiB over its budget {budget / 2**20:.1f} MiB": peak <= budget,
+        }
+        for phase, code in (("tiny_stride", "bad_request"), ("long_ids", "bad_request, task_id null")):
+            n = soak.counts.get(phase, Counter())  # more answers than frames: one was in flight at a phase's end
+            checks[f"{phase}: {n[code]} {code} for {n['frames sent']} frames sent"] = n[code] >= n["frames sent"]
+        print(f"abuses: {args.minutes:g} min")
+        for phase, counts in soak.counts.items():
+            print(f"  {phase}: {', '.join(f'{k} {v}' for k, v in counts.items())}")
+        print(f"good client: {good.exact + len(good.failed)} dictations, exact {good.exact}, failed {len(good.failed)}")
+        print(f"good latency: p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(latencies):.2f} s (p95 bound {bound:g} s)")
+        print(f"good latency, slowest per abuse: {', '.join(f'{p} {s:.2f}' for p, s in slowest.items())}")
+        print(
+            f"supervisor: peak RSS {peak / 2**20:.1f} MiB (reached in {soak.peak[1]}), budget in the plan {budget / 2**20:.1f} MiB"
+        )
+        print(f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at the abuses' end")
+        for failed in good.failed:
+            print(f"  failed dictation: {failed}")
+    for row in rows:
+        soak.problems += judge(row, args.workers, budget, bound)
     print(f"  capsd logged 'client not reading' (closed with 1008) {capsd.logs().count('client not reading')} times")
-    print(f"good client: {soak.exact + len(soak.failed)} dictations, exact {soak.exact}, failed {len(soak.failed)}")
-    print(f"good latency: p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(latencies):.2f} s (p95 bound {bound:g} s)")
-    print(f"good latency, slowest per abuse: {', '.join(f'{p} {s:.2f}' for p, s in slowest.items())}")
-    print(
-        f"supervisor: peak RSS {peak / 2**20:.1f} MiB (reached in {soak.peak[1]}), budget in the plan {budget / 2**20:.1f} MiB"
-    )
-    print(f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at end")
     print(f"supervisor: open descriptors {fds0} -> {fds1}, threads {threads0} -> {threads1} ({SETTLE_S} s after)")
     print(f"slots after: {held} tasks or segments held; capsd exited {exitcode} on SIGTERM in {stopped_in:.1f} s")
-    for failed in soak.failed:
-        print(f"  failed dictation: {failed}")
+    soak.problems += [problem for problem, ok in checks.items() if not ok]
     return conclude("hostile", soak.problems, capsd.log_path, tmp)
 
 

@@ -10,10 +10,9 @@ from typing import Any
 import psutil
 import pytest
 
-from capsd.protocol import RATE
 from capsd.selftest.tones import synth
-from tests.support.checks import dictate
-from tests.support.client import connect, frame
+from tests.support.checks import accepted_per_second, dictate
+from tests.support.client import connect, stream_endless
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +28,9 @@ def test_an_endless_task_is_accepted_as_fast_at_its_end_as_at_its_start(start_ca
     accepted per second fell to a fifth within 90 s and the supervisor spent a core on it."""
     capsd = start_capsd({"workers": {"count": 2}})
     minute, _ = synth("1234567890" * 12)
-    step = round(FRAME_S * RATE)
-    frames = [frame("endless", minute[i : i + step], False, "file", (1, 0.5)) for i in range(0, len(minute), step)]
     sent: list[tuple[float, float]] = []  # (time.monotonic(), audio seconds sent so far)
     waits: list[float] = []
     received = [0]
-
-    async def stream(ws: Any, until: float) -> None:
-        audio = 0.0
-        while time.monotonic() < until:
-            for message in frames:
-                await ws.send(message)
-                audio += FRAME_S
-                sent.append((time.monotonic(), audio))
 
     async def read(ws: Any) -> None:
         async for message in ws:  # partial frames: counted, not parsed (the client's CPU is ours)
@@ -60,7 +49,8 @@ def test_an_endless_task_is_accepted_as_fast_at_its_end_as_at_its_start(start_ca
         async with connect(capsd.url) as ws:
             start = time.monotonic()
             reader = asyncio.create_task(read(ws))
-            await asyncio.gather(stream(ws, start + STREAM_S), dictations(start + STREAM_S))
+            stream = stream_endless(ws, "endless", minute, start + STREAM_S, sent, FRAME_S, (1, 0.5))
+            await asyncio.gather(stream, dictations(start + STREAM_S))
             reader.cancel()
 
     supervisor = psutil.Process(capsd.proc.pid)
@@ -68,10 +58,7 @@ def test_an_endless_task_is_accepted_as_fast_at_its_end_as_at_its_start(start_ca
     began = time.monotonic()
     asyncio.run(scenario())
     cpu = sum(supervisor.cpu_times()[:2]) - cpu
-    start, end = sent[0][0], sent[-1][0]
-    first = max(audio for t, audio in sent if t <= start + STRETCH_S) / STRETCH_S
-    before_last = max(audio for t, audio in sent if t <= end - STRETCH_S)
-    last = (sent[-1][1] - before_last) / STRETCH_S
+    first, last = accepted_per_second(sent, STRETCH_S)
     print(f"\naudio accepted per second: first {first:.1f}, last {last:.1f}; supervisor CPU {cpu:.1f} s in "
           f"{time.monotonic() - began:.0f} s; {received[0] >> 20} MiB of results; dictations {waits}")  # fmt: skip
     assert last >= first / 2, (first, last)

@@ -51,6 +51,15 @@ async def dictate(url: str, task_id: str, within: float = PROMPT_S) -> None:
     assert waited < within, waited
 
 
+def accepted_per_second(sent: list[tuple[float, float]], stretch_s: float) -> tuple[float, float]:
+    """Audio seconds a stream had accepted per second in its first and in its last `stretch_s`,
+    from (time.monotonic(), audio seconds sent so far) after each frame (stream_endless's `sent`)."""
+    start, end = sent[0][0], sent[-1][0]
+    first = max(audio for t, audio in sent if t <= start + stretch_s) / stretch_s
+    before_last = max(audio for t, audio in sent if t <= end - stretch_s)
+    return first, (sent[-1][1] - before_last) / stretch_s
+
+
 def task_ids_for_slots(count: int, prefix: str = "task") -> list[str]:
     """One task id per slot, so tests choose where work lands."""
     ids: dict[int, str] = {}

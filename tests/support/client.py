@@ -7,7 +7,9 @@ mic client sends small frames and ends with an empty final frame (docs/design.md
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,33 @@ async def send_mic(
         if pace:
             await asyncio.sleep(pace)
     await ws.send(frame(task_id, samples[:0], True, "mic", seg))
+
+
+async def stream_endless(
+    ws: Any,
+    task_id: str,
+    samples: np.ndarray,
+    until: float,
+    sent: list[tuple[float, float]],
+    frame_s: float = 10.0,
+    seg: tuple[float, float] = (1, 0.5),
+) -> None:
+    """A task that never ends: `samples` again and again in never-final file frames of `frame_s`,
+    as fast as capsd reads them (a send waits while it does not), until time.monotonic() reaches
+    `until`; after each frame, (time.monotonic(), audio seconds sent so far) is appended to `sent`."""
+    step = round(frame_s * RATE)
+    frames = [(frame(task_id, samples[i : i + step], False, "file", seg), len(samples[i : i + step]) / RATE)
+              for i in range(0, len(samples), step)]  # fmt: skip
+    audio = 0.0
+    for message, seconds in itertools.cycle(frames):
+        if (left := until - time.monotonic()) <= 0:
+            return
+        try:
+            await asyncio.wait_for(ws.send(message), left)
+        except asyncio.TimeoutError:  # held back by capsd when the time was up
+            return
+        audio += seconds
+        sent.append((time.monotonic(), audio))
 
 
 async def receive(ws: Any, task_ids: set[str], timeout: float = 120) -> dict[str, list[dict[str, Any]]]:

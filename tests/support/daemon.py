@@ -104,3 +104,8 @@ class Capsd:
         """The supervisor process's peak resident memory so far (VmHWM), in bytes."""
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+    def reset_peak_rss(self) -> None:
+        """Start the supervisor's peak (VmHWM) afresh from its RSS now: "5" written to its
+        /proc/PID/clear_refs (proc(5)), which the process's owner may write."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
