@@ -15,6 +15,7 @@ from capsd.selftest.tones import synth
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
 import chaos
+import hostile
 import long_recording
 import memory_calibration
 
@@ -46,6 +47,20 @@ def test_long_recording_comes_back_exact(tmp_path: Path, start_capsd: Any) -> No
     got = asyncio.run(long_recording.transcribe(capsd.url, 3 / 60, seed=2, timeout=60))
     assert long_recording.exactness(got, 60) is None
     assert got["partials"]  # the results were read while the audio was sent
+
+
+@pytest.mark.integration
+def test_hostile_rows_abuse_dictate_on_every_slot_and_measure(start_capsd: Any) -> None:
+    """The rows after the abuses, a few seconds each and with two floods for many."""
+    capsd = start_capsd({"workers": {"count": 2}})
+    rows = [hostile.Row("endless", hostile.one_endless_task, 1, 6), hostile.Row("many2", hostile.many, 2, 6)]
+    for row in rows:
+        hostile.run_row(capsd, 2, row)
+        hostile.judge(row, 2, budget=2**40, bound=60)  # its summary, printed; load on the machine may slow it
+        assert row.good.exact and not row.good.failed
+        assert {slot for _, slot, _ in row.good.latencies} == {0, 1}
+        assert row.peak > 0
+    assert rows[0].sent[-1][1] > 60 and rows[1].counts["60 s frames sent"] >= 2
 
 
 @pytest.mark.unit

@@ -56,7 +56,7 @@ def accepted_per_second(sent: list[tuple[float, float]], stretch_s: float) -> tu
     from (time.monotonic(), audio seconds sent so far) after each frame (stream_endless's `sent`)."""
     start, end = sent[0][0], sent[-1][0]
     first = max(audio for t, audio in sent if t <= start + stretch_s) / stretch_s
-    before_last = max(audio for t, audio in sent if t <= end - stretch_s)
+    before_last = max((audio for t, audio in sent if t <= end - stretch_s), default=0.0)
     return first, (sent[-1][1] - before_last) / stretch_s
 
 
