@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hostile soak: abusive clients against a real capsd while well-behaved clients dictate.
 
-Rows, one after another (--rows; all by default, about 8 minutes in all):
+Rows, one after another in this order (--rows; all by default, about 8 minutes in all):
 - abuses: one abuse after another, round-robin, PHASE_S each, for --minutes (3; see ABUSES), while
   one client dictates on the abused slot;
 - endless (120 s): one never-final task of 1 s segments of dense digits, sent in 10 s frames as
@@ -12,7 +12,8 @@ Rows, one after another (--rows; all by default, about 8 minutes in all):
   ids spread evenly over the slots.
 --row-s sets the length of each of the last three. During those rows a client dictates on every
 slot, and the supervisor's peak RSS is that row's own: its VmHWM is reset at the row's start
-(Capsd.reset_peak_rss, /proc/PID/clear_refs) and read at its end.
+(Capsd.reset_peak_rss, /proc/PID/clear_refs) and read at its end; what the rows before left
+resident is counted too, so each row prints the RSS it started from, and the floods come last.
 
 PASS: every dictation exact, the good p95 latency under LATENCY_BOUND_S (in each row, on every
 slot), the supervisor's peak RSS within its budget in the memory plan (in each row), the endless
@@ -403,6 +404,58 @@ def judge(row: Row, workers: int, budget: int, bound: float) -> list[str]:
     return problems
 
 
+def run_abuses(soak: Soak, minutes: float) -> tuple[int, tuple[int, int]]:
+    """The abuses in turn for `minutes`, a client dictating on the abused slot meanwhile: the
+    supervisor's peak RSS (VmHWM since it started), and its RSS after warm-up and at the end."""
+    pid, deadline = soak.capsd.proc.pid, time.monotonic() + minutes * 60
+
+    async def rss_after_warm_up() -> int:
+        await asyncio.sleep(min(60, minutes * 30))
+        return usage(pid)[0]
+
+    def where() -> tuple[str, int]:
+        return soak.phase, route(soak.target, soak.workers)
+
+    async def run() -> tuple[int, int]:
+        warm = asyncio.create_task(rss_after_warm_up())
+        # The good client in a thread of its own, so the abusers' work does not delay its clock.
+        good = dictate(soak.capsd.url, soak.workers, deadline, where, soak.good)
+        await asyncio.gather(asyncio.to_thread(asyncio.run, good), abuse(soak, deadline))
+        return await warm, usage(pid)[0]
+
+    rss = asyncio.run(run())
+    return soak.capsd.peak_rss(), rss
+
+
+def judge_abuses(soak: Soak, minutes: float, peak: int, rss: tuple[int, int], budget: int, bound: float) -> list[str]:
+    """The abuses' summary, printed, and their problems."""
+    good = soak.good
+    latencies = [s for _, _, s in good.latencies] or [float("nan")]
+    p50, p95 = np.percentile(latencies, [50, 95])
+    slowest = {phase: max(s for p, _, s in good.latencies if p == phase) for phase, _, _ in good.latencies}
+    checks = {
+        f"{len(good.failed)} of {good.exact + len(good.failed)} dictations not exact": good.exact and not good.failed,
+        f"good p95 latency {p95:.2f} s, bound {bound:g} s": p95 < bound,
+        f"supervisor peak RSS {peak / 2**20:.1f} MiB over its budget {budget / 2**20:.1f} MiB": peak <= budget,
+    }
+    for phase, code in (("tiny_stride", "bad_request"), ("long_ids", "bad_request, task_id null")):
+        n = soak.counts.get(phase, Counter())  # more answers than frames: one was in flight at a phase's end
+        checks[f"{phase}: {n[code]} {code} for {n['frames sent']} frames sent"] = n[code] >= n["frames sent"]
+    print(f"abuses: {minutes:g} min")
+    for phase, counts in soak.counts.items():
+        print(f"  {phase}: {', '.join(f'{k} {v}' for k, v in counts.items())}")
+    print(f"good client: {good.exact + len(good.failed)} dictations, exact {good.exact}, failed {len(good.failed)}")
+    print(f"good latency: p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(latencies):.2f} s (p95 bound {bound:g} s)")
+    print(f"good latency, slowest per abuse: {', '.join(f'{p} {s:.2f}' for p, s in slowest.items())}")
+    print(
+        f"supervisor: peak RSS {peak / 2**20:.1f} MiB (reached in {soak.peak[1]}), budget in the plan {budget / 2**20:.1f} MiB"
+    )
+    print(f"supervisor: RSS {rss[0] / 2**20:.1f} MiB after warm-up, {rss[1] / 2**20:.1f} MiB at the abuses' end")
+    for failed in good.failed:
+        print(f"  failed dictation: {failed}")
+    return [problem for problem, ok in checks.items() if not ok]
+
+
 def usage(pid: int) -> tuple[int, int, int]:
     """RSS, open descriptors and threads of a process."""
     p = psutil.Process(pid)
@@ -438,26 +491,8 @@ def main() -> int:
     rows = [Row(name, abuse_, n, args.row_s or s) for name, (abuse_, n, s) in ROWS.items() if name in names]
     _, fds0, threads0 = usage(pid)
     started = time.monotonic()
-    deadline = started + args.minutes * 60
-
-    async def run() -> tuple[int, int]:
-        async def rss_after_warm_up() -> int:
-            await asyncio.sleep(min(60, args.minutes * 30))
-            return usage(pid)[0]
-
-        def where() -> tuple[str, int]:
-            return soak.phase, route(soak.target, soak.workers)
-
-        warm = asyncio.create_task(rss_after_warm_up())
-        # The good client in a thread of its own, so the abusers' work does not delay its clock.
-        good = dictate(capsd.url, soak.workers, deadline, where, soak.good)
-        await asyncio.gather(asyncio.to_thread(asyncio.run, good), abuse(soak, deadline))
-        return await warm, usage(pid)[0]
-
     try:
-        if "abuses" in names:
-            rss0, rss1 = asyncio.run(run())
-            peak = capsd.peak_rss()  # before any row resets it
+        abused = run_abuses(soak, args.minutes) if "abuses" in names else None
         for row in rows:
             run_row(capsd, args.workers, row)
         duration = time.monotonic() - started
@@ -480,35 +515,11 @@ def main() -> int:
     }
     model = "heavy" if args.heavy else "self-test"
     print(f"hostile: rows {', '.join(names)}; {args.workers} workers, {model} model, {duration:.0f} s in all")
-    if "abuses" in names:
-        good = soak.good
-        latencies = [s for _, _, s in good.latencies] or [float("nan")]
-        p50, p95 = np.percentile(latencies, [50, 95])
-        slowest = {phase: max(s for p, _, s in good.latencies if p == phase) for phase, _, _ in good.latencies}
-        checks |= {
-            f"{len(good.failed)} of {good.exact + len(good.failed)} dictations not exact": good.exact
-            and not good.failed,
-            f"good p95 latency {p95:.2f} s, bound {bound:g} s": p95 < bound,
-            f"supervisor peak RSS {peak / 2**20:.1f} MiB over its budget {budget / 2**20:.1f} MiB": peak <= budget,
-        }
-        for phase, code in (("tiny_stride", "bad_request"), ("long_ids", "bad_request, task_id null")):
-            n = soak.counts.get(phase, Counter())  # more answers than frames: one was in flight at a phase's end
-            checks[f"{phase}: {n[code]} {code} for {n['frames sent']} frames sent"] = n[code] >= n["frames sent"]
-        print(f"abuses: {args.minutes:g} min")
-        for phase, counts in soak.counts.items():
-            print(f"  {phase}: {', '.join(f'{k} {v}' for k, v in counts.items())}")
-        print(f"good client: {good.exact + len(good.failed)} dictations, exact {good.exact}, failed {len(good.failed)}")
-        print(f"good latency: p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(latencies):.2f} s (p95 bound {bound:g} s)")
-        print(f"good latency, slowest per abuse: {', '.join(f'{p} {s:.2f}' for p, s in slowest.items())}")
-        print(
-            f"supervisor: peak RSS {peak / 2**20:.1f} MiB (reached in {soak.peak[1]}), budget in the plan {budget / 2**20:.1f} MiB"
-        )
-        print(f"supervisor: RSS {rss0 / 2**20:.1f} MiB after warm-up, {rss1 / 2**20:.1f} MiB at the abuses' end")
-        for failed in good.failed:
-            print(f"  failed dictation: {failed}")
+    if abused:
+        soak.problems += judge_abuses(soak, args.minutes, *abused, budget, bound)
     for row in rows:
         soak.problems += judge(row, args.workers, budget, bound)
-    print(f"  capsd logged 'client not reading' (closed with 1008) {capsd.logs().count('client not reading')} times")
+    print(f"capsd logged 'client not reading' (closed with 1008) {capsd.logs().count('client not reading')} times")
     print(f"supervisor: open descriptors {fds0} -> {fds1}, threads {threads0} -> {threads1} ({SETTLE_S} s after)")
     print(f"slots after: {held} tasks or segments held; capsd exited {exitcode} on SIGTERM in {stopped_in:.1f} s")
     soak.problems += [problem for problem, ok in checks.items() if not ok]
