@@ -441,7 +441,12 @@ def judge_abuses(soak: Soak, minutes: float, peak: int, rss: tuple[int, int], bu
     for phase, code in (("tiny_stride", "bad_request"), ("long_ids", "bad_request, task_id null")):
         n = soak.counts.get(phase, Counter())  # more answers than frames: one was in flight at a phase's end
         checks[f"{phase}: {n[code]} {code} for {n['frames sent']} frames sent"] = n[code] >= n["frames sent"]
-    print(f"abuses: {minutes:g} min")
+    problems = [problem for problem, ok in checks.items() if not ok]
+    print(
+        f"row abuses: {len(soak.counts)} of {len(ABUSES)} abuses in turn, {minutes:g} min, supervisor peak RSS {peak / 2**20:.1f} MiB /"
+        f" {budget / 2**20:.1f} MiB planned, good dictations {good.exact}/{good.exact + len(good.failed)} exact,"
+        f" p95 {p95:.2f} s on the abused slot: {'FAIL' if problems else 'PASS'}"
+    )
     for phase, counts in soak.counts.items():
         print(f"  {phase}: {', '.join(f'{k} {v}' for k, v in counts.items())}")
     print(f"good client: {good.exact + len(good.failed)} dictations, exact {good.exact}, failed {len(good.failed)}")
@@ -453,7 +458,7 @@ def judge_abuses(soak: Soak, minutes: float, peak: int, rss: tuple[int, int], bu
     print(f"supervisor: RSS {rss[0] / 2**20:.1f} MiB after warm-up, {rss[1] / 2**20:.1f} MiB at the abuses' end")
     for failed in good.failed:
         print(f"  failed dictation: {failed}")
-    return [problem for problem, ok in checks.items() if not ok]
+    return problems
 
 
 def usage(pid: int) -> tuple[int, int, int]:
