@@ -46,10 +46,12 @@ SEGMENT_BYTES_PER_S = 0.45 * MIB
 #   30-60 s inputs), so check a real model with `bench/memory_calibration.py --model DIR`.
 ACTIVATION_PER_MODEL_BYTE_PER_S = 5.5 / 120
 # The supervisor and multiprocessing's resource tracker: 66 MiB peak with no traffic, and per
-# worker busy with one client's longest segment (its 60 s frames as JSON, base64, samples and
-# the segment pickled for the worker) 20.5 MiB more: 85.7, 103, 127.5 MiB for 1-3 workers.
+# worker the job in its hands (the longest segment, and its copy pickled for the worker). With
+# clients holding all the intake admits (below), the supervisor peaked at 157, 173-175 and
+# 190-195 MiB for 1-3 workers (both self-test models; docs/benchmarks.md#memory-calibration):
+# 16-20 MiB more per worker, of which 16 are the intake's; planned at 18 + 16.
 SUPERVISOR_BASELINE_BYTES = 72 * MIB
-SUPERVISOR_BYTES_PER_WORKER_S = 0.2 * MIB
+SUPERVISOR_BYTES_PER_WORKER_S = 0.15 * MIB
 # What clients make the supervisor hold, all connections together, is bounded by the intake
 # (docs/design.md#intake): frames being received, audio buffered and queued. Its budget is two of
 # the longest frames (one arriving, one being parsed) and per worker what one connection may hold
