@@ -25,10 +25,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def start_capsd(tmp_path: Path) -> Iterator[Any]:
     started: list[Capsd] = []
 
-    def start(config: dict[str, dict[str, Any]] | None = None, wait: bool = True, **options: Any) -> Capsd:
-        d = tmp_path / f"capsd{len(started)}"
-        d.mkdir()
-        capsd = Capsd(d, config or {}, wait, **options)
+    def start(
+        config: dict[str, dict[str, Any]] | None = None, wait: bool = True, directory: Path | None = None, **options: Any
+    ) -> Capsd:
+        """A Capsd (options: its own) in a new directory of tmp_path, or in `directory`; stopped after the test."""
+        if directory is None:
+            directory = tmp_path / f"capsd{len(started)}"
+            directory.mkdir()
+        capsd = Capsd(directory, config or {}, wait, **options)
         started.append(capsd)
         return capsd
 

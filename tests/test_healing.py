@@ -17,7 +17,7 @@ import pytest
 
 from capsd.protocol import route
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import assert_exact, run_client, stop_while_decoding, task_ids_for_slots, wait_for
+from tests.support.checks import assert_exact, run_client, stop_while_decoding, task_ids, wait_for
 from tests.support.client import connect, receive, send_file, send_mic
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def test_idle_worker_killed_three_times_comes_back_each_time(start_capsd: Any) -
 
 def test_kill_mid_decode_fails_only_the_task_in_the_worker(start_capsd: Any, heavy_model: Path) -> None:
     capsd = start_capsd({"workers": {"count": 2}, "model": {"dir": str(heavy_model)}})
-    on0, on1 = task_ids_for_slots(2)
+    on0, on1 = task_ids(2)
     long_audio, _ = synth("1234567890" * 8)  # 40 s: several segments of 0.8 s decode each
     short, short_starts = synth("31337")
 
@@ -121,7 +121,7 @@ def test_stopped_worker_is_hung_killed_and_replaced(start_capsd: Any, heavy_mode
 
 def test_restart_worker_while_a_mic_task_streams_loses_nothing(start_capsd: Any) -> None:
     capsd = start_capsd({"workers": {"count": 2}})
-    task_id = task_ids_for_slots(2)[1]
+    task_id = task_ids(2)[1]
     digits = "1234567890" * 8
     samples, starts = synth(digits)  # 40 s, sent at 4x real time
     old = capsd.worker_pid(1)

@@ -22,7 +22,7 @@ from tests.support.checks import (
     scrape,
     stop_loading_workers,
     stop_while_decoding,
-    task_ids_for_slots,
+    task_ids,
     wait_for,
 )
 from tests.support.client import connect, frame, receive, send_file
@@ -92,8 +92,8 @@ def test_readyz_is_503_from_the_first_moment_of_a_graceful_stop(start_capsd: Any
 def test_metrics_count_what_was_done_and_agree_with_status(start_capsd: Any, heavy_model: Path) -> None:
     capsd = start_capsd({"workers": {"count": 2, "queue_limit": 2, "work_stealing": False},
                          "model": {"dir": str(heavy_model)}})  # fmt: skip
-    _, on1 = task_ids_for_slots(2)
-    extra = task_ids_for_slots(2, prefix="extra")[1]  # homed on slot 1 too
+    _, on1 = task_ids(2)
+    extra = task_ids(2, "extra")[1]  # homed on slot 1 too
     long_audio, _ = synth("1234567890" * 8)  # 40 s: 3 segments of 15/2
     short, _ = synth("42")
 

@@ -22,7 +22,7 @@ from tests.support.checks import (
     PROMPT_S,
     assert_exact,
     dictate,
-    task_ids_for_slots,
+    task_ids,
     task_outcomes,
     wait_for,
 )
@@ -123,7 +123,7 @@ def test_many_abusers_at_once_are_held_to_the_plan_and_dictation_on_every_slot_s
     to its budget, and the supervisor stays within its share of the memory plan."""
     capsd = start_capsd({"workers": {"count": 2}})
     minute, _ = synth("1234567890" * 12)
-    abusers = [f"{task_id}-{n}" for n in range(8) for task_id in task_ids_for_slots(2, f"abuser{n}")]
+    abusers = [f"{task_id}-{n}" for n in range(8) for task_id in task_ids(2, f"abuser{n}")]
     connections: list[Any] = []
 
     async def abuse(task_id: str) -> None:
@@ -137,7 +137,7 @@ def test_many_abusers_at_once_are_held_to_the_plan_and_dictation_on_every_slot_s
         held_back = lambda: capsd.status()["intake"]["connections_waiting"] > 0  # noqa: E731
         await asyncio.to_thread(wait_for, held_back, 60, "connections held back by the intake")
         for n in range(3):
-            for task_id in task_ids_for_slots(2, f"good{n}"):
+            for task_id in task_ids(2, f"good{n}"):
                 await dictate(capsd.url, task_id)  # exact, and within PROMPT_S
         for stream in streams:
             stream.cancel()

@@ -15,7 +15,6 @@ import pwd
 import resource
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -29,25 +28,15 @@ from typing import Any
 
 import pytest
 
-import capsd
 from capsd.control_protocol import ControlError, Request, parse_request
 from capsd.selftest.tones import synth, write_wav
 from tests.support.checks import assert_exact, run_client
-from tests.support.daemon import free_port, toml_value
+from tests.support.daemon import CAPSD, Capsd, free_port, write_config
+from tests.support.sandbox import closed_ancestor, install_paths
 
-CAPSD = [sys.executable, "-m", "capsd.cli"]
 CTL = [sys.executable, "-m", "capsd.ctl"]
 NOBODY = pwd.getpwnam("nobody")
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout:g} s still waiting for {what}")
-        time.sleep(0.1)
-    return result
 
 
 def one_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -66,63 +55,20 @@ def work() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def write_config(work: Path, config: Mapping[str, Mapping[str, Any]]) -> Path:
-    config = {**config, "server": {"port": free_port(), **config.get("server", {})}, "log": {"format": "console"}}
-    path = work / "capsd.toml"
-    path.write_text(
-        "".join(
-            f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-            for section, keys in config.items()
-        )
-    )
-    path.chmod(0o644)
-    return path
-
-
-class Daemon:
-    """A capsd started from a command line (maybe wrapped in a sandbox), its log in a file."""
-
-    def __init__(self, argv: list[str], log: Path, **popen: Any) -> None:
-        self.log_path = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=ENV, **popen)
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"capsd exited {self.proc.returncode}:\n{self.logs()}")
-            return "capsd ready" in self.logs()
-
-        wait_for("capsd ready in its log", ready)
-
-    def logs(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+def config_file(work: Path, config: Mapping[str, Mapping[str, Any]]) -> Path:
+    """work/capsd.toml: `config` with a free port and the log in plain lines."""
+    server = {"port": free_port(), **config.get("server", {})}
+    return write_config(work / "capsd.toml", {**config, "server": server, "log": {"format": "console"}})
 
 
 @pytest.fixture
-def daemons() -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
+def daemons(work: Path, start_capsd: Callable[..., Capsd]) -> Callable[..., Capsd]:
+    """capsd started in `work`, in this file's plain environment, its log in plain lines."""
 
-    def start(argv: list[str], log: Path, wait: bool = True, **popen: Any) -> Daemon:
-        daemon = Daemon(argv, log, **popen)
-        started.append(daemon)
-        if wait:
-            daemon.wait_ready()
-        return daemon
+    def start(config: Mapping[str, Mapping[str, Any]], **options: Any) -> Capsd:
+        return start_capsd({**config, "log": {"format": "console"}}, directory=work, env=ENV, **options)
 
-    yield start
-    for daemon in started:
-        daemon.stop()
+    return start
 
 
 def control_line(path: Path, line: bytes, timeout: float = 60) -> dict[str, Any]:
@@ -147,17 +93,6 @@ def status(path: Path) -> dict[str, Any]:
 
 
 # -- another user, in a mount namespace of its own ------------------------------------------------
-
-
-def install_paths() -> list[Path]:
-    """What running capsd needs: the venv, the interpreter's install, capsd's source."""
-    paths = {Path(os.path.realpath(p)) for p in (sys.prefix, sys.base_prefix, Path(capsd.__file__).parents[1])}
-    return sorted(p for p in paths if not any(q in p.parents for q in paths))
-
-
-def closed_ancestor(path: Path) -> Path | None:
-    """The outermost directory above `path` that other users cannot enter."""
-    return next((p for p in reversed(path.parents) if p != Path("/") and not os.stat(p).st_mode & 0o001), None)
 
 
 def sandbox_skip_reason() -> str | None:
@@ -231,7 +166,7 @@ def test_a_live_socket_is_refused_and_left_alone(work: Path) -> None:
         other.bind(str(path))
         other.listen()
         inode = path.stat().st_ino
-        config = write_config(work, {"control": {"socket": str(path)}})
+        config = config_file(work, {"control": {"socket": str(path)}})
         done = subprocess.run([*CAPSD, "--config", str(config)], capture_output=True, text=True, timeout=60)
         assert done.returncode == os.EX_CONFIG
         assert f"another process is listening on {path}" in one_line(done) and "[control] socket" in done.stderr
@@ -244,27 +179,25 @@ def test_a_live_socket_is_refused_and_left_alone(work: Path) -> None:
 
 
 @pytest.mark.integration
-def test_a_stale_socket_is_replaced_and_removed_at_stop(work: Path, daemons: Callable[..., Daemon]) -> None:
+def test_a_stale_socket_is_replaced_and_removed_at_stop(work: Path, daemons: Callable[..., Capsd]) -> None:
     path = work / "control.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(path))  # closed without unlinking, as by a capsd that was SIGKILLed
     assert stat.S_IMODE(path.stat().st_mode) != 0o660
-    config = write_config(work, {"control": {"socket": str(path)}})
-    daemon = daemons([*CAPSD, "--config", str(config)], work / "capsd.log")
+    daemon = daemons({"control": {"socket": str(path)}})
     assert stat.S_IMODE(path.stat().st_mode) == 0o660  # capsd's own now
     assert status(path)["state"] == "ready"
     # check-config works beside the running daemon: the port is not bound, the socket is in use.
-    checked = subprocess.run([*CAPSD, "check-config", "--config", str(config)], capture_output=True, text=True)
+    checked = subprocess.run([*CAPSD, "check-config", "--config", str(daemon.config_path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
     assert daemon.stop() == 0
     assert not path.exists()
 
 
 @pytest.mark.integration
-def test_stop_leaves_a_socket_that_is_not_its_own(work: Path, daemons: Callable[..., Daemon]) -> None:
+def test_stop_leaves_a_socket_that_is_not_its_own(work: Path, daemons: Callable[..., Capsd]) -> None:
     path = work / "control.sock"
-    config = write_config(work, {"control": {"socket": str(path)}})
-    daemon = daemons([*CAPSD, "--config", str(config)], work / "capsd.log")
+    daemon = daemons({"control": {"socket": str(path)}})
     path.unlink()  # someone took the path meanwhile: a second instance, say
     time.sleep(0.1)  # a new change time, even on a coarse clock (the inode number may well be reused)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
@@ -279,7 +212,7 @@ def test_stop_leaves_a_socket_that_is_not_its_own(work: Path, daemons: Callable[
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_a_socket_path_beyond_the_unix_limit_is_refused(work: Path, command: list[str]) -> None:
     path = work / ("s" * (108 - len(str(work)))) / "control.sock"
-    config = write_config(work, {"control": {"socket": str(path)}})
+    config = config_file(work, {"control": {"socket": str(path)}})
     done = subprocess.run([*CAPSD, *command, "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == os.EX_CONFIG
     assert "[control] socket" in one_line(done) and "at most 107" in done.stderr
@@ -289,7 +222,7 @@ def test_a_socket_path_beyond_the_unix_limit_is_refused(work: Path, command: lis
 @pytest.mark.parametrize("addr", ["999.1.1.1", "no-such-host.invalid", "192.0.2.1"])
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_an_address_capsd_cannot_listen_on_is_refused(work: Path, command: list[str], addr: str) -> None:
-    config = write_config(work, {"server": {"addr": addr}, "control": {"socket": str(work / "c.sock")}})
+    config = config_file(work, {"server": {"addr": addr}, "control": {"socket": str(work / "c.sock")}})
     done = subprocess.run([*CAPSD, *command, "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == os.EX_CONFIG
     assert f"[server] addr = '{addr}' is refused" in one_line(done)
@@ -310,7 +243,7 @@ HOSTILE = {
 def test_a_fallback_directory_others_made_is_refused(work: Path, command: list[str], made_by: str) -> None:
     """Without $XDG_RUNTIME_DIR the socket goes under /tmp/capsd-UID, where anyone may be first."""
     directory = f"/tmp/capsd-{NOBODY.pw_uid}"
-    config = write_config(work, {})
+    config = config_file(work, {})
     done = run_as("nobody", [*CAPSD, *command, "--config", str(config)], keep=(work,),
                   setup=(made_by.format(d=directory),))  # fmt: skip
     assert done.returncode == os.EX_CONFIG
@@ -320,13 +253,12 @@ def test_a_fallback_directory_others_made_is_refused(work: Path, command: list[s
 @pytest.mark.integration
 @needs_sandbox
 @pytest.mark.parametrize("user", ["nobody", None], ids=["nobody", "root"])
-def test_the_fallback_directory_is_made_private(work: Path, daemons: Callable[..., Daemon], user: str | None) -> None:
+def test_the_fallback_directory_is_made_private(work: Path, daemons: Callable[..., Capsd], user: str | None) -> None:
     uid = NOBODY.pw_uid if user else 0
     directory = f"/tmp/capsd-{uid}"
     # Root's default is /run/capsd: root uses the fallback directory only when configured to.
-    control = {} if user else {"control": {"socket": f"{directory}/capsd/control.sock"}}
-    config = write_config(work, control)
-    daemon = daemons(sandboxed([*CAPSD, "--config", str(config)], user, keep=(work,)), work / "capsd.log")
+    control = {"socket": f"{directory}/capsd/control.sock"} if user is None else {}  # {}: capsd's default
+    daemon = daemons({"control": control}, wrap=lambda argv: sandboxed(argv, user, keep=(work,)))
     inside = Path(f"/proc/{daemon.proc.pid}/root")  # capsd's own /tmp, seen from here
     made = (inside / directory.lstrip("/")).lstat()
     assert (stat.S_ISDIR(made.st_mode), made.st_uid, stat.S_IMODE(made.st_mode)) == (True, uid, 0o700)
@@ -344,13 +276,12 @@ def test_the_fallback_directory_is_made_private(work: Path, daemons: Callable[..
 
 @pytest.mark.integration
 @needs_sandbox
-def test_capsctl_without_permission_exits_77_with_one_line(work: Path, daemons: Callable[..., Daemon]) -> None:
+def test_capsctl_without_permission_exits_77_with_one_line(work: Path, daemons: Callable[..., Capsd]) -> None:
     run_dir = work / "run"
     run_dir.mkdir(mode=0o750)
     run_dir.chmod(0o750)  # root's, as /run/capsd is the service's: nobody may not enter
     path = run_dir / "control.sock"
-    config = write_config(work, {"control": {"socket": str(path)}})
-    daemon = daemons([*CAPSD, "--config", str(config)], work / "capsd.log")
+    daemon = daemons({"control": {"socket": str(path)}})
     pid = status(path)["slots"][0]["pid"]
     wav = work / "private.wav"
     write_wav(str(wav), synth("1")[0])
@@ -376,7 +307,7 @@ def test_capsctl_without_permission_exits_77_with_one_line(work: Path, daemons: 
 @needs_sandbox
 @pytest.mark.parametrize("command", [["check-config"], []], ids=["check-config", "capsd"])
 def test_an_unreadable_config_is_refused(work: Path, command: list[str]) -> None:
-    config = write_config(work, {})
+    config = config_file(work, {})
     config.chmod(0o600)
     done = run_as("nobody", [*CAPSD, *command, "--config", str(config)], keep=(work,))
     assert done.returncode == os.EX_CONFIG
@@ -507,7 +438,7 @@ def open_files_limit(pid: int) -> tuple[int, int]:
 
 
 @pytest.mark.integration
-def test_capsd_raises_its_open_files_limit(work: Path, daemons: Callable[..., Daemon]) -> None:
+def test_capsd_raises_its_open_files_limit(work: Path, daemons: Callable[..., Capsd]) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"the hard limit ({hard}) leaves no room to start lower")
@@ -515,8 +446,7 @@ def test_capsd_raises_its_open_files_limit(work: Path, daemons: Callable[..., Da
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-    config = write_config(work, {"control": {"socket": str(work / "c.sock")}})
-    daemon = daemons([*CAPSD, "--config", str(config)], work / "capsd.log", preexec_fn=low_soft_limit)
+    daemon = daemons({"control": {"socket": str(work / "c.sock")}}, preexec_fn=low_soft_limit)
     assert open_files_limit(daemon.proc.pid) == (hard, hard)
     assert "open files limit raised" in daemon.logs()
     assert daemon.stop() == 0

@@ -18,10 +18,10 @@ import psutil
 import pytest
 
 from capsd.models import EMBEDDED_MODEL_DIR
-from capsd.protocol import route
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, http_get, run_client, stop_loading_workers, task_ids_for_slots, wait_for
+from tests.support.checks import assert_exact, http_get, run_client, stop_loading_workers, task_ids, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
+from tests.support.daemon import peak_rss
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +31,6 @@ FILE_DIGITS, MIC_DIGITS = "1234567890" * 12, "4711" * 5  # 60 s and 10 s
 def capsctl(capsd: Any, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), *args],
                           capture_output=True, text=True)  # fmt: skip
-
-
-def homed_on(slot: int, count: int, prefix: str) -> str:
-    return next(f"{prefix}-{n}" for n in range(1000) if route(f"{prefix}-{n}", count) == slot)
 
 
 def load(url: str, tag: str) -> Any:
@@ -69,7 +65,7 @@ def test_capsctl_grows_restarts_and_shrinks_the_pool_and_every_slot_serves_exact
     samples, starts = synth("2718")
 
     def exact_on_every_slot(tag: str) -> None:
-        ids = task_ids_for_slots(len(capsd.status()["slots"]), tag)
+        ids = task_ids(len(capsd.status()["slots"]), tag)
         frames = asyncio.run(run_client(capsd.url, [(task_id, "mic", samples, (15, 2)) for task_id in ids]))
         for task_id in ids:
             assert_exact(frames[task_id], "2718", starts)
@@ -108,7 +104,7 @@ def test_scale_2_to_3_to_1_while_tasks_stream_fails_nothing(start_capsd: Any) ->
         assert 'capsd_queue_depth{slot="2"}' in http_get(capsd.port, "/metrics")[1]  # metrics follow
         # A task homed on slot 2 under the new count, its worker stopped mid-job so that its
         # segments wait in slot 2's queue when the pool shrinks under it.
-        kept = homed_on(2, 3, "kept")
+        kept = task_ids(3, "kept", slots=[2])[0]
         worker = capsd.worker_pid(2)
         os.kill(worker, signal.SIGSTOP)
         try:
@@ -223,8 +219,7 @@ def test_the_plan_learns_the_peak_workers_measured(start_capsd: Any) -> None:
     samples, _ = synth("1234567890" * 24)  # 120 s, one segment: the longest a client may send
     asyncio.run(run_client(capsd.url, [("long", "file", samples, (60, 59.99))]))
     pid = capsd.worker_pid(0)
-    hwm = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))) * 1024  # fmt: skip
+    hwm = peak_rss(pid)
     memory = wait_for(lambda: (m := capsd.status()["memory"])["worker_peak_bytes"] and m, 10, "a measured peak")
     assert 0.9 * hwm <= memory["worker_peak_bytes"] <= hwm
     assert memory["worker_bytes"] == max(estimate, memory["worker_peak_bytes"])
@@ -290,7 +285,7 @@ def test_a_slot_scaled_away_and_back_while_its_spawn_backs_off_gets_one_worker(s
     backoff; meanwhile the slot is scaled away (it still homes a task, so it stays) and back. The
     pending retry must not start a second worker beside the one the scale started."""
     capsd = start_capsd({"workers": {"count": 2, "restart_intensity": 50}})
-    task_id = homed_on(1, 2, "held")
+    task_id = task_ids(2, "held", slots=[1])[0]
     samples, starts = synth("5150")
 
     async def scenario() -> dict[str, Any]:

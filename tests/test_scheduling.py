@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -17,35 +16,9 @@ from capsd.supervisor.queue import JobQueue, Waiting, next_job
 from capsd.supervisor.slot import ExitReason, Slot, job_deadline
 from capsd.supervisor.task import INLINE_FINAL_TOKENS, MAX_TASK_S, PARTIAL_INTERVAL_S, Task
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop, WorkerSpec
+from tests.support.fakes import Client, FakeProcess, segment
 
 pytestmark = pytest.mark.unit
-
-
-class Client:
-    """A connection as a task sees it (task.Owner): records frames, counts queued jobs."""
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.queued_jobs = 0
-
-    def send(self, frame: str, partial: bool = False) -> None:
-        self.frames.append(json.loads(frame))
-
-    def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
-        self.queued_jobs += 1
-
-    def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
-        self.queued_jobs -= 1
-
-    def ended(self, task: Task, error_frame: str | None = None) -> None:
-        if error_frame:
-            self.send(error_frame)
-
-
-def segment(index: int, seconds: float = 2.0, last: bool = False) -> Segment:
-    """A segment whose samples say which one it is, so a fake worker can answer for it."""
-    samples = np.full(round(seconds * 16000), index, dtype=np.float32)
-    return Segment(index, offset=index * seconds, overlap=0.0, samples=samples, is_last=last)
 
 
 def make_task(slot: Any, client: Client, task_id: str = "t", source: str = "file") -> Task:
@@ -152,17 +125,6 @@ def test_partial_frames_grow_as_the_merged_prefix_grows() -> None:
 
 
 # -- slots fed by a fake worker -----------------------------------------------------------------
-
-
-class FakeProcess:
-    def __init__(self) -> None:
-        self.alive = True
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    def kill(self) -> None:
-        self.alive = False
 
 
 class FakeWorker:

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.selftest.tones import synth, token_digits, write_wav
-from tests.support.checks import FRAME_FIELDS, assert_exact, run_client, task_ids_for_slots, wait_for
+from tests.support.checks import FRAME_FIELDS, assert_exact, run_client, task_ids, wait_for
 from tests.support.client import connect, frame, receive, send_file, send_mic
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def test_interleaved_tasks_on_one_connection_keep_their_audio_apart(start_capsd:
 
 def test_concurrent_tasks_on_both_slots(start_capsd: Any) -> None:
     capsd = start_capsd({"workers": {"count": 2}})
-    ids = task_ids_for_slots(2)
+    ids = task_ids(2)
     samples, starts = synth(DIGITS[:80])
 
     async def both() -> list[dict[str, Any]]:

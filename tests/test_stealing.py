@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from capsd.selftest.tones import synth
-from tests.support.checks import assert_exact, run_client, task_ids_for_slots, wait_for
+from tests.support.checks import assert_exact, run_client, task_ids, wait_for
 from tests.support.client import connect, receive, send_file
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ DIGITS = "1122334455667788990012" * 8  # 88 s: equal digits straddle the segment
 @pytest.mark.parametrize("stealing", [True, False])
 def test_one_file_is_decoded_on_both_slots_and_exact(start_capsd: Any, heavy_model: Path, stealing: bool) -> None:
     capsd = start_capsd({"workers": {"count": 2, "work_stealing": stealing}, "model": {"dir": str(heavy_model)}})
-    home, _ = task_ids_for_slots(2)  # homed on slot 0
+    home, _ = task_ids(2)  # homed on slot 0
     samples, starts = synth(DIGITS)  # 6 segments of 15/2
     frames = asyncio.run(run_client(capsd.url, [(home, "file", samples, (15, 2))]))
     assert_exact(frames[home], DIGITS, starts)
@@ -37,7 +37,7 @@ def test_one_file_is_decoded_on_both_slots_and_exact(start_capsd: Any, heavy_mod
 
 def test_a_kill_mid_decode_fails_the_task_homed_elsewhere_and_nothing_else(start_capsd: Any, heavy_model: Path) -> None:
     capsd = start_capsd({"workers": {"count": 2}, "model": {"dir": str(heavy_model)}})
-    on0, on1 = task_ids_for_slots(2)
+    on0, on1 = task_ids(2)
     samples, _ = synth(DIGITS)
     short, short_starts = synth("31337")
 

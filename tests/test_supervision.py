@@ -30,7 +30,7 @@ from capsd.supervisor.pool import Shape
 from capsd.supervisor.slot import Slot, SlotState
 from capsd.supervisor.task import Task
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop, WorkerSpec
-from tests.test_scheduling import Client, FakeProcess, segment
+from tests.support.fakes import Client, FakeProcess, segment
 
 pytestmark = pytest.mark.unit
 

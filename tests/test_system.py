@@ -34,15 +34,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-import capsd
 from capsd.selftest.tones import synth, write_wav
-from tests.support.daemon import free_port
+from tests.support.checks import wait_for
+from tests.support.daemon import free_port, write_config
+from tests.support.sandbox import closed_ancestor, install_paths
 
 pytestmark = pytest.mark.system
 
@@ -58,37 +59,10 @@ LOCK = Path("/tmp/capsd-system-test.lock")  # one sandbox per machine: they woul
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SYSTEMD_COLORS": "0"}
 HIDDEN_BY_SANDBOX = ("/tmp", "/var/tmp")
 HIDDEN_BY_UNIT = {"PrivateTmp": ("/tmp", "/var/tmp"), "ProtectHome": ("/home", "/root", "/run/user")}
-T = TypeVar("T")
-
-
-def poll(what: str, check: Callable[[], T], timeout: float = 30) -> T:
-    """check() until it returns something true; its last value, or an AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout:g} s still waiting for {what} (last: {result!r})")
-        time.sleep(0.1)
 
 
 def under(path: Path, roots: tuple[str, ...]) -> bool:
     return any(path == Path(root) or Path(root) in path.parents for root in roots)
-
-
-def install_paths() -> list[Path]:
-    """What capsd needs to run from this install: the venv, the interpreter, capsd's source."""
-    paths = sorted({Path(os.path.realpath(p)) for p in (sys.prefix, sys.base_prefix, Path(capsd.__file__).parents[1])})
-    return [p for p in paths if not any(q in p.parents for q in paths)]
-
-
-def closed_ancestor(path: Path) -> Path | None:
-    """The outermost directory above `path` that other users cannot enter (/root, usually)."""
-    for parent in reversed(path.parents):
-        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
-            return parent
-    return None
 
 
 def skip_reason() -> str | None:
@@ -181,9 +155,9 @@ class Sandbox:
                 start_new_session=True,
                 env=ENV,
             )
-        poll("the sandbox's systemd to start", self.find_pid1, timeout)
+        wait_for(self.find_pid1, timeout, "the sandbox's systemd to start")
         try:
-            poll("systemctl is-system-running to say running", self.is_running, timeout)
+            wait_for(self.is_running, timeout, "systemctl is-system-running to say running")
         except AssertionError as e:
             jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout
             raise AssertionError(f"{e}\n{jobs}") from None
@@ -243,8 +217,7 @@ class Service:
         sb = self.sandbox
         sb.path(DROPINS).mkdir(parents=True)
         shutil.copy(UNIT, sb.path("/run/systemd/system/capsd.service"))
-        sb.path(CONFIG).write_text(f"[server]\nport = {self.port}\n\n[workers]\ncount = 2\n")
-        sb.path(CONFIG).chmod(0o644)  # read by user capsd
+        write_config(sb.path(CONFIG), {"server": {"port": self.port}, "workers": {"count": 2}})  # read by user capsd
         lines = ["[Service]", "ExecStart=", f"ExecStart={BIN / 'capsd'} --config {CONFIG}"]
         hidden = [p for p in install_paths() if under(p, sum(HIDDEN_BY_UNIT.values(), ()))]
         if any(under(p, HIDDEN_BY_UNIT["ProtectHome"]) for p in hidden):
@@ -281,7 +254,7 @@ class Service:
             status = self.status()
             return status if {s["state"] for s in status["slots"]} == {"ready"} else None
 
-        return poll("every slot ready", ready)
+        return wait_for(ready, 30, "every slot ready")
 
     def cgroup_pids(self) -> set[int]:
         """Every process in the unit's cgroup, in this (the host's) PID namespace."""
@@ -306,7 +279,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     if reason := skip_reason():
         pytest.skip(reason)
     with LOCK.open("w") as lock:
-        poll("the sandbox lock (another system test run holds it)", lambda: _try_lock(lock), timeout=120)
+        wait_for(lambda: _try_lock(lock), 120, "the sandbox lock (another system test run holds it)")
         sandbox = Sandbox(tmp_path_factory.mktemp("systemd"))
         try:
             sandbox.boot()
@@ -374,7 +347,7 @@ def test_killed_worker_is_a_warning_in_its_slots_journal(service: Service) -> No
     def slot1_warnings() -> list[dict[str, Any]]:
         return [e for e in service.journal("CAPSD_SLOT=1", "--priority=warning") if e.get("CAPSD_PID") == str(victim)]
 
-    entry = poll(f"a warning about slot 1's worker {victim} in journalctl -u capsd", slot1_warnings)[0]
+    entry = wait_for(slot1_warnings, 30, f"a warning about slot 1's worker {victim} in journalctl -u capsd")[0]
     assert int(entry["PRIORITY"]) <= 4 and entry["_SYSTEMD_UNIT"] == "capsd.service"
     assert "worker exited" in entry["MESSAGE"] and "crashed" in entry["MESSAGE"], entry["MESSAGE"]
     assert not [e for e in service.journal("CAPSD_SLOT=0") if e.get("CAPSD_PID") == str(victim)]
@@ -401,7 +374,7 @@ def test_watchdog_restarts_a_stopped_main_process(service: Service) -> None:
             fresh = now["MainPID"] not in ("0", before["MainPID"]) and now["ActiveState"] == "active"
             return now if fresh and int(now["NRestarts"]) == int(before["NRestarts"]) + 1 else None
 
-        poll("the watchdog to restart capsd", restarted, timeout=60)
+        wait_for(restarted, 60, "the watchdog to restart capsd")
         assert any("Watchdog timeout" in e["MESSAGE"] for e in service.journal("--priority=err"))
         service.running()
         assert not {pid for pid in old_pids if Path(f"/proc/{pid}").exists()}, "a process of the old capsd survived"
@@ -420,7 +393,7 @@ def test_reload_rereads_the_config_in_place(service: Service) -> None:
     def reloaded() -> list[dict[str, Any]]:
         return [e for e in service.journal() if "config reloaded" in e["MESSAGE"] and "queue_limit" in e["MESSAGE"]]
 
-    poll("capsd to log the reload", reloaded)
+    wait_for(reloaded, 30, "capsd to log the reload")
     assert service.show("MainPID", "ActiveState") == {**main, "ActiveState": "active"}
 
 
@@ -438,13 +411,13 @@ def test_reload_after_changing_count_scales_the_running_service(service: Service
                 status = service.status()
                 return status if [s["state"] for s in status["slots"]] == ["ready"] * count else None
 
-            poll(f"{count} slots, every one ready", scaled)
+            wait_for(scaled, 30, f"{count} slots, every one ready")
             assert any(e["MESSAGE"].startswith(f"pool scaled slots={count} ") for e in service.journal())
             assert len(service.cgroup_pids()) >= count + 1  # the main process and a worker per slot
     finally:
         config.write_text(original)
         service.sandbox.run("systemctl", "reload", "capsd")
-    poll("2 slots again", lambda: len(service.running()["slots"]) == 2)
+    wait_for(lambda: len(service.running()["slots"]) == 2, 30, "2 slots again")
     assert service.show("MainPID", "ActiveState") == {**main, "ActiveState": "active"}
 
 

@@ -6,7 +6,8 @@ import asyncio
 import http.client
 import signal
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 import psutil
@@ -22,6 +23,7 @@ GOOD_DIGITS = "4711"
 # A dictation waits at most for the segment in progress: a few seconds on a busy machine, never
 # the minutes an abuse alongside would cost without its bound.
 PROMPT_S = 15
+T = TypeVar("T")
 
 
 def assert_exact(frames: list[dict[str, Any]], digits: str, starts: list[float]) -> None:
@@ -60,14 +62,16 @@ def accepted_per_second(sent: list[tuple[float, float]], stretch_s: float) -> tu
     return first, (sent[-1][1] - before_last) / stretch_s
 
 
-def task_ids_for_slots(count: int, prefix: str = "task") -> list[str]:
-    """One task id per slot, so tests choose where work lands."""
-    ids: dict[int, str] = {}
-    n = 0
-    while len(ids) < count:
-        ids.setdefault(route(f"{prefix}-{n}", count), f"{prefix}-{n}")
+def task_ids(count: int, prefix: str = "task", slots: Iterable[int] | None = None) -> list[str]:
+    """Task ids (all different) homed one on each slot out of `count`, or one on each of `slots`,
+    so tests and benches choose where work lands."""
+    ids, n = [], 0
+    for slot in range(count) if slots is None else slots:
+        while route(f"{prefix}-{n}", count) != slot:
+            n += 1
+        ids.append(f"{prefix}-{n}")
         n += 1
-    return [ids[i] for i in range(count)]
+    return ids
 
 
 async def run_client(url: str, jobs: list[tuple[str, str, np.ndarray, tuple[float, float]]]) -> dict[str, Any]:
@@ -108,14 +112,15 @@ def stop_loading_workers(capsd: Any, timeout: float = 30, old: tuple[int, ...] =
     raise AssertionError("no worker appeared")
 
 
-def wait_for(condition: Any, timeout: float = 30, what: str = "") -> Any:
+def wait_for(condition: Callable[[], T], timeout: float = 30, what: str = "", every: float = 0.05) -> T:
+    """condition() every `every` s until it returns something true; that value, or after
+    `timeout` s an AssertionError naming `what` and the last value."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout:g} s still waiting for {what or condition} (last: {value!r})")
+        time.sleep(every)
+    return value
 
 
 def scrape(capsd: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

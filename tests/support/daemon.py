@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from capsd.ctl import CtlError, request
+from capsd.ctl import request
+from tests.support.checks import wait_for
+
+CAPSD = [sys.executable, "-m", "capsd.cli"]
 
 
 def free_port() -> int:
@@ -22,60 +24,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def toml_value(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+def write_config(path: Path, config: Mapping[str, Mapping[str, Any]]) -> Path:
+    """`config` (a dict a section) as a TOML file, readable by every user (capsd may run as
+    another); returns `path`."""
+
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    path.write_text(
+        "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items()) for section, keys in config.items())
+    )
+    path.chmod(0o644)
+    return path
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
 class Capsd:
-    """A capsd process started from a config dict; `stop()` sends SIGTERM and returns the exit code."""
+    """A capsd process started from a config dict, its config and log in `tmp`; `stop()` sends
+    SIGTERM and returns the exit code. The config gets a free port unless it names one, and a
+    control socket in `tmp` unless it has a [control] section. `wrap` turns capsd's command line
+    into the one to run (a sandbox, say); `popen` goes to subprocess.Popen."""
 
     def __init__(
         self,
         tmp: Path,
-        config: dict[str, dict[str, Any]],
+        config: Mapping[str, Mapping[str, Any]],
         wait: bool = True,
-        preexec_fn: Callable[[], None] | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+        **popen: Any,
     ) -> None:
-        self.port = free_port()
-        self.socket = tmp / "control.sock"
-        config = {
-            "server": {"port": self.port, **config.get("server", {})},
-            "control": {"socket": str(self.socket)},
-            **{k: v for k, v in config.items() if k not in ("server", "control")},
-        }
-        self.config_path = tmp / "capsd.toml"
-        self.config_path.write_text(
-            "".join(
-                f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-                for section, keys in config.items()
-            )
-        )
+        self.port = config.get("server", {}).get("port") or free_port()
+        control = config.get("control", {"socket": str(tmp / "control.sock")})
+        self.socket = Path(control["socket"]) if "socket" in control else None
+        config = {"server": {**config.get("server", {}), "port": self.port}, "control": control,
+                  **{k: v for k, v in config.items() if k not in ("server", "control")}}  # fmt: skip
+        self.config_path = write_config(tmp / "capsd.toml", config)
         self.log_path = tmp / "capsd.log"
         self.log = self.log_path.open("w")
+        argv = [*CAPSD, "--config", str(self.config_path)]
+        env = {**popen.pop("env", os.environ), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "capsd.cli", "--config", str(self.config_path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=preexec_fn,
+            wrap(argv) if wrap else argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, **popen
         )
         self.url = f"ws://127.0.0.1:{self.port}"
         if wait:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Until capsd says it is ready (right after its state becomes ready); an AssertionError
+        with its log if it exits first or is not ready within `timeout` s."""
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"capsd exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-            if self.socket.exists():
-                try:
-                    if self.status()["state"] == "ready":
-                        return
-                except (OSError, CtlError):  # listening, not answering yet
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"capsd not ready after {timeout} s:\n{self.log_path.read_text()}")
+                raise AssertionError(f"capsd exited {self.proc.returncode}:\n{self.logs()}")
+            return "capsd ready" in self.logs()
+
+        wait_for(ready, timeout, f"capsd ready in {self.log_path}", every=0.02)
 
     def status(self) -> dict[str, Any]:
         return request(self.socket, {"cmd": "status"}, 10)
@@ -102,8 +111,7 @@ class Capsd:
 
     def peak_rss(self) -> int:
         """The supervisor process's peak resident memory so far (VmHWM), in bytes."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+        return peak_rss(self.proc.pid)
 
     def reset_peak_rss(self) -> None:
         """Start the supervisor's peak (VmHWM) afresh from its RSS now: "5" written to its

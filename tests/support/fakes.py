@@ -1,0 +1,53 @@
+"""Fakes for the supervisor's in-process tests: a client as a task sees it, a worker's process,
+segments that say which they are."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from capsd.segment import Segment
+from capsd.supervisor.slot import Slot
+from capsd.supervisor.task import Task
+
+
+class Client:
+    """A connection as a task sees it (task.Owner): records frames, counts queued jobs."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.queued_jobs = 0
+
+    def send(self, frame: str, partial: bool = False) -> None:
+        self.frames.append(json.loads(frame))
+
+    def queued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
+        self.queued_jobs += 1
+
+    def unqueued(self, slot: Slot, nbytes: int, urgent: bool) -> None:
+        self.queued_jobs -= 1
+
+    def ended(self, task: Task, error_frame: str | None = None) -> None:
+        if error_frame:
+            self.send(error_frame)
+
+
+def segment(index: int, seconds: float = 2.0, last: bool = False) -> Segment:
+    """A segment whose samples say which one it is, so a fake worker can answer for it."""
+    samples = np.full(round(seconds * 16000), index, dtype=np.float32)
+    return Segment(index, offset=index * seconds, overlap=0.0, samples=samples, is_last=last)
+
+
+class FakeProcess:
+    """A worker's process: alive until killed."""
+
+    def __init__(self) -> None:
+        self.alive = True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.alive = False
