@@ -43,7 +43,7 @@ After each random or send kill the soak waits for the slot to come back. At the 
   measured in the last capsd, which serves the soak's second half alone (with no stops, the whole
   soak); every capsd exited 0 on SIGTERM.
 Not part of the test run; --heavy (a real Paraformer's decode cost) makes kills land mid-decode
-and stops find busy workers: `python bench/chaos.py --minutes 10 --heavy`.
+and stops find busy workers: `python -m bench.chaos --minutes 10 --heavy`.
 
 --retry runs capsd with `[workers] retry_lost_jobs = 1`: a job whose worker died runs once more
 on another slot, so no kill may fail a task any more: every task exact, except shutting_down at
@@ -84,8 +84,8 @@ from typing import Any, NamedTuple
 
 import psutil
 import websockets
-from common import MIC_FRAME_S, conclude, machine
 
+from bench.common import MIC_FRAME_S, conclude, machine
 from capsd.ctl import CtlError
 from capsd.protocol import clip
 from capsd.selftest.build import build_paraformer
@@ -643,10 +643,8 @@ def main() -> int:
         directory.mkdir()
         if not run.lives:
             return Capsd(directory, config, wait=False)
-        first = run.lives[0].capsd
-        capsd = Capsd(directory, {**config, "server": {**config["server"], "port": first.port}}, wait=False)
-        capsd.port, capsd.url = first.port, first.url  # where it listens, not the free port Capsd picked
-        return capsd
+        port = run.lives[0].capsd.port
+        return Capsd(directory, {**config, "server": {**config["server"], "port": port}}, wait=False)
 
     run = Run(start_capsd, min(60, args.minutes * 30), [] if args.pool else args.kills)
     run.lives.append(Life(start_capsd()))

@@ -1,5 +1,5 @@
-"""What the benchmarks share: the machine's description, the models, task ids, CapsWriter-like clients,
-starting capsd and reading its memory."""
+"""What the benchmarks share beyond the tests' support (tests/support): the machine's description,
+the models, CapsWriter-like clients, starting capsd and reading its memory."""
 
 from __future__ import annotations
 
@@ -7,25 +7,20 @@ import asyncio
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-# The benches share the tests' clients and process harness (tests/support), run from a checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import psutil
 
-from capsd.ctl import CtlError
 from capsd.models import EMBEDDED_MODEL_DIR
-from capsd.protocol import RATE, route
+from capsd.protocol import RATE
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
 from tests.support.client import connect, receive, send_mic
-from tests.support.daemon import Capsd
+from tests.support.daemon import Capsd, peak_rss
 
 SLOT_S = 0.5  # synth: one digit per 0.3 s tone + 0.2 s gap, after 0.2 s of silence
 MIC_FRAME_S = 0.1  # CapsWriter's mic client: small frames, seg_duration 15, seg_overlap 2 (send_mic's defaults)
@@ -60,17 +55,6 @@ def tone_file(seconds: float, seed: int) -> tuple[np.ndarray, str]:
     digits = "".join(map(str, np.random.default_rng(seed).integers(0, 10, int((seconds - 0.2) / SLOT_S))))
     samples, _ = synth(digits)
     return np.pad(samples, (0, round(seconds * RATE) - len(samples))), digits
-
-
-def task_ids(slots: list[int], count: int) -> list[str]:
-    """One task id per entry of `slots`, each routed to that slot out of `count`."""
-    ids, n = [], 0
-    for slot in slots:
-        while route(f"task-{n}", count) != slot:
-            n += 1
-        ids.append(f"task-{n}")
-        n += 1
-    return ids
 
 
 async def _one_connection(url: str, task_id: str, frames: list[str]) -> dict[str, Any]:
@@ -128,22 +112,18 @@ def start_capsd(
     tmp: Path, model_dir: Path, count: int, threads: int, work_stealing: bool = True, metrics: bool = True
 ) -> tuple[Capsd, float]:
     """A capsd with `count` workers in a new directory under `tmp`, and its time to ready: seconds
-    from starting its process until the control socket reports state ready (polled every 20 ms)."""
+    from starting its process until it says it is ready (Capsd.wait_ready, polled every 20 ms)."""
     directory = Path(tempfile.mkdtemp(prefix=f"w{count}-", dir=tmp))
     workers = {"count": count, "threads": threads, "work_stealing": work_stealing}
     config = {"server": {"metrics": metrics}, "workers": workers, "model": {"dir": str(model_dir)}}
     start = time.perf_counter()
     daemon = Capsd(directory, config, wait=False)
-    for _ in range(3000):  # 60 s
-        try:
-            if daemon.status()["state"] == "ready":
-                return daemon, time.perf_counter() - start
-        except (OSError, CtlError):  # no control socket yet
-            if daemon.proc.poll() is not None:
-                break
-        time.sleep(0.02)
-    daemon.stop()
-    raise AssertionError(f"capsd not ready (exit code {daemon.proc.returncode}):\n{daemon.logs()}")
+    try:
+        daemon.wait_ready()
+    except AssertionError:
+        daemon.stop()
+        raise
+    return daemon, time.perf_counter() - start
 
 
 def rss(daemon: Capsd, peak: bool = False) -> tuple[int, list[int]]:
@@ -153,15 +133,8 @@ def rss(daemon: Capsd, peak: bool = False) -> tuple[int, list[int]]:
     workers = [slot["pid"] for slot in daemon.status()["slots"]]
     process = psutil.Process(daemon.proc.pid)
     supervisor = [p.pid for p in [process, *process.children(True)] if p.pid not in workers]
-    measure = _peak_rss if peak else lambda pid: psutil.Process(pid).memory_info().rss
+    measure = peak_rss if peak else lambda pid: psutil.Process(pid).memory_info().rss
     return sum(map(measure, supervisor)), [measure(pid) for pid in workers]
-
-
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise LookupError(f"no VmHWM for pid {pid}")
 
 
 def conclude(name: str, problems: list[str], log_path: Path, tmp: str | Path) -> int:

@@ -19,7 +19,7 @@ PASS: every dictation exact, the good p95 latency under LATENCY_BOUND_S (in each
 slot), the supervisor's peak RSS within its budget in the memory plan (in each row), the endless
 task's last stretch accepted at least half as fast as its first, its descriptors back within +5, no
 task left in a slot, exit 0 on SIGTERM. Not part of the test run:
-`python bench/hostile.py [--heavy] [--rows endless,many16,many48] [--row-s S]`.
+`python -m bench.hostile [--heavy] [--rows endless,many16,many48] [--row-s S]`.
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import MIC_FRAME_S, conclude, machine, task_ids
 from websockets.exceptions import ConnectionClosed
 
+from bench.common import MIC_FRAME_S, conclude, machine
 from capsd import config, preflight
 from capsd.ctl import request
 from capsd.protocol import FILE_SEG, route
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth, token_digits
-from tests.support.checks import accepted_per_second, wait_for
+from tests.support.checks import accepted_per_second, task_ids, wait_for
 from tests.support.client import connect, file_frames, frame, receive, send_mic, stream_endless
 from tests.support.daemon import Capsd
 
@@ -331,7 +331,7 @@ async def flood(url: str, task_id: str, until: float, counts: Counter[str]) -> N
 
 async def many(row: Row, url: str, workers: int, until: float) -> None:
     """`row.abusers` floods at once, their task ids spread evenly over the slots."""
-    ids = task_ids([n % workers for n in range(row.abusers)], workers)
+    ids = task_ids(workers, slots=[n % workers for n in range(row.abusers)])
     await asyncio.gather(*(flood(url, task_id, until, row.counts) for task_id in ids))
 
 

@@ -12,7 +12,7 @@ timestamps within 0.1 s, partials growing), the wall time from the first frame s
 frame, audio seconds per wall second, the client's own CPU, and memory: the supervisor's RSS when
 ready and its peak (VmHWM), each worker's peak. PASS when the final frame arrived and is exact.
 
-Not part of the test run: `python bench/long_recording.py` (the embedded self-test model,
+Not part of the test run: `python -m bench.long_recording` (the embedded self-test model,
 2 workers); `--heavy` for the heavy self-test model's decode cost (a real Paraformer's).
 """
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import SLOT_S, conclude, machine, rss, start_capsd
 
+from bench.common import SLOT_S, conclude, machine, rss, start_capsd
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import FILE_FRAME_S, FILE_SEG, RATE, client_frame
 from capsd.selftest.build import build_paraformer

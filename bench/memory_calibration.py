@@ -37,11 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import check_exact, machine, models, rss, task_ids, tone_file, transcribe
-
+from bench.common import check_exact, machine, models, rss, tone_file, transcribe
 from capsd import config, preflight
 from capsd.protocol import LONGEST_SEGMENT_S
-from tests.support.checks import wait_for
+from tests.support.checks import task_ids, wait_for
 from tests.support.client import connect, file_frames, frame
 from tests.support.daemon import Capsd
 
@@ -104,7 +103,7 @@ def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, 
         loaded = max(rss(capsd)[1])
         for n in range(decodes):
             tasks = {}
-            for slot, task_id in enumerate(task_ids(list(range(count)), count)):
+            for slot, task_id in enumerate(task_ids(count)):
                 samples, digits = tone_file(seconds, seed=100 * n + slot)
                 tasks[task_id] = (file_frames(task_id, samples, seg=LONGEST_SEG), digits)
             with flooded(capsd, count) if n == decodes - 1 else contextlib.nullcontext():

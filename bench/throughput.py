@@ -63,7 +63,8 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import (
+
+from bench.common import (
     check_exact,
     dictate,
     keep_busy,
@@ -71,16 +72,15 @@ from common import (
     models,
     rss,
     start_capsd,
-    task_ids,
     tone_file,
     transcribe,
 )
-
 from capsd import models as model_types
 from capsd.merge import PartialResult
 from capsd.protocol import RATE, parse_frame, route
 from capsd.segment import Segment, Segmenter
 from capsd.selftest.tones import token_digits
+from tests.support.checks import task_ids, wait_for
 from tests.support.client import FILE_SEG, file_frames
 from tests.support.daemon import Capsd
 
@@ -168,17 +168,16 @@ def segment_decode(repeat: int) -> list[float]:
 
 def wait_idle(daemon: Capsd) -> None:
     """Until the segments of the clients that left are decoded or dropped."""
-    for _ in range(300):  # 30 s
-        if all(s["state"] == "ready" and not s["queue_depth"] for s in daemon.status()["slots"]):
-            return
-        time.sleep(0.1)
-    raise SystemExit("capsd still busy 30 s after its clients left")
+    def idle() -> bool:
+        return all(s["state"] == "ready" and not s["queue_depth"] for s in daemon.status()["slots"])
+
+    wait_for(idle, 30, "capsd idle after its clients left", every=0.1)
 
 
 def mic_latency(daemon: Capsd, count: int) -> dict[str, Any]:
     """(d) on a capsd with 2 workers: `count` dictations idle, then the same under load."""
     rng = np.random.default_rng(7)
-    ids = task_ids([n % 2 for n in range(count)] + [0, 1], 2)
+    ids = task_ids(2, slots=[n % 2 for n in range(count)] + [0, 1])
     dictations = [(task_id, *tone_file(rng.uniform(2, 6), 1000 + n)) for n, task_id in enumerate(ids[:count])]
     load = []
     for slot, task_id in enumerate(ids[count:]):
@@ -238,7 +237,7 @@ def four_files() -> list[tuple[np.ndarray, str]]:
 def measure(daemons: dict[int, Capsd], pool: ProcessPoolExecutor, repeat: int) -> dict[str, Any]:
     """(a), (b) and (c), their runs interleaved."""
     files = four_files()
-    ids = task_ids([0, 0, 1, 1], 2)
+    ids = task_ids(2, slots=[0, 0, 1, 1])
     four = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
     long_samples, long_digits = tone_file(180, 99)
     long_frames = file_frames("long", long_samples)
@@ -294,7 +293,7 @@ def one_long_file(daemons: dict[int, Capsd], repeat: int) -> dict[str, Any]:
 def warm_up(daemon: Capsd, count: int) -> None:
     """One file segment decoded by each worker: a fresh worker's first decode is slower (its arena grows)."""
     samples, digits = tone_file(sum(FILE_SEG), 5)
-    ids = task_ids(list(range(count)), count)
+    ids = task_ids(count)
     serve(daemon, {task_id: file_frames(task_id, samples) for task_id in ids}, dict.fromkeys(ids, digits))
 
 
@@ -414,7 +413,7 @@ def metrics_cost(daemons: dict[bool, Capsd], repeat: int) -> dict[bool, list[flo
     """(i): the 4 files of (a) on 2 workers with [server] metrics on, scraped every second as
     Prometheus would, and off; sides alternating."""
     files = four_files()
-    ids = task_ids([0, 0, 1, 1], 2)
+    ids = task_ids(2, slots=[0, 0, 1, 1])
     tasks = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
     digits = {task_id: d for task_id, (_, d) in zip(ids, files)}
     times: dict[bool, list[float]] = {True: [], False: []}

@@ -43,7 +43,7 @@ SEGMENT_BYTES_PER_S = 0.45 * MIB
 #   has before loading anything. The heavy self-test model (1024 wide, 6.2 MiB) added 30 MiB for
 #   120 s, 4.9x its size; planned at 5.5x. File size is only a proxy: an attention model's
 #   score matrices grow with the square of the segment's length (sherpa-onnx#1571: GBs for
-#   30-60 s inputs), so check a real model with `bench/memory_calibration.py --model DIR`.
+#   30-60 s inputs), so check a real model with `python -m bench.memory_calibration --model DIR`.
 ACTIVATION_PER_MODEL_BYTE_PER_S = 5.5 / 120
 # The supervisor and multiprocessing's resource tracker: 66 MiB peak with no traffic, and per
 # worker the job in its hands (the longest segment, and its copy pickled for the worker). With

@@ -1,23 +1,16 @@
 """The benchmarks' own code, run small: a broken bench should fail here, not after an hour."""
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from bench import chaos, hostile, long_recording, memory_calibration
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import RATE
 from capsd.selftest.tones import synth
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-
-import chaos
-import hostile
-import long_recording
-import memory_calibration
 
 
 @pytest.mark.integration

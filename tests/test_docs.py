@@ -23,8 +23,8 @@ SAME_DOCUMENT = re.compile(r"\]\(" + "#" + r"([\w-]+)\)")
 # A relative link in a document: "](" then a path that is not a URL, up to an anchor or the end.
 LINK = re.compile(r"\]\((?![a-z]+:|#)([^)#\s]+)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
-DOTTED = re.compile(r"(?:capsd|tests)(?:\.[A-Za-z_]\w*)+")
-RUN_MODULE = re.compile(r"python3? -m ((?:capsd|tests)(?:\.\w+)+)")
+DOTTED = re.compile(r"(?:capsd|tests|bench)(?:\.[A-Za-z_]\w*)+")
+RUN_MODULE = re.compile(r"python3? -m ((?:capsd|tests|bench)(?:\.\w+)+)")
 REPO_PATH = re.compile(r"\.?[\w-]+(?:/[\w.-]+)*/(?:[\w.-]+)?|[\w-]+\.py")
 # Code spans that look like `module.attr` but are not capsd's code: the status JSON's "memory"
 # object and the cgroup's memory.* files.
