@@ -89,7 +89,7 @@ def refused(data: dict[str, Any]) -> str:
     return str(e.value)
 
 
-def test_defaults_are_the_contract() -> None:
+def test_the_defaults_are_those_the_contract_documents() -> None:
     cfg = Config()
     assert as_dict(cfg) == DOCUMENTED_DEFAULTS
     assert dict(cfg.model.files) == {}
@@ -132,7 +132,7 @@ def test_integer_accepted_for_seconds_keys() -> None:
     assert cfg.workers.restart_period_s == 90.0
 
 
-def test_unknown_section() -> None:
+def test_an_unknown_section_is_refused_naming_the_sections_allowed() -> None:
     message = refused({"sever": {"port": 1}})
     assert "[sever]" in message
     assert "unknown section" in message
@@ -145,7 +145,7 @@ def test_section_that_is_not_a_table() -> None:
 
 
 @pytest.mark.parametrize(("section", "key"), [("server", "prot"), ("workers", "worker_processes"), ("log", "lvl")])
-def test_unknown_key(section: str, key: str) -> None:
+def test_an_unknown_key_is_refused_naming_the_keys_allowed(section: str, key: str) -> None:
     message = refused({section: {key: 1}})
     assert f"[{section}] {key}" in message
     assert "unknown key" in message
@@ -180,7 +180,9 @@ def test_model_files_is_not_a_key() -> None:
         ("log", "level", 20, "a string"),
     ],
 )
-def test_wrong_type(section: str, key: str, value: Any, allowed: str) -> None:
+def test_a_value_of_the_wrong_type_is_refused_saying_what_is_allowed(
+    section: str, key: str, value: Any, allowed: str
+) -> None:
     message = refused({section: {key: value}})
     assert f"[{section}] {key}" in message
     assert repr(value) in message
@@ -212,7 +214,9 @@ def test_wrong_type(section: str, key: str, value: Any, allowed: str) -> None:
         ("model", "type", "wav2vec", "'paraformer'"),
     ],
 )
-def test_out_of_range(section: str, key: str, value: Any, allowed: str) -> None:
+def test_a_value_out_of_range_is_refused_saying_what_is_allowed(
+    section: str, key: str, value: Any, allowed: str
+) -> None:
     message = refused({section: {key: value}})
     assert f"[{section}] {key}" in message
     assert repr(value) in message
@@ -270,7 +274,7 @@ def test_punc_needs_a_punctuation_model() -> None:
     assert cfg.format.punc is True
 
 
-def test_load_missing_file(tmp_path: Path) -> None:
+def test_a_missing_config_file_is_refused_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     with pytest.raises(ConfigError) as e:
         config.load(str(path))
@@ -278,7 +282,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
     assert "No such file" in str(e.value)
 
 
-def test_load_invalid_toml(tmp_path: Path) -> None:
+def test_invalid_toml_is_refused_naming_its_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[server]\nport = = 1\n")
     with pytest.raises(ConfigError) as e:
@@ -295,7 +299,7 @@ def test_load_refusal_names_the_key(tmp_path: Path) -> None:
         config.load(str(path))
 
 
-def test_load_reads_the_file(tmp_path: Path) -> None:
+def test_load_reads_the_config_file_it_is_given(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[server]\nport = 7000\n[model]\ntype = "whisper"\nencoder = "base-encoder.onnx"\n')
     cfg = config.load(str(path))
@@ -313,14 +317,18 @@ def no_config_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return default
 
 
-def test_find_path_argument_first(no_config_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_config_path_given_as_an_argument_comes_first(
+    no_config_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     no_config_env.parent.mkdir()
     no_config_env.write_text("")
     monkeypatch.setenv("CAPSD_CONFIG", str(tmp_path / "env.toml"))
     assert config.find_path(str(tmp_path / "arg.toml")) == tmp_path / "arg.toml"
 
 
-def test_find_path_environment_second(no_config_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_without_an_argument_the_config_path_comes_from_capsd_config(
+    no_config_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     no_config_env.parent.mkdir()
     no_config_env.write_text("")
     monkeypatch.setenv("CAPSD_CONFIG", str(tmp_path / "env.toml"))
@@ -346,7 +354,9 @@ def test_load_without_any_file_gives_defaults(no_config_env: Path) -> None:
     assert cfg.source == "built-in defaults"
 
 
-def test_load_follows_the_environment(no_config_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_load_without_a_path_reads_the_file_capsd_config_names(
+    no_config_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     path = tmp_path / "env.toml"
     path.write_text("[workers]\ncount = 4\n")
     monkeypatch.setenv("CAPSD_CONFIG", str(path))
@@ -375,7 +385,9 @@ def test_control_socket_configured_path_wins(runtime_env: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("euid", [0, 1000])
-def test_control_socket_under_systemd(runtime_env: pytest.MonkeyPatch, euid: int) -> None:
+def test_under_systemd_the_control_socket_is_in_the_runtime_directory(
+    runtime_env: pytest.MonkeyPatch, euid: int
+) -> None:
     runtime_env.setattr(socketpath.os, "geteuid", lambda: euid)
     runtime_env.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     runtime_env.setenv("RUNTIME_DIRECTORY", "/run/capsd-x")
@@ -400,7 +412,7 @@ def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
     ],
     ids=["as root", "as user", "as user without XDG_RUNTIME_DIR"],
 )
-def test_control_socket_outside_systemd(
+def test_outside_systemd_the_control_socket_follows_the_user_and_xdg_runtime_dir(
     runtime_env: pytest.MonkeyPatch, euid: int, xdg: str | None, expected: str
 ) -> None:
     runtime_env.setattr(socketpath.os, "geteuid", lambda: euid)
@@ -433,7 +445,7 @@ def test_load_reads_only_a_regular_file(tmp_path: Path) -> None:
             config.load(str(path))
 
 
-def test_load_caps_the_size(tmp_path: Path) -> None:
+def test_a_config_file_larger_than_1_mib_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("#" * (config.MAX_CONFIG_BYTES - 1) + "\n")
     assert config.load(str(path)) == dataclasses.replace(Config(), source=str(path))

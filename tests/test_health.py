@@ -135,7 +135,7 @@ def test_metrics_count_what_was_done_and_agree_with_status(start_capsd: Any, hea
     assert metrics[("capsd_build_info", (("version", status["version"]),))] == 1
 
 
-def test_metrics_off_answers_404(start_capsd: Any) -> None:
+def test_with_metrics_off_metrics_answers_404_and_readyz_still_answers(start_capsd: Any) -> None:
     capsd = start_capsd({"server": {"metrics": False}})
     assert http_get(capsd.port, "/metrics")[0] == 404
     assert http_get(capsd.port, "/readyz")[0] == 200

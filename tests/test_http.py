@@ -78,7 +78,7 @@ def read(data: bytes, parser: h11.Connection | None = None) -> h11.Request | h11
 
 
 @pytest.mark.unit
-def test_heads_read_by_h11() -> None:
+def test_request_heads_are_read_by_h11_and_bad_ones_get_400_or_431() -> None:
     request = read(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nupgrade: WebSocket\r\n\r\n")
     assert isinstance(request, h11.Request)
     assert (request.method, request.target) == (b"GET", b"/metrics?x=1")
@@ -98,7 +98,7 @@ def test_heads_read_by_h11() -> None:
 
 
 @pytest.mark.unit
-def test_heads_answered_without_sockets() -> None:
+def test_plain_http_heads_are_answered_without_sockets() -> None:
     plain = PlainHttp(lambda path: Answer(200, f"{path}\n"))
 
     def answer(data: bytes) -> bytes | None:

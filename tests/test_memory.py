@@ -64,7 +64,7 @@ SERVICE = "system.slice/capsd.service"
 
 
 @pytest.mark.unit
-def test_machine_only(roots: tuple[Path, Path]) -> None:
+def test_without_a_cgroup_limit_the_machines_available_memory_counts(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB)
     got = read_available(proc, cgroup)
@@ -119,7 +119,7 @@ def test_v2_container_mount_root_is_own_cgroup(roots: tuple[Path, Path]) -> None
 
 
 @pytest.mark.unit
-def test_v1_limit(roots: tuple[Path, Path]) -> None:
+def test_a_cgroup_v1_limit_counts_less_what_the_cgroup_uses(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, "5:cpu,cpuacct:/x\n4:memory:/capsd\n0::/\n")
     v1(cgroup, "capsd", str(1 * GIB), 300 * MIB)
@@ -145,7 +145,7 @@ def test_v1_huge_number_is_no_limit(roots: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.unit
-def test_hybrid_takes_tightest(roots: tuple[Path, Path]) -> None:
+def test_a_hybrid_cgroup_setup_takes_the_tightest_limit(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
     v1(cgroup, SERVICE, str(2 * GIB), 1 * GIB)
@@ -190,7 +190,7 @@ def test_missing_usage_still_applies_the_limit(roots: tuple[Path, Path]) -> None
 
 @pytest.mark.unit
 @pytest.mark.parametrize("self_cgroup", ["", "garbage\n", "0::\n", ":::\n", "\x00\xff\n", "4:memory\n"])
-def test_garbage_self_cgroup(roots: tuple[Path, Path], self_cgroup: str) -> None:
+def test_a_garbled_proc_self_cgroup_falls_back_to_the_machine(roots: tuple[Path, Path], self_cgroup: str) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, self_cgroup)
     assert read_available(proc, cgroup).bytes == 8 * GIB
@@ -198,7 +198,7 @@ def test_garbage_self_cgroup(roots: tuple[Path, Path], self_cgroup: str) -> None
 
 @pytest.mark.unit
 @pytest.mark.parametrize("content", ["", "lots\n", "-\n", "1.5G\n", "max max\n"])
-def test_garbage_limit_files(roots: tuple[Path, Path], content: str) -> None:
+def test_garbled_limit_files_fall_back_to_the_machine(roots: tuple[Path, Path], content: str) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"4:memory:/{SERVICE}\n0::/{SERVICE}\n")
     write(cgroup / SERVICE / "memory.max", content)
@@ -277,7 +277,7 @@ def supervisor(count: int) -> int:
 
 
 @pytest.mark.unit
-def test_plan_does_not_fit() -> None:
+def test_a_plan_that_does_not_fit_says_how_many_workers_would() -> None:
     p = plan(3, 410 * MIB, CGROUP, 512 * MIB, 0, 0)
     assert not p.fits
     assert p.total_bytes == 3 * 410 * MIB + supervisor(3)
@@ -303,7 +303,7 @@ def test_plan_max_count_is_exact(seconds: float) -> None:
 
 
 @pytest.mark.unit
-def test_plan_fits() -> None:
+def test_a_plan_that_fits_says_so_and_how_many_would() -> None:
     p = plan(2, 410 * MIB, Available(8 * GIB, "machine", "MemAvailable 8.0 GiB"), 512 * MIB, 0, 0)
     assert p.fits
     assert p.max_count == (8 * GIB - 512 * MIB - supervisor(0)) // (410 * MIB + supervisor(1) - supervisor(0))
@@ -317,7 +317,7 @@ def test_plan_fits() -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("free", [0, 100 * MIB, 600 * MIB])
-def test_plan_not_even_one(free: int) -> None:
+def test_a_plan_where_not_even_one_worker_fits_says_so_and_no_count_to_set(free: int) -> None:
     p = plan(1, 410 * MIB, Available(free, "cgroup", "cgroup limit"), 512 * MIB, 120, FRAME)
     assert not p.fits
     assert p.max_count == 0

@@ -119,7 +119,7 @@ def test_equal_tokens_further_apart_are_two(a: float, b: float, jitter: float) -
     assert_increasing(p.timestamps)
 
 
-def test_timestamps_stay_increasing() -> None:
+def test_merged_timestamps_stay_increasing_across_a_cut() -> None:
     # The later segment has a token just before the cut that the earlier one did not see.
     first = [("a", CUT - 0.5), ("b", CUT - 0.02)]
     second = [("x", CUT - 0.1), ("c", CUT + 0.3), ("d", CUT + 0.2)]
@@ -129,7 +129,7 @@ def test_timestamps_stay_increasing() -> None:
     assert p.timestamps[0] == CUT - 0.5
 
 
-def test_timestamps_are_task_time() -> None:
+def test_timestamps_are_in_task_time_not_segment_time() -> None:
     p = PartialResult()
     p.add(0.0, 0.0, ["a"], [1.0], 17.0)
     p.add(15.0, 2.0, ["b"], [3.0], 32.0)
@@ -139,7 +139,7 @@ def test_timestamps_are_task_time() -> None:
     assert p.duration == 40.0
 
 
-def test_segment_without_tokens() -> None:
+def test_a_silent_segment_between_others_adds_only_its_duration() -> None:
     p = PartialResult()
     p.add(0.0, 0.0, ["a", "b"], [1.0, 10.0], 17.0)
     p.add(15.0, 2.0, [], [], 32.0)  # silence
@@ -150,7 +150,7 @@ def test_segment_without_tokens() -> None:
     assert p.timestamps == pytest.approx([1.0, 10.0, 31.5])
 
 
-def test_first_segments_without_tokens() -> None:
+def test_after_silent_first_segments_the_next_overlap_is_taken_whole() -> None:
     p = PartialResult()
     p.add(0.0, 0.0, [], [], 17.0)
     assert (p.tokens, p.timestamps, p.duration, p.text) == ([], [], 17.0, "")
@@ -160,7 +160,7 @@ def test_first_segments_without_tokens() -> None:
     assert p.timestamps == pytest.approx([15.2, 16.8])
 
 
-def test_zero_overlap_concatenates() -> None:
+def test_segments_without_overlap_are_concatenated() -> None:
     p = PartialResult()
     p.add(0.0, 0.0, ["a", "b"], [0.5, 1.9], 2.0)
     p.add(2.0, 0.0, ["b", "c"], [0.05, 1.0], 4.0)
@@ -198,11 +198,11 @@ def test_empty_last_segment_keeps_the_duration() -> None:
         (["你", "好", "，", "hello", "。"], "你好，hello。"),
     ],
 )
-def test_join_tokens(tokens: list[str], text: str) -> None:
+def test_tokens_join_into_the_text_with_spaces_only_between_words(tokens: list[str], text: str) -> None:
     assert join_tokens(tokens) == text
 
 
-def test_text_follows_tokens() -> None:
+def test_the_text_follows_the_merged_tokens() -> None:
     p = PartialResult()
     p.add(0.0, 0.0, ["\u2581good", "\u2581mor", "ning"], [0.1, 0.5, 0.8], 17.0)
     assert p.text == "good morning"

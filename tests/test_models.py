@@ -77,7 +77,7 @@ def test_kwargs_are_accepted_by_installed_sherpa_onnx(type_name: str) -> None:
             assert type(value) is type(default), key
 
 
-def test_file_keys() -> None:
+def test_each_model_type_names_its_file_keys() -> None:
     assert models.file_keys("paraformer") == ("model", "tokens")
     assert models.file_keys("whisper") == ("encoder", "decoder", "tokens")
 
@@ -87,7 +87,7 @@ def test_unknown_type_is_refused() -> None:
         models.file_keys("nemo")
 
 
-def test_overrides_relative_and_absolute() -> None:
+def test_file_overrides_resolve_relative_to_the_model_dir_or_as_absolute() -> None:
     files = models.resolve_files(
         "whisper",
         M,
@@ -135,7 +135,7 @@ def test_check_files_reports_empty_file(tmp_path: Path) -> None:
     assert models.check_files("paraformer", files) == [f"model file {tmp_path}/model.int8.onnx is empty"]
 
 
-def test_check_files_reports_directory(tmp_path: Path) -> None:
+def test_a_directory_where_a_model_file_should_be_is_reported(tmp_path: Path) -> None:
     files = write_model(tmp_path, "</s> 1\n")
     files["model"] = tmp_path
     assert models.check_files("paraformer", files) == [f"model file {tmp_path} is not a regular file"]
@@ -148,7 +148,7 @@ def test_paraformer_tokens_need_end_of_sentence(tmp_path: Path) -> None:
     ]
 
 
-def test_ctc_tokens_need_blank(tmp_path: Path) -> None:
+def test_ctc_tokens_without_a_blank_are_reported(tmp_path: Path) -> None:
     files = write_model(tmp_path, "a 0\nb 1\n</s> 2\n")
     assert models.check_files("zipformer_ctc", files) == [
         f"tokens file {tmp_path}/tokens.txt lacks <blk> or <eps> or <blank>," + " which zipformer_ctc needs"

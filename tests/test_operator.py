@@ -353,14 +353,14 @@ def test_an_unreadable_config_is_refused(work: Path, command: list[str]) -> None
         (b'{"cmd": "scale", "count": 2, "slot": 1}\n', "scale takes no 'slot'"),
     ],
 )
-def test_parse_request_refuses(line: bytes, words: str) -> None:
+def test_a_malformed_control_request_is_refused_in_a_few_words(line: bytes, words: str) -> None:
     with pytest.raises(ControlError) as e:
         parse_request(line)
     assert words in str(e.value) and len(str(e.value)) < 300
 
 
 @pytest.mark.unit
-def test_parse_request_accepts() -> None:
+def test_every_well_formed_control_request_is_parsed() -> None:
     assert parse_request(b'{"cmd": "status"}') == Request("status")
     assert parse_request(b'{"cmd": "restart-worker", "slot": 1}') == Request("restart-worker", 1)
     line = b'{"cmd": "restart-worker", "slot": 0, "force": true, "timeout": 2}\n'

@@ -265,7 +265,9 @@ def test_of_two_reloads_during_one_change_the_last_wins(start_capsd: Any, heavy_
     assert_exact(asyncio.run(run_client(capsd.url, [("after", "mic", samples, (15, 2))]))["after"], "1066", starts)
 
 
-def test_a_roll_whose_new_worker_misses_load_timeout_s_is_rolled_back_for_good(start_capsd: Any, heavy_model: Path) -> None:
+def test_a_roll_whose_new_worker_misses_load_timeout_s_is_rolled_back_for_good(
+    start_capsd: Any, heavy_model: Path
+) -> None:
     capsd = start_capsd({"workers": {"load_timeout_s": 5}})
     old = capsd.worker_pid(0)
     change_model(capsd, heavy_model)

@@ -70,7 +70,7 @@ def test_good_frame_round_trips_samples() -> None:
     assert f.samples.tobytes() == samples.tobytes()
 
 
-def test_bytes_frame_is_accepted() -> None:
+def test_a_frame_sent_as_bytes_is_accepted() -> None:
     assert parse_frame(frame().encode()).task_id == "3f2a-task"
 
 
@@ -80,12 +80,12 @@ def test_empty_data_is_an_empty_frame() -> None:
     assert f.is_final
 
 
-def test_optional_fields_default() -> None:
+def test_optional_fields_take_capswriters_defaults() -> None:
     f = parse_frame(frame(seg_duration=None, seg_overlap=None, context=None, language=None, time_frame=None))
     assert (f.seg_duration, f.seg_overlap, f.context, f.language) == (15.0, 2.0, "", "auto")
 
 
-def test_float_segment_values() -> None:
+def test_segment_values_may_be_floats() -> None:
     f = parse_frame(frame(seg_duration=60, seg_overlap=0))
     assert (f.seg_duration, f.seg_overlap) == (60.0, 0.0)
     f = parse_frame(frame(seg_duration=1.5, seg_overlap=0.25))
@@ -154,21 +154,21 @@ def test_client_strings_in_error_messages_are_clipped() -> None:
     ["", "not json", "{", b"\xff\xfe{", "[1, 2]", '"a string"', "42", "null", "true"],
     ids=["empty", "text", "truncated", "not-utf8", "array", "string", "number", "null", "bool"],
 )
-def test_not_a_json_object(raw: str | bytes) -> None:
+def test_a_frame_that_is_not_a_json_object_is_refused_for_no_task(raw: str | bytes) -> None:
     e = bad(raw)
     assert e.task_id is None
     assert e.is_final is False
 
 
 @pytest.mark.parametrize("raw", ["[" * 100_000, '{"task_id": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"])
-def test_json_nested_too_deep(raw: str) -> None:
+def test_json_nested_too_deep_is_refused_for_no_task(raw: str) -> None:
     e = bad(raw)
     assert e.task_id is None
     assert "JSON" in str(e)
 
 
 @pytest.mark.parametrize("task_id", [None, 5, 1.5, True, ["a"], {"a": 1}, ""], ids=repr)
-def test_unreadable_task_id(task_id: Any) -> None:
+def test_a_frame_without_a_readable_task_id_is_refused_for_no_task(task_id: Any) -> None:
     e = bad(frame(task_id=task_id, is_final=True))  # None: no task_id at all
     assert e.task_id is None
     assert "task_id" in str(e)
@@ -228,7 +228,9 @@ BAD_FIELDS: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("names", "fields"), BAD_FIELDS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_FIELDS)])
 @pytest.mark.parametrize("is_final", [False, True])
-def test_malformed_field(names: str, fields: dict[str, Any], is_final: bool) -> None:
+def test_a_malformed_field_is_refused_naming_it_for_its_task(
+    names: str, fields: dict[str, Any], is_final: bool
+) -> None:
     if "is_final" in fields:
         is_final = False  # the frame did not say is_final: true
     else:
@@ -254,7 +256,7 @@ def test_bad_request_is_an_exception_with_defaults() -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("task_id", ["a", "task-1", "任务", "0123456789abcdef", "x" * 100])
-def test_route_is_crc32(task_id: str, count: int) -> None:
+def test_a_task_is_routed_by_the_crc32_of_its_id(task_id: str, count: int) -> None:
     assert route(task_id, count) == zlib.crc32(task_id.encode("utf-8")) % count
     assert 0 <= route(task_id, count) < count
 
@@ -264,12 +266,12 @@ def test_route_is_crc32(task_id: str, count: int) -> None:
     ("task_id", "crc"),
     [("a", 3904355907), ("task-1", 3386884591), ("任务", 1592260957), ("0123456789abcdef", 1757737011)],
 )
-def test_route_is_stable(task_id: str, crc: int) -> None:
+def test_routing_is_the_same_in_every_process_and_run(task_id: str, crc: int) -> None:
     for count in (1, 2, 3, 5, 8, 13):
         assert route(task_id, count) == crc % count
 
 
-def test_route_spreads_tasks() -> None:
+def test_routing_spreads_tasks_over_every_slot() -> None:
     slots = {route(f"task-{i}", 4) for i in range(100)}
     assert slots == {0, 1, 2, 3}
 

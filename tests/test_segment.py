@@ -59,7 +59,7 @@ def check_layout(segments: list[Segment], samples: np.ndarray, seg: tuple[float,
     assert np.array_equal(reassemble(segments), samples)
 
 
-def test_streaming_cut_rule() -> None:
+def test_a_stream_is_cut_once_duration_plus_twice_the_overlap_is_buffered() -> None:
     """CapsWriter: cut once seg_duration + 2 * seg_overlap seconds are buffered, not before."""
     segmenter = Segmenter(15, 2)
     assert segmenter.feed(audio(18.999), is_final=False) == []
@@ -107,7 +107,7 @@ def test_mic_and_file_frames_give_the_same_segments(seg: tuple[float, float], se
 
 
 @pytest.mark.parametrize("seg", SETTINGS)
-def test_segments_reproduce_the_audio(seg: tuple[float, float]) -> None:
+def test_segments_reproduce_the_audio_whatever_the_frame_size(seg: tuple[float, float]) -> None:
     samples = audio(4 * seg[0] + 0.7)
     for frame_s in (0.1, 1, seg[0], 60):
         segments = stream(samples, frame_s, seg, final_carries_audio=True)
@@ -127,7 +127,7 @@ def test_final_tail_is_cut_too() -> None:
     check_layout(segments, samples, (25, 2))
 
 
-def test_final_tail_after_streaming() -> None:
+def test_the_final_frame_cuts_the_tail_left_after_streaming() -> None:
     segmenter = Segmenter(25, 2)
     first = segmenter.feed(audio(60), is_final=False)
     assert [s.offset for s in first] == [0.0, 25.0]
@@ -160,7 +160,7 @@ def test_task_without_audio_still_gets_a_last_segment() -> None:
     assert [(s.index, s.offset, s.overlap, len(s.samples), s.is_last) for s in last] == [(0, 0.0, 0.0, 0, True)]
 
 
-def test_zero_overlap() -> None:
+def test_zero_overlap_cuts_adjacent_segments() -> None:
     samples = audio(7)
     segments = Segmenter(2, 0).feed(samples, is_final=True)
     assert [(s.offset, s.overlap, len(s.samples) / RATE) for s in segments] == [

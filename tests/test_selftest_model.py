@@ -53,18 +53,18 @@ def test_synth_places_tones_in_slots() -> None:
     assert np.array_equal(samples, synth("1 2")[0])
 
 
-def test_digit_token_mapping() -> None:
+def test_digits_map_to_chinese_numeral_tokens_and_back() -> None:
     assert digit_tokens("0395") == ["零", "三", "九", "五"]
     assert token_digits(DIGIT_TOKENS) == "0123456789"
 
 
-def test_builder_reproduces_shipped_files(tmp_path: Path) -> None:
+def test_the_builder_reproduces_the_shipped_model_files(tmp_path: Path) -> None:
     build_paraformer(tmp_path)
     for name in ("model.int8.onnx", "tokens.txt"):
         assert (tmp_path / name).read_bytes() == (EMBEDDED_MODEL_DIR / name).read_bytes(), name
 
 
-def test_embedded_paraformer_decodes_exactly(embedded: sherpa_onnx.OfflineRecognizer) -> None:
+def test_the_embedded_paraformer_decodes_tones_exactly(embedded: sherpa_onnx.OfflineRecognizer) -> None:
     samples, starts = synth(DIGITS)
     result = decode(embedded, samples)
     assert_exact(result, DIGITS, starts)
@@ -77,7 +77,7 @@ def test_embedded_paraformer_decodes_a_minute(embedded: sherpa_onnx.OfflineRecog
     assert_exact(decode(embedded, samples), digits, starts)
 
 
-def test_paraformer_batch_matches_single(embedded: sherpa_onnx.OfflineRecognizer) -> None:
+def test_a_paraformer_batch_decodes_as_each_stream_alone(embedded: sherpa_onnx.OfflineRecognizer) -> None:
     cases = ["12", "3333333", "", "98 7"]
     streams = []
     for digits in cases:
@@ -103,7 +103,7 @@ def test_silence_and_noise_decode_to_nothing(embedded: sherpa_onnx.OfflineRecogn
         assert (result.text, result.tokens, result.timestamps) == ("", [], [])
 
 
-def test_zipformer_ctc_decodes_exactly(tmp_path: Path) -> None:
+def test_the_zipformer_ctc_model_decodes_tones_exactly_and_silence_to_nothing(tmp_path: Path) -> None:
     build_zipformer_ctc(tmp_path)
     recognizer = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(
         model=str(tmp_path / "model.int8.onnx"), tokens=str(tmp_path / "tokens.txt"), num_threads=1

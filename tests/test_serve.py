@@ -186,7 +186,7 @@ def test_closed_connection_cancels_its_tasks_and_frees_worker_state(start_capsd:
 
 
 @pytest.mark.parametrize("rate", [16000, 44100])
-def test_capsctl_transcribe_and_status(start_capsd: Any, tmp_path: Path, rate: int) -> None:
+def test_capsctl_transcribes_a_wav_exactly_and_shows_the_status(start_capsd: Any, tmp_path: Path, rate: int) -> None:
     capsd = start_capsd()
     samples, _ = synth("8675309", rate=rate)
     write_wav(str(tmp_path / "tones.wav"), samples, rate)

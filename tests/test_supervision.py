@@ -65,7 +65,7 @@ def test_what_follows_a_workers_end(
     assert exit_action(retiring, loading_new_model, ever_ready) is action
 
 
-def test_a_lost_jobs_fate() -> None:
+def test_a_lost_jobs_fate_depends_on_the_setting_its_crashes_who_killed_it_and_the_pause() -> None:
     never: Callable[[], bool] = lambda: pytest.fail("paused asked of a job that would not run again")  # noqa: E731
     assert lost_job_fate(0, 0, True, never) is Fate.FAIL  # retry_lost_jobs = 0
     assert lost_job_fate(1, 1, True, never) is Fate.POISON  # its second crash

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.unit
         ("电话是幺三八零零", "电话是13800"),
     ],
 )
-def test_numerals_are_converted(spoken: str, written: str) -> None:
+def test_chinese_numerals_are_converted_to_digits(spoken: str, written: str) -> None:
     assert chinese_to_num(spoken) == written
 
 
@@ -71,7 +71,7 @@ def test_numerals_are_converted(spoken: str, written: str) -> None:
         "今天天气很好",
     ],
 )
-def test_words_and_idioms_stay(text: str) -> None:
+def test_words_and_idioms_with_numerals_stay_as_they_are(text: str) -> None:
     assert chinese_to_num(text) == text
 
 
@@ -93,7 +93,7 @@ def test_decimal_part_followed_by_unit_is_not_a_decimal() -> None:
         ("plain English 3.14", "plain English 3.14"),
     ],
 )
-def test_space_cjk_latin(text: str, spaced: str) -> None:
+def test_a_space_goes_between_cjk_and_latin(text: str, spaced: str) -> None:
     assert space_cjk_latin(text) == spaced
 
 
@@ -112,7 +112,7 @@ def test_spacing_is_idempotent(text: str) -> None:
         (True, True, "共 123 个 Python 文件"),
     ],
 )
-def test_format_final(num: bool, spell: bool, formatted: str) -> None:
+def test_the_final_text_is_formatted_as_num_and_spell_say(num: bool, spell: bool, formatted: str) -> None:
     text = "共一百二十三个Python文件"
     assert format_final(text, num=num, spell=spell, punctuator=None) == formatted
 
