@@ -26,7 +26,10 @@ def start_capsd(tmp_path: Path) -> Iterator[Any]:
     started: list[Capsd] = []
 
     def start(
-        config: dict[str, dict[str, Any]] | None = None, wait: bool = True, directory: Path | None = None, **options: Any
+        config: dict[str, dict[str, Any]] | None = None,
+        wait: bool = True,
+        directory: Path | None = None,
+        **options: Any,
     ) -> Capsd:
         """A Capsd (options: its own) in a new directory of tmp_path, or in `directory`; stopped after the test."""
         if directory is None:

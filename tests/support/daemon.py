@@ -31,9 +31,8 @@ def write_config(path: Path, config: Mapping[str, Mapping[str, Any]]) -> Path:
     def value(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
-    path.write_text(
-        "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items()) for section, keys in config.items())
-    )
+    text = (f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in keys.items()) for name, keys in config.items())
+    path.write_text("".join(text))
     path.chmod(0o644)
     return path
 
