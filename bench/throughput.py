@@ -18,8 +18,8 @@
     measurement. A mic segment is taken before any waiting file segment, but a decode is never
     interrupted, so the target is: loaded p95 <= idle p95 + one file segment's decode (27 s of
     audio, decoded in this process).
-(e) Time to ready with 1 and 2 workers: from starting capsd's process until its control socket
-    reports state ready.
+(e) Time to ready with 1 and 2 workers: from starting capsd's process until it logs that it is
+    ready (right after its state becomes ready).
 (f) RSS of the supervisor and of each worker, idle after start, and with 2 workers after (d).
 (g) One long file: 600 s sent as CapsWriter's file client sends it (60 s frames, 25/2: 24
     segments) to a capsd with 1 worker and to one with 2 workers; from connecting (the first
@@ -359,7 +359,7 @@ def report_mic(mic: dict[str, Any], segment_times: list[float]) -> None:
 
 
 def report_ready(ready: dict[int, list[float]]) -> None:
-    print("(e) time to ready: from starting capsd's process to state ready on the control socket (polled every 20 ms)")
+    print("(e) time to ready: from starting capsd's process to its log saying ready (polled every 20 ms)")
     for count, seconds in ready.items():
         print(runs(f"{count} worker{'s' if count > 1 else ''}", seconds))
     print()
