@@ -119,7 +119,7 @@ def test_every_key_accepts_a_valid_value(section: str, key: str) -> None:
     assert as_dict(cfg) == expected
 
 
-def test_all_valid_keys_at_once() -> None:
+def test_every_valid_key_at_once_is_accepted_as_given() -> None:
     cfg = config.from_dict(VALID, source="/x.toml")
     assert as_dict(cfg) == VALID
     assert cfg.source == "/x.toml"
@@ -230,7 +230,7 @@ def test_unknown_model_type_lists_every_type() -> None:
 
 
 @pytest.mark.parametrize("type_name", list(models.MODEL_TYPES))
-def test_file_name_overrides_for_the_type(type_name: str) -> None:
+def test_a_model_types_file_names_may_be_overridden(type_name: str) -> None:
     keys = models.file_keys(type_name)
     overrides = {key: f"custom-{key}.bin" for key in keys}
     cfg = config.from_dict({"model": {"type": type_name, **overrides}})
@@ -397,7 +397,7 @@ def test_under_systemd_the_control_socket_is_in_the_runtime_directory(
     assert socketpath.control_socket("") == Path("/run/capsd/control.sock")
 
 
-def test_control_socket_as_root_really(runtime_env: pytest.MonkeyPatch) -> None:
+def test_as_root_the_control_socket_is_under_run_capsd(runtime_env: pytest.MonkeyPatch) -> None:
     if os.geteuid() != 0:
         pytest.skip("not running as root")
     assert socketpath.control_socket("") == Path("/run/capsd/control.sock")

@@ -187,7 +187,7 @@ def test_one_request_per_connection_answered_then_closed(start_capsd: Any) -> No
 
 
 @pytest.mark.integration
-def test_bodies_chunks_and_bad_heads_answered(start_capsd: Any) -> None:
+def test_bodies_chunks_and_bad_heads_are_answered_as_http_says(start_capsd: Any) -> None:
     capsd = start_capsd()
     cases = {
         "chunked": (b"GET /livez HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 200),

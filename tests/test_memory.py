@@ -72,7 +72,7 @@ def test_without_a_cgroup_limit_the_machines_available_memory_counts(roots: tupl
 
 
 @pytest.mark.unit
-def test_v2_limit_tighter_than_machine(roots: tuple[Path, Path]) -> None:
+def test_a_cgroup_v2_limit_tighter_than_the_machine_counts_less_what_is_in_use(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
     v2(cgroup, SERVICE, str(3 * GIB // 2), 600 * MIB)
@@ -82,7 +82,7 @@ def test_v2_limit_tighter_than_machine(roots: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.unit
-def test_v2_limit_looser_than_machine(roots: tuple[Path, Path]) -> None:
+def test_a_cgroup_v2_limit_looser_than_the_machine_leaves_the_machine(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 1 * GIB, f"0::/{SERVICE}\n")
     v2(cgroup, SERVICE, str(4 * GIB), 100 * MIB)
@@ -99,7 +99,7 @@ def test_v2_max_is_no_limit(roots: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.unit
-def test_v2_parent_tighter_than_child(roots: tuple[Path, Path]) -> None:
+def test_a_cgroup_v2_parent_tighter_than_its_child_counts(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, f"0::/{SERVICE}\n")
     v2(cgroup, SERVICE, str(4 * GIB), 100 * MIB)
@@ -128,7 +128,7 @@ def test_a_cgroup_v1_limit_counts_less_what_the_cgroup_uses(roots: tuple[Path, P
 
 
 @pytest.mark.unit
-def test_v1_memory_among_several_controllers(roots: tuple[Path, Path]) -> None:
+def test_a_cgroup_v1_memory_controller_among_others_is_found(roots: tuple[Path, Path]) -> None:
     proc, cgroup = roots
     machine(proc, 8 * GIB, "4:blkio,memory:/capsd\n")
     v1(cgroup, "capsd", str(1 * GIB), 0)

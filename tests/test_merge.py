@@ -71,7 +71,7 @@ def test_repeated_digit_at_the_boundary_is_kept_twice(first_at: float, second_at
     assert_increasing(p.timestamps)
 
 
-def test_repeated_token_spoken_three_times() -> None:
+def test_a_token_spoken_three_times_across_a_cut_stays_three() -> None:
     first = [("1", CUT - 0.6), ("1", CUT - 0.2), ("1", CUT + 0.2)]
     second = [("1", CUT - 0.57), ("1", CUT - 0.22), ("1", CUT + 0.23), ("9", CUT + 0.6)]
     assert merged(first, second).tokens == ["1", "1", "1", "9"]
@@ -233,7 +233,7 @@ def test_realign_keeps_latin_words_whole_and_times_increasing() -> None:
     assert times == sorted(times)
 
 
-def test_realign_of_a_two_hour_result() -> None:
+def test_a_two_hour_result_is_realigned_once_and_stays_in_order() -> None:
     """Tens of thousands of characters with punctuation inserted, realigned once, on the final frame."""
     import random
 

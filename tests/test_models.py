@@ -54,7 +54,7 @@ def test_every_type_is_tested() -> None:
 
 
 @pytest.mark.parametrize("type_name", EXPECTED)
-def test_constructor_kwargs_for_release_directory(type_name: str) -> None:
+def test_a_release_directory_gives_the_constructor_its_files_and_options(type_name: str) -> None:
     files = models.resolve_files(type_name, M, {})
     name, kwargs = models.constructor_kwargs(type_name, files, num_threads=3)
 

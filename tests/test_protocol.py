@@ -241,7 +241,7 @@ def test_a_malformed_field_is_refused_naming_it_for_its_task(
     assert names.lower() in str(e).lower()
 
 
-def test_json_nan_literal_in_time_start() -> None:
+def test_nan_or_infinity_in_time_start_is_refused_for_its_task() -> None:
     # Python's json accepts these non-standard literals; they must not get through as numbers.
     for literal in ("NaN", "Infinity", "-Infinity"):
         raw = frame(time_start=0).replace('"time_start": 0', f'"time_start": {literal}')
@@ -321,7 +321,7 @@ def test_error_result_is_a_complete_final_frame(task_id: str | None) -> None:
     assert obj["error"] == {"code": "worker_crashed", "message": "slot 0 died"}
 
 
-def test_error_frame_for_a_bad_request() -> None:
+def test_a_bad_request_gets_a_final_error_frame_saying_why() -> None:
     e = bad(frame(task_id="t1", is_final=True, data="%%%"))
     obj = json.loads(Result(task_id=e.task_id).to_json(error=("bad_request", str(e))))
     assert obj["task_id"] == "t1" and obj["is_final"] is True

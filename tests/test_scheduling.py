@@ -40,7 +40,7 @@ def waiting(source: str, submitted: float, work: Any = None) -> Waiting:
     return Waiting(make_task(HomeSlot(), Client(), source=source), work if work is not None else segment(0), submitted)
 
 
-def test_own_jobs_first_dictation_before_files() -> None:
+def test_a_slot_takes_its_own_jobs_first_dictation_before_files() -> None:
     own = JobQueue()
     file_job, mic_job = waiting("file", 1.0), waiting("mic", 2.0)
     own.push(file_job)

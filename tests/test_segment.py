@@ -114,7 +114,7 @@ def test_segments_reproduce_the_audio_whatever_the_frame_size(seg: tuple[float, 
         check_layout(segments, samples, seg)
 
 
-def test_final_tail_is_cut_too() -> None:
+def test_a_long_final_frame_is_cut_into_segments_too() -> None:
     """CapsWriter's file client sends up to ~90 s in its final frame: no segment may exceed 27 s."""
     samples = audio(90)
     segments = Segmenter(25, 2).feed(samples, is_final=True)
@@ -140,7 +140,7 @@ def test_final_tail_exactly_one_segment_long() -> None:
     assert [(s.offset, len(s.samples), s.is_last) for s in segments] == [(0.0, 17 * RATE, True)]
 
 
-def test_empty_final_frame_after_audio() -> None:
+def test_an_empty_final_frame_after_audio_cuts_the_last_segment() -> None:
     segmenter = Segmenter(15, 2)
     assert segmenter.feed(audio(5), is_final=False) == []
     last = segmenter.feed(np.zeros(0, dtype=np.float32), is_final=True)

@@ -61,7 +61,7 @@ def test_interleaved_tasks_on_one_connection_keep_their_audio_apart(start_capsd:
     assert_exact(frames["b"], "9876543210" * 4, b_starts)
 
 
-def test_concurrent_tasks_on_both_slots(start_capsd: Any) -> None:
+def test_concurrent_tasks_on_both_slots_come_back_exact(start_capsd: Any) -> None:
     capsd = start_capsd({"workers": {"count": 2}})
     ids = task_ids(2)
     samples, starts = synth(DIGITS[:80])

@@ -59,7 +59,7 @@ def test_restart_intensity_zero_gives_up_at_the_first_crash() -> None:
         (False, False, True, ExitAction.RESTART),
     ],
 )
-def test_what_follows_a_workers_end(
+def test_what_follows_a_workers_end_depends_on_why_and_when_it_ended(
     retiring: bool, loading_new_model: bool, ever_ready: bool, action: ExitAction
 ) -> None:
     assert exit_action(retiring, loading_new_model, ever_ready) is action

@@ -117,7 +117,7 @@ def test_the_final_text_is_formatted_as_num_and_spell_say(num: bool, spell: bool
     assert format_final(text, num=num, spell=spell, punctuator=None) == formatted
 
 
-def test_model_files_names_the_onnx_model(tmp_path: Path) -> None:
+def test_a_punctuation_model_directory_must_hold_model_onnx(tmp_path: Path) -> None:
     assert model_files(tmp_path) == [tmp_path / "model.onnx"]
 
 
