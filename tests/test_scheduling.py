@@ -13,10 +13,10 @@ import pytest
 
 from capsd.segment import Segment, Segmenter
 from capsd.supervisor.queue import JobQueue, Waiting, next_job
-from capsd.supervisor.slot import ExitReason, Slot, job_deadline
+from capsd.supervisor.slot import _GONE, ExitReason, Slot, job_deadline
 from capsd.supervisor.task import INLINE_FINAL_TOKENS, MAX_TASK_S, PARTIAL_INTERVAL_S, Task
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop, WorkerSpec
-from tests.support.fakes import Client, FakeProcess, segment
+from tests.support.fakes import Client, FakeIncarnation, segment
 
 pytestmark = pytest.mark.unit
 
@@ -127,19 +127,15 @@ def test_partial_frames_grow_as_the_merged_prefix_grows() -> None:
 # -- slots fed by a fake worker -----------------------------------------------------------------
 
 
-class FakeWorker:
+class FakeWorker(FakeIncarnation):
     """An incarnation whose worker answers each job when the test says so."""
 
     def __init__(self, index: int, spec: WorkerSpec) -> None:
-        self.pid, self.spec = 100 + index, spec
-        self.ready, self.jobs, self.started, self.warm_up = True, 0, 0.0, None
-        self.process = FakeProcess()
-        self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self.loaded: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        super().__init__(spec, 100 + index)
+        self.ready = True
         self.loaded.set_result(True)
         self.job: Decode | Format | None = None
         self.sent = asyncio.Event()
-        self.replies: asyncio.Queue[Any] = asyncio.Queue()
 
     async def send(self, job: Decode | Format | Stop) -> None:
         if isinstance(job, Stop):
@@ -147,14 +143,6 @@ class FakeWorker:
             return
         self.job = job
         self.sent.set()
-
-    async def reply(self) -> Decoded | Formatted:
-        from capsd.supervisor.slot import _GONE, WorkerGone
-
-        message = await self.replies.get()
-        if message is _GONE:
-            raise WorkerGone
-        return message
 
     async def answer(self, token: str) -> None:
         """Finish the job in hand: a segment decodes to `token`, a text comes back as it is."""
@@ -169,12 +157,7 @@ class FakeWorker:
         self.exited.set_result(exitcode)
 
     def close(self) -> None:
-        from capsd.supervisor.slot import _GONE
-
         self.replies.put_nowait(_GONE)
-
-    def rss(self) -> int:
-        return 0
 
 
 class Pool:

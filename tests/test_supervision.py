@@ -27,10 +27,10 @@ from capsd.supervisor.policy import (
     lost_job_fate,
 )
 from capsd.supervisor.pool import Shape
-from capsd.supervisor.slot import Slot, SlotState
+from capsd.supervisor.slot import _GONE, Slot, SlotState
 from capsd.supervisor.task import Task
 from capsd.worker.messages import Decode, Decoded, Format, Formatted, Stop, WorkerSpec
-from tests.support.fakes import Client, FakeProcess, segment
+from tests.support.fakes import Client, FakeIncarnation, segment
 
 pytestmark = pytest.mark.unit
 
@@ -87,7 +87,7 @@ def test_retries_pause_at_distinct_jobs_lost_within_the_period() -> None:
 # -- a daemon whose workers are fake ------------------------------------------------------------
 
 
-class Worker:
+class Worker(FakeIncarnation):
     """An incarnation whose worker loads when the test says so (at once by default), answers
     each job with one token, and dies when told to."""
 
@@ -95,14 +95,9 @@ class Worker:
     loads: ClassVar[bool] = True  # whether the next workers load at once
 
     def __init__(self, index: int, spec: WorkerSpec) -> None:
-        loop = asyncio.get_running_loop()
-        self.index, self.spec, self.pid = index, spec, 1000 + len(Worker.spawned)
-        self.ready, self.jobs, self.started, self.warm_up = False, 0, 0.0, None
-        self.process = FakeProcess()
+        super().__init__(spec, 1000 + len(Worker.spawned))
+        self.index = index
         self.last_beat, self.aborting, self.over_plan = 0.0, False, False
-        self.exited: asyncio.Future[int | None] = loop.create_future()
-        self.loaded: asyncio.Future[bool] = loop.create_future()
-        self.replies: asyncio.Queue[Any] = asyncio.Queue()
         Worker.spawned.append(self)
         if Worker.loads:
             self.load()
@@ -119,17 +114,7 @@ class Worker:
         else:
             self.replies.put_nowait(Formatted(job.job, job.text))
 
-    async def reply(self) -> Decoded | Formatted:
-        from capsd.supervisor.slot import _GONE, WorkerGone
-
-        message = await self.replies.get()
-        if message is _GONE:
-            raise WorkerGone
-        return message
-
     def die(self, exitcode: int) -> None:
-        from capsd.supervisor.slot import _GONE
-
         if self.exited.done():
             return
         self.process.alive = False
@@ -137,9 +122,6 @@ class Worker:
         self.exited.set_result(exitcode)
         if not self.loaded.done():
             self.loaded.set_result(False)
-
-    def rss(self) -> int:
-        return 0
 
     def peak_rss(self) -> int:
         return 0

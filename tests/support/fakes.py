@@ -1,16 +1,18 @@
-"""Fakes for the supervisor's in-process tests: a client as a task sees it, a worker's process,
-segments that say which they are."""
+"""Fakes for the supervisor's in-process tests: a client as a task sees it, a worker's
+incarnation with no process behind it, segments that say which they are."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import numpy as np
 
 from capsd.segment import Segment
-from capsd.supervisor.slot import Slot
+from capsd.supervisor.slot import _GONE, Slot, WorkerGone
 from capsd.supervisor.task import Task
+from capsd.worker.messages import Decoded, Formatted, WorkerSpec
 
 
 class Client:
@@ -51,3 +53,26 @@ class FakeProcess:
 
     def kill(self) -> None:
         self.alive = False
+
+
+class FakeIncarnation:
+    """What a slot sees of one incarnation of its worker, with no process behind it: futures for
+    its load and its exit, and the replies a test queues (the end of its pipe: `_GONE`)."""
+
+    def __init__(self, spec: WorkerSpec, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.spec, self.pid = spec, pid
+        self.ready, self.jobs, self.started, self.warm_up = False, 0, 0.0, None
+        self.process = FakeProcess()
+        self.exited: asyncio.Future[int | None] = loop.create_future()
+        self.loaded: asyncio.Future[bool] = loop.create_future()
+        self.replies: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def reply(self) -> Decoded | Formatted:
+        message = await self.replies.get()
+        if message is _GONE:
+            raise WorkerGone
+        return message
+
+    def rss(self) -> int:
+        return 0
