@@ -6,6 +6,7 @@ from typing import Any
 import psutil
 import pytest
 
+from capsd import config, preflight
 from capsd.memory import (
     CLIENT_AUDIO_PER_WORKER_BYTES,
     DICTATION_RESERVE_BYTES,
@@ -23,7 +24,7 @@ from capsd.memory import (
 from capsd.preflight import LONGEST_SEGMENT_S
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth
-from tests.support.checks import run_client, wait_for
+from tests.support.checks import assert_exact, run_client, wait_for
 
 GIB = 2**30
 V1_UNLIMITED = "9223372036854771712"
@@ -343,3 +344,31 @@ def test_a_worker_above_its_estimate_is_reported_once(start_capsd: Any, tmp_path
     assert fields["pid"] == str(status["slots"][0]["pid"])
     estimate = status["memory"]["planned_bytes"] - estimate_supervisor_bytes(1, LONGEST_SEGMENT_S, FRAME)
     assert int(fields["estimate_mb"]) == estimate // MIB < int(fields["rss_mb"])
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+@pytest.mark.integration
+def test_weights_grow_a_worker_by_their_size_within_its_estimate(start_capsd: Any, tmp_path: Path) -> None:
+    # The same worker with no weights, then 64 MiB in the file: the RSS after the same decode
+    # differs by the weights, and the plan, reading the file's size, stays above the peak.
+    digits = "31415926535897932384"
+    samples, starts = synth(digits)
+    rss = {}
+    for mib in (0, 64):
+        model = tmp_path / f"weights{mib}"
+        build_paraformer(model, weights_mib=mib)
+        settings = {"model": {"dir": str(model)}}
+        capsd = start_capsd(settings)
+        frames = asyncio.run(run_client(capsd.url, [("weights", "file", samples, (60, 2))]))
+        assert_exact(frames["weights"], digits, starts)
+        pid = capsd.worker_pid(0)
+        rss[mib] = psutil.Process(pid).memory_info().rss
+        _, estimate = preflight.worker(config.from_dict(settings))
+        assert peak_rss(pid) <= estimate
+        capsd.stop()
+    assert rss[64] - rss[0] == pytest.approx(64 * MIB, rel=0.1)

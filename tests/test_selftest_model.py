@@ -8,7 +8,7 @@ import pytest
 import sherpa_onnx
 
 from capsd.models import EMBEDDED_MODEL_DIR
-from capsd.selftest.build import build_paraformer, build_zipformer_ctc
+from capsd.selftest.build import build_paraformer, build_zipformer_ctc, main
 from capsd.selftest.tones import DIGIT_TOKENS, digit_tokens, synth, token_digits
 
 pytestmark = pytest.mark.unit
@@ -119,3 +119,37 @@ def test_heavy_paraformer_gives_the_same_tokens(tmp_path: Path, embedded: sherpa
     samples, _ = synth("1123581")
     light, heavy = decode(embedded, samples), decode(paraformer(tmp_path), samples)
     assert (heavy.tokens, heavy.timestamps) == (light.tokens, light.timestamps)
+
+
+def test_paraformer_with_weights_decodes_exactly(tmp_path: Path, embedded: sherpa_onnx.OfflineRecognizer) -> None:
+    build_paraformer(tmp_path, weights_mib=8)
+    recognizer = paraformer(tmp_path)
+    samples, starts = synth(DIGITS)
+    result = decode(recognizer, samples)
+    assert_exact(result, DIGITS, starts)
+    light = decode(embedded, samples)
+    assert (result.tokens, result.timestamps) == (light.tokens, light.timestamps)
+    assert decode(recognizer, np.zeros(16000, np.float32)).tokens == []
+
+
+def test_weights_are_in_the_file_and_the_same_on_every_run(tmp_path: Path) -> None:
+    main(["--weights-mb", "3", str(tmp_path / "a")])
+    build_paraformer(tmp_path / "b", weights_mib=3)
+    model = (tmp_path / "a" / "model.int8.onnx").read_bytes()
+    assert model == (tmp_path / "b" / "model.int8.onnx").read_bytes()
+    light = (EMBEDDED_MODEL_DIR / "model.int8.onnx").stat().st_size
+    assert len(model) - light == pytest.approx(3 * 2**20, rel=0.01)
+
+
+REFUSED = [
+    ["--weights-mb", "-1", "x"],
+    ["--kind", "zipformer_ctc", "--weights-mb", "2", "x"],
+    ["--ship", "--weights-mb", "2"],
+]
+
+
+@pytest.mark.parametrize("argv", REFUSED)
+def test_weights_option_refuses_what_it_cannot_build(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2

@@ -13,6 +13,13 @@ white noise stays blank.
   one one-hot row per kept frame then `</s>`, and a us_cif_peak at each kept
   frame's time (0.02 s steps) plus the extra final peak sherpa drops.
 
+Variants of the paraformer model, same outputs:
+- `--heavy`: a chain of MatMul layers, for a realistic decode cost;
+- `--weights-mb N`: about N MiB of weights stored in the file that every decode reads
+  (one MatMul of the mean frame, times 0), so a worker's memory grows by N MiB and
+  the memory plan, which reads the file's size, sees them: a real model's weight
+  without a download.
+
 The output is the same bytes on every run: fixed names, no timestamps, no
 random weights. `onnx` is a build-time dependency only, so it is imported
 inside the functions.
@@ -30,6 +37,7 @@ from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.selftest.tones import BINS_PER_BAND, DIGIT_TOKENS, FIRST_BIN
 
 OPSET, IR_VERSION = 17, 8
+MIB = 2**20
 PRODUCER = ("capsd.selftest", "1")
 BLANK_SCORE = 6.0
 # The names of a real release, which capsd looks for by default (the weights are float).
@@ -144,7 +152,27 @@ def _unseen_zero(g: _Graph, speech: str, mib: int) -> str:
     return g.op("Mul", g.op("ReduceMean", g.op("MatMul", speech, weights), keepdims=0), g.const(0.0, np.float32))
 
 
-def paraformer_model(heavy: bool = False, unseen_mib: int = 0) -> bytes:
+def _weights_zero(g: _Graph, speech: str, mib: int) -> str:
+    """`mib` MiB of weights in the file, all read by each decode, times 0.
+
+    An initializer that no run reads can be folded or dropped by onnxruntime, so the
+    weights are the B of a MatMul whose A is the mean LFR frame: one pass over them per
+    decode (a 1 x 560 by 560 x K product), cheap next to a MatMul of every frame. The
+    values are the same index hash as `_heavy_zero`'s, scaled small; Tanh keeps the
+    product with 0 an exact 0 (the mean of an empty segment is NaN, but then there are
+    no frames to score).
+    """
+    rows = LFR_WINDOW * NUM_MEL
+    cols = max(1, round(mib * MIB / (4 * rows)))
+    hashed = np.arange(rows * cols, dtype=np.uint32) * np.uint32(2654435761)  # wraps mod 2**32
+    uniform = hashed.astype(np.float32) / np.float32(2**32) - np.float32(0.5)
+    weights = g.const((uniform / rows).reshape(rows, cols), np.float32)
+    mean_frame = g.op("ReduceMean", speech, axes=[1], keepdims=1)  # (N, 1, 560)
+    product = g.op("Tanh", g.op("ReduceMean", g.op("MatMul", mean_frame, weights), keepdims=0))
+    return g.op("Mul", product, g.const(0.0, np.float32))
+
+
+def paraformer_model(heavy: bool = False, unseen_mib: int = 0, weights_mib: int = 0) -> bytes:
     """The paraformer-format tone model, serialised."""
     from onnx import TensorProto
 
@@ -157,6 +185,9 @@ def paraformer_model(heavy: bool = False, unseen_mib: int = 0) -> bytes:
     if unseen_mib:
         unseen = _unseen_zero(g, "speech", unseen_mib)
         offset = g.op("Add", offset, unseen) if offset else unseen
+    if weights_mib:
+        weights = _weights_zero(g, "speech", weights_mib)
+        offset = g.op("Add", offset, weights) if offset else weights
     scores = _frame_scores(g, frames, offset)
 
     # Frames past speech_lengths are batch padding: force them to blank.
@@ -251,9 +282,9 @@ def _write(out_dir: Path, model: bytes, tokens: list[str]) -> None:
     (out_dir / TOKENS_FILE).write_bytes(lines.encode())
 
 
-def build_paraformer(out_dir: Path, heavy: bool = False, unseen_mib: int = 0) -> None:
+def build_paraformer(out_dir: Path, heavy: bool = False, unseen_mib: int = 0, weights_mib: int = 0) -> None:
     """Write model.int8.onnx and tokens.txt of the paraformer tone model."""
-    _write(out_dir, paraformer_model(heavy, unseen_mib), PARAFORMER_TOKENS)
+    _write(out_dir, paraformer_model(heavy, unseen_mib, weights_mib), PARAFORMER_TOKENS)
 
 
 def build_zipformer_ctc(out_dir: Path) -> None:
@@ -266,17 +297,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir", nargs="?", type=Path, help="directory to write the model into")
     parser.add_argument("--kind", choices=["paraformer", "zipformer_ctc"], default="paraformer")
     parser.add_argument("--heavy", action="store_true", help="paraformer with a realistic decode cost")
+    parser.add_argument(
+        "--weights-mb",
+        type=int,
+        default=0,
+        metavar="N",
+        help="paraformer with about N MiB of weights in the file, read by every decode (a worker's RSS grows by N MiB)",
+    )
     parser.add_argument("--ship", action="store_true", help=f"rewrite the embedded model in {EMBEDDED_MODEL_DIR}")
     args = parser.parse_args(argv)
     if args.ship == (args.out_dir is not None):
         parser.error("give either OUT_DIR or --ship")
-    if args.heavy and args.kind != "paraformer":
-        parser.error("--heavy is for the paraformer kind only")
-    if args.ship and (args.heavy or args.kind != "paraformer"):
+    if args.weights_mb < 0:
+        parser.error("--weights-mb must be 0 or more")
+    if (args.heavy or args.weights_mb) and args.kind != "paraformer":
+        parser.error("--heavy and --weights-mb are for the paraformer kind only")
+    if args.ship and (args.heavy or args.weights_mb or args.kind != "paraformer"):
         parser.error("the embedded model is the light paraformer")
     out_dir = EMBEDDED_MODEL_DIR if args.ship else args.out_dir
     if args.kind == "paraformer":
-        build_paraformer(out_dir, heavy=args.heavy)
+        build_paraformer(out_dir, heavy=args.heavy, weights_mib=args.weights_mb)
     else:
         build_zipformer_ctc(out_dir)
     print(f"wrote {out_dir / MODEL_FILE} and {out_dir / TOKENS_FILE}")
