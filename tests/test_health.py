@@ -141,6 +141,12 @@ def test_with_metrics_off_metrics_answers_404_and_readyz_still_answers(start_cap
     assert http_get(capsd.port, "/readyz")[0] == 200
 
 
+def ctrl_c_heard() -> None:
+    """In capsctl's process: SIGINT as a terminal sends it. A suite started in the background by
+    a non-interactive shell ignores SIGINT, and its children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_capsctl_status_shows_cpu_and_audio_rates_and_watches_until_ctrl_c(start_capsd: Any) -> None:
     capsd = start_capsd()
     digits = "1234567890" * 6
@@ -149,7 +155,7 @@ def test_capsctl_status_shows_cpu_and_audio_rates_and_watches_until_ctrl_c(start
     wait_for(lambda: capsd.status()["slots"][0]["cpu_share"] > 0, 30, "a CPU share")
     assert 0 < capsd.status()["audio_per_second"]
     watch = subprocess.Popen([sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), "status", "--watch", "0.2"],
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE, text=True, preexec_fn=ctrl_c_heard)  # fmt: skip
     lines = []
     assert watch.stdout is not None
     while sum("SLOT" in line for line in lines) < 3:  # three tables drawn
@@ -164,7 +170,7 @@ def test_capsctl_status_watch_outlives_a_restart_of_capsd(start_capsd: Any) -> N
     table is back with the new capsd (on the same control socket); Ctrl-C still exits 0."""
     capsd = start_capsd()
     watch = subprocess.Popen([sys.executable, "-m", "capsd.ctl", "--socket", str(capsd.socket), "status", "--watch", "0.2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_heard)  # fmt: skip
     assert watch.stdout is not None
 
     def until(seen: Callable[[str], bool]) -> str:
