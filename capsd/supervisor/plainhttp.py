@@ -117,7 +117,8 @@ class PlainHttp:
 
 class HttpFirst(ServerConnection):
     """websockets' connection (serve()'s documented create_connection hook), but the first
-    request's head is read here, by h11: a WebSocket handshake is then fed to websockets whole;
+    request's head is read here, by h11: a WebSocket handshake is then fed to websockets, and what
+    follows it goes through `frames_received` (intake.Metered admits it frame by frame);
     plain HTTP is answered, the write side shut, and what the client still sends read and dropped
     until its end, so that no reset destroys the answer in flight (a lingering close).
     websockets' open_timeout bounds the whole."""
