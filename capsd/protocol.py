@@ -33,7 +33,7 @@ FILE_SEG = (25.0, 2.0)  # ... with file_seg_duration = 25, file_seg_overlap = 2
 
 
 class ErrorCode(str, Enum):
-    """The `error.code` of a final frame that ends a task capsd could not complete (CONTRACT.md 3.):
+    """The `error.code` of a final frame that ends a task capsd could not complete (docs/design.md#error-frames):
     a `str`, so the frame's JSON is the bare string."""
 
     BAD_REQUEST = "bad_request"  # a malformed frame

@@ -70,7 +70,7 @@ class SlotState(Enum):
 
     @property
     def shown(self) -> str:
-        """As status shows it (CONTRACT.md 4. names six states): a slot scaled away is draining."""
+        """As status shows it (it names six states: docs/design.md#a-slots-life-cycle): a slot scaled away is draining."""
         return SlotState.DRAINING.value if self is SlotState.RETIRING else self.value
 
 
