@@ -44,7 +44,6 @@ import psutil
 from websockets.exceptions import ConnectionClosed
 
 from bench.common import MIC_FRAME_S, conclude, machine
-from capsd import config, preflight
 from capsd.ctl import request
 from capsd.protocol import FILE_SEG, route
 from capsd.selftest.build import build_paraformer
@@ -491,7 +490,7 @@ def main() -> int:
     print(f"machine: {machine()}")
     capsd = Capsd(tmp, cfg)
     soak, pid = Soak(capsd, args.workers), capsd.proc.pid
-    budget = preflight.check(config.load(str(capsd.config_path))).plan.supervisor_bytes
+    budget = capsd.plan().supervisor_bytes
     bound = LATENCY_BOUND_S[args.heavy]
     rows = [Row(name, abuse_, n, args.row_s or s) for name, (abuse_, n, s) in ROWS.items() if name in names]
     _, fds0, threads0 = usage(pid)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import check_exact, machine, models, rss, tone_file, transcribe
-from capsd import config, preflight
 from capsd.protocol import LONGEST_SEGMENT_S
 from tests.support.checks import task_ids, wait_for
 from tests.support.client import connect, file_frames, frame
@@ -116,7 +115,7 @@ def measure(tmp: Path, model_dir: Path, count: int, threads: int, decodes: int, 
         planned = capsd.status()["memory"]["planned_bytes"]
     finally:
         capsd.stop()
-    plan = preflight.check(config.load(capsd.config_path)).plan
+    plan = capsd.plan()
     assert plan.total_bytes == planned, "the bench's plan differs from the daemon's"
     return {
         "loaded": loaded,

@@ -26,7 +26,6 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from capsd import config, preflight
 from capsd.protocol import route
 from capsd.selftest.tones import synth
 from tests.support.checks import GOOD_DIGITS, assert_exact, dictate, task_outcomes, wait_for
@@ -38,10 +37,6 @@ pytestmark = pytest.mark.integration
 
 def same_slot(task_id: str, count: int, prefix: str = "good") -> str:
     return next(f"{prefix}-{n}" for n in range(10_000) if route(f"{prefix}-{n}", count) == route(task_id, count))
-
-
-def supervisor_budget(capsd: Capsd) -> int:
-    return preflight.check(config.load(str(capsd.config_path))).plan.supervisor_bytes
 
 
 def slot_status(capsd: Capsd, task_id: str) -> dict[str, Any]:
@@ -94,7 +89,7 @@ def test_the_smallest_stride_cannot_flood_a_slot(start_capsd: Any) -> None:
     asyncio.run(scenario())
     assert max(depths) <= 32 + 60, depths  # the bound, plus at most one frame's segments
     wait_for(lambda: slot_status(capsd, hostile)["queue_depth"] == 0, 30, "the closed connection's segments dropped")
-    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    assert capsd.peak_rss() <= capsd.plan().supervisor_bytes, capsd.peak_rss() >> 20
 
 
 def test_closing_the_connection_cancels_tasks_past_their_final_frame(start_capsd: Any, heavy_model: Path) -> None:
@@ -156,7 +151,7 @@ def test_a_task_that_never_ends_is_held_back_not_queued(start_capsd: Any, heavy_
     # 16 MiB is ~4.4 min of audio: ~10 segments of 27 s, plus the frame being cut.
     assert depth <= 16, depth
     assert sent[0] < 20, sent  # the rest waits in the client: TCP backpressure
-    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    assert capsd.peak_rss() <= capsd.plan().supervisor_bytes, capsd.peak_rss() >> 20
 
 
 def test_an_rss_recycle_waits_only_for_the_job_in_progress(start_capsd: Any) -> None:
@@ -261,7 +256,7 @@ def test_long_task_ids_are_refused_and_neither_kept_nor_logged_whole(start_capsd
     assert [a["task_id"] for a in at_once[202:]] == kept[:-1024]  # forgotten oldest first
     assert [a["task_id"] for a in at_final] == kept[-1024:]
     assert len(capsd.logs()) - log_before < 64 * 1024  # not the 10 MB ids, nor a line per frame
-    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    assert capsd.peak_rss() <= capsd.plan().supervisor_bytes, capsd.peak_rss() >> 20
 
 
 def test_a_client_that_never_reads_is_closed_and_its_tasks_counted_failed(start_capsd: Any) -> None:
@@ -295,7 +290,7 @@ def test_a_client_that_never_reads_is_closed_and_its_tasks_counted_failed(start_
 
     asyncio.run(scenario())
     wait_for(lambda: all(s["tasks_in_progress"] == s["queue_depth"] == 0 for s in capsd.status()["slots"]), 30)
-    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    assert capsd.peak_rss() <= capsd.plan().supervisor_bytes, capsd.peak_rss() >> 20
     [line] = closes(capsd)
     assert "code=1008" in line and "unread_bytes=" in line and "peer=" in line
     closed = int(re.search(r"tasks=(\d+)", line)[1])

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from websockets.frames import Frame, Opcode
 
-from capsd import config, preflight
 from capsd.memory import DICTATION_RESERVE_BYTES, MIB
 from capsd.selftest.tones import synth
 from capsd.supervisor.intake import SMALL_FRAME_BYTES, Intake, frame_size
@@ -111,10 +110,6 @@ def test_audio_not_yet_cut_leaves_room_for_the_longest_frame_and_dictation_has_t
 # -- real abusers against a real capsd ----------------------------------------------------------
 
 
-def supervisor_budget(capsd: Any) -> int:
-    return preflight.check(config.load(str(capsd.config_path))).plan.supervisor_bytes
-
-
 @pytest.mark.integration
 def test_many_abusers_at_once_are_held_to_the_plan_and_dictation_on_every_slot_stays_exact(start_capsd: Any) -> None:
     """16 connections stream 60 s frames of tasks that never end, over both slots, as fast as capsd
@@ -147,7 +142,7 @@ def test_many_abusers_at_once_are_held_to_the_plan_and_dictation_on_every_slot_s
     asyncio.run(scenario())
     intake = capsd.status()["intake"]
     assert intake["peak_bytes"] <= intake["budget_bytes"] + 16 * MIB, intake  # one frame over, at most
-    assert capsd.peak_rss() <= supervisor_budget(capsd), capsd.peak_rss() >> 20
+    assert capsd.peak_rss() <= capsd.plan().supervisor_bytes, capsd.peak_rss() >> 20
     wait_for(lambda: capsd.status()["intake"]["held_bytes"] == 0, what="every abuser's audio let go")
 
 

@@ -174,6 +174,9 @@ class Metered(HttpFirst):
         if self.protocol.state in (State.CLOSING, State.CLOSED):
             ServerConnection.data_received(self, data)  # a close handshake: nothing more is parsed
             return
+        if not self.waiting and not self.backlog and len(data) <= self.frame_left:
+            self.pass_on(data)  # within a frame admitted: as it came, not copied
+            return
         self.backlog += data
         if not self.waiting:
             self.give()
@@ -197,11 +200,16 @@ class Metered(HttpFirst):
             with memoryview(self.backlog) as view:
                 chunk = bytes(view[:n])
             del self.backlog[:n]
-            self.frame_left -= n
-            ServerConnection.data_received(self, chunk)
-            if not self.frame_left and self.taken:
-                self.intake.add(frames=-self.taken)
-                self.taken = 0
+            self.pass_on(chunk)
+
+    def pass_on(self, chunk: bytes) -> None:
+        """Bytes of the admitted frame, to websockets; at the frame's end, websockets has let go
+        of the message taken before it."""
+        self.frame_left -= len(chunk)
+        ServerConnection.data_received(self, chunk)
+        if not self.frame_left and self.taken:
+            self.intake.add(frames=-self.taken)
+            self.taken = 0
 
     def counted(self) -> None:
         size, fin = self.next_message

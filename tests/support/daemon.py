@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from capsd import config, memory, preflight
 from capsd.ctl import request
 from tests.support.checks import wait_for
 
@@ -107,6 +108,10 @@ class Capsd:
 
     def logs(self) -> str:
         return self.log_path.read_text()
+
+    def plan(self) -> memory.Plan:
+        """The memory plan capsd makes for this config (as `capsd check-config` prints it)."""
+        return preflight.check(config.load(str(self.config_path))).plan
 
     def peak_rss(self) -> int:
         """The supervisor process's peak resident memory so far (VmHWM), in bytes."""
