@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# numpy's OpenBLAS starts a thread per core when it is imported. capsd's processes do no BLAS
+# work (onnxruntime has its own), and a loader must have no thread besides its own to be forked
+# (docs/design.md#workers-forked-from-a-loader): its processes inherit this before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import asyncio
-import os
 import resource
 import sys
 

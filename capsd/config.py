@@ -85,6 +85,9 @@ class WorkersConfig:
     load_timeout_s: float = _key(120.0, "> 0", lambda v: v > 0)
     memory_reserve_mb: int = _key(512, **_at_least(0))
     retry_lost_jobs: int = _key(0, "0 (off) or 1 (a lost job runs once more)", lambda v: v in (0, 1))
+    # With threads = 1, workers are forked from one loaded copy of the model per model
+    # (docs/design.md#workers-forked-from-a-loader); false: each worker loads it itself.
+    preload: bool = _key(True)
 
 
 @dataclass(frozen=True)

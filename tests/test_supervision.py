@@ -139,7 +139,7 @@ async def settle() -> None:
 def with_daemon(scenario: Callable[[Daemon], Awaitable[Any]], loads: bool = True, **workers: Any) -> Any:
     """Run `scenario` against a daemon of fake workers, its slots started as `Daemon.run` starts
     them (not its sockets), and ready once they have loaded."""
-    cfg = config.from_dict({"workers": {"count": 2, "memory_reserve_mb": 0, **workers}})
+    cfg = config.from_dict({"workers": {"count": 2, "memory_reserve_mb": 0, "preload": False, **workers}})
     checked = preflight.check(cfg)
     Worker.spawned, Worker.loads = [], loads
 

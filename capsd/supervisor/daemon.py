@@ -21,10 +21,11 @@ import structlog
 
 from capsd import __version__, preflight
 from capsd import log as logs
-from capsd.config import Config, ConfigError
+from capsd.config import Config, ConfigError, WorkersConfig
 from capsd.protocol import ErrorCode, clip
 from capsd.supervisor import control, notify
 from capsd.supervisor.front import Front
+from capsd.supervisor.loader import Loader, Loaders, become_subreaper
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.policy import (
     RETRY_PAUSE_JOBS,
@@ -54,6 +55,15 @@ RELOADABLE = {
 }
 
 
+def why_spawned(workers: WorkersConfig) -> str:
+    """Why workers are spawned rather than forked from a loader, or "" (docs/design.md#workers-forked-from-a-loader)."""
+    if not workers.preload:
+        return "[workers] preload = false"
+    if workers.threads > 1:
+        return f"[workers] threads = {workers.threads}: a model loaded with more than one thread runs a thread pool, and a process with threads cannot be forked safely"
+    return become_subreaper()
+
+
 class Daemon(PoolChanges):
     def __init__(
         self,
@@ -63,7 +73,7 @@ class Daemon(PoolChanges):
         spawn: Callable[[int, WorkerSpec], Incarnation] = Incarnation,  # a test's fake workers
     ) -> None:
         self.cfg = cfg
-        self.spawn = spawn
+        self.spawn = spawn  # a worker that loads the model itself
         self.reload = reload
         self.plan = checked.plan
         self.spec = checked.spec  # what new workers run
@@ -86,6 +96,7 @@ class Daemon(PoolChanges):
         self.loop_errors, self.loop_error_logged = 0, 0.0
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.metrics = Metrics(self.status)
+        self.loaders = Loaders(why_spawned(cfg.workers), self.loader_event, lambda: self.cfg.workers.load_timeout_s)
         # In index order: the active slots 0..count-1, then slots scaled away that still home tasks.
         self.slots: list[Slot] = []
         self.runners: dict[Slot, asyncio.Task[None]] = {}
@@ -95,6 +106,36 @@ class Daemon(PoolChanges):
             cfg.server, self.home, self.formatting(), self.not_ready, self.metrics, lambda: self.plan.client_audio_bytes
         )
         self.control = control.ControlServer(cfg.control.socket, self)
+
+    def new_incarnation(self, index: int, spec: WorkerSpec) -> Incarnation:
+        """A slot's next worker: forked from its model's loader, else spawned."""
+        loader = self.loaders.forking(spec)
+        return loader.fork(index, spec) if loader else self.spawn(index, spec)
+
+    def loader_event(self, loader: Loader) -> None:
+        """A loader loaded or ended: the slots waiting for it start their workers, forked or
+        spawned. One that ends after loading is replaced, a crash against restart intensity;
+        its workers go on. One that cannot load or fork: workers of its model are spawned."""
+        if self.done.done() or loader.stopping:
+            return
+        ready, exitcode = loader.ready, loader.exited.result() if loader.exited.done() else None
+        if ready is None:  # it ended while loading
+            self.loaders.refuse(loader.spec, f"its loader ended while loading the model (exit code {exitcode})")
+        elif ready.cannot_fork:
+            self.loaders.refuse(loader.spec, ready.cannot_fork)
+        elif loader.exited.done():
+            log.warning("loader exited: replaced; its workers go on", pid=loader.pid, exitcode=exitcode)
+            self.loaders.restarts += 1
+            self.count_crash()
+            if self.model_in_use(loader.spec):
+                self.loaders.start(loader.spec)
+        for slot in self.slots:
+            if model_key(slot.spec) == model_key(loader.spec):
+                self.start_worker(slot)
+
+    def model_in_use(self, spec: WorkerSpec) -> bool:
+        key = model_key(spec)
+        return key == model_key(self.spec) or any(key == model_key(slot.spec) for slot in self.slots)
 
     def formatting(self) -> Formatting:
         return Formatting(self.cfg.format.num, self.cfg.format.spell, punctuate=bool(self.spec.punctuation))
@@ -174,6 +215,8 @@ class Daemon(PoolChanges):
         giving_up = self.done.done() and (self.done.result() != os.EX_OK or not self.open_tasks())
         if slot.stopping or slot.retiring or slot.failed or giving_up or not slot.worker_gone:
             return
+        if self.loaders.waits(slot.spec):  # loader_event starts it
+            return
         try:
             slot.start()
             asyncio.get_running_loop().call_later(self.cfg.workers.load_timeout_s, self.check_loaded, slot, slot.incarnation)
@@ -190,10 +233,14 @@ class Daemon(PoolChanges):
         return sum(len(slot.open_tasks) for slot in self.slots)
 
     def check_loaded(self, slot: Slot, inc: Incarnation) -> None:
-        """load_timeout_s after a worker started: one still loading is killed, as a crash."""
+        """load_timeout_s after a worker started: one still loading is killed, as a crash; so is
+        the loader a worker was forked from and is not ready: it is hung."""
         if slot.incarnation is inc and not inc.ready:
-            log.warning("worker not ready in time", slot=slot.index, pid=inc.pid, load_timeout_s=self.cfg.workers.load_timeout_s)
+            log.warning("worker not ready in time", slot=slot.index, pid=inc.pid, started=inc.how,
+                        load_timeout_s=self.cfg.workers.load_timeout_s)  # fmt: skip
             slot.kill(ExitReason.NOT_LOADED)
+            if inc.how == "fork" and (loader := self.loaders.forking(inc.spec)):
+                loader.kill()
 
     def worker_exited(self, slot: Slot, reason: ExitReason, exitcode: int | None, lost: Waiting | None) -> None:
         """Every restart decision, in one place (policy.exit_action): what the exit costs, and
@@ -270,11 +317,12 @@ class Daemon(PoolChanges):
                 log.info("lost jobs retried again")
         return paused
 
-    def count_crash(self, slot: Slot) -> None:
-        """A crash against the restart budget (OTP's restart intensity); over it, capsd gives up."""
+    def count_crash(self, slot: Slot | None = None) -> None:
+        """A crash (of a slot's worker, or of a loader) against the restart budget (OTP's restart
+        intensity); over it, capsd gives up."""
         workers = self.cfg.workers
         if not self.budget.spend(time.monotonic(), workers.restart_intensity, workers.restart_period_s):
-            log.critical("restart intensity exceeded", slot=slot.index, restarts=len(self.budget.crashes),
+            log.critical("restart intensity exceeded", slot=slot.index if slot else None, restarts=len(self.budget.crashes),
                          period_s=workers.restart_period_s)  # fmt: skip
             self.finish(os.EX_SOFTWARE)
 
@@ -406,7 +454,7 @@ class Daemon(PoolChanges):
         log.info("capsd stopped", exit_code=code)
 
     async def stop_workers(self) -> None:
-        await asyncio.gather(*(slot.stop(timeout=5) for slot in self.slots))
+        await asyncio.gather(self.loaders.stop(), *(slot.stop(timeout=5) for slot in self.slots))
 
     def summary(self) -> str:
         ready = sum(slot.state in (SlotState.READY, SlotState.BUSY) for slot in self.slots)
@@ -421,6 +469,7 @@ class Daemon(PoolChanges):
             "version": __version__,
             "state": self.state,
             "slots": [slot.status() for slot in self.slots],
+            "loaders": self.loaders.status(),
             "memory": {
                 "planned_bytes": self.plan.total_bytes,
                 "available_bytes": self.plan.available_bytes,

@@ -23,6 +23,7 @@ from capsd.config import Config, ConfigError, ModelConfig
 from capsd.control_protocol import DRAIN_TIMEOUT_S, ControlError, PlanRefused
 from capsd.protocol import LONGEST_SEGMENT_S, route
 from capsd.supervisor.front import Front
+from capsd.supervisor.loader import Loaders
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.policy import model_key
 from capsd.supervisor.queue import Waiting
@@ -72,7 +73,8 @@ class PoolChanges:
     done: asyncio.Future[int]
     metrics: Metrics
     front: Front
-    spawn: Callable[[int, WorkerSpec], Incarnation]
+    new_incarnation: Callable[[int, WorkerSpec], Incarnation]
+    loaders: Loaders
     start_worker: Callable[[Slot], None]
     worker_exited: Callable[[Slot, ExitReason, int | None, Waiting | None], None]
     runner_ended: Callable[[asyncio.Task[None]], None]
@@ -89,7 +91,7 @@ class PoolChanges:
             slot.unretire(self.spec)
         else:
             slot = Slot(index, self.spec, self.cfg.workers.queue_limit, self.cfg.workers.work_stealing,
-                        self.worker_exited, self.metrics, peers=self.slots, spawn=self.spawn)  # fmt: skip
+                        self.worker_exited, self.metrics, peers=self.slots, spawn=self.new_incarnation)  # fmt: skip
             self.slots.insert(index, slot)
             runner = asyncio.get_running_loop().create_task(slot.run())
             runner.add_done_callback(self.runner_ended)
@@ -271,10 +273,13 @@ class PoolChanges:
             return
         old = self.spec
         log.info("model change: rolling restart", slots=self.count, model=spec.model, before=old.model)
+        await self.loaders.ready(spec)  # the new model's loader first, if workers are forked
         if not await self.roll(spec):
             log.error("model change failed: rolling back to the running model", model=spec.model)
             await self.roll(old)
+            await self.loaders.keep_only([old])
             return
+        await self.loaders.keep_only([spec])
         self.plan = self.plan_for(self.count, self.worker_bytes(spec))
         self.cfg = dataclasses.replace(self.cfg, model=model)
         self.front.formatting = self.formatting()

@@ -15,10 +15,12 @@ once ("slot state", with from, to and why); the diagram is in docs/design.md#a-s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -27,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
 
 import psutil
 import structlog
@@ -113,25 +116,48 @@ class LastExit:
     at: str
 
 
+class Process(Protocol):
+    """What an incarnation knows of its process: multiprocessing's, or a worker forked by a loader
+    (capsd.supervisor.loader.Forked), whose pid comes with its Ready."""
+
+    pid: int | None
+    exitcode: int | None
+
+    def is_alive(self) -> bool: ...
+
+    def kill(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+def spawned(index: int, spec: WorkerSpec, child: Connection) -> Process:
+    """A worker process of its own, which loads the model itself."""
+    process = _mp.Process(target=worker.main, args=(child, spec, index, os.getpid()), name=f"capsd-slot-{index}",
+                          daemon=True)  # fmt: skip
+    process.start()
+    return process  # type: ignore[return-value]
+
+
 class Incarnation:
     """One worker process, the pipe made for it alone, and a thread reading that pipe. What
     happens to it shows in its futures: `loaded` (True at Ready, False if it died first) and
-    `exited` (its exit code); it knows nothing of the slot it serves."""
+    `exited` (its exit code); it knows nothing of the slot it serves. `start` makes the process
+    and hands it its end of the pipe: `spawned`, or a loader's fork."""
 
-    def __init__(self, index: int, spec: WorkerSpec) -> None:
+    def __init__(
+        self, index: int, spec: WorkerSpec, start: Callable[[int, WorkerSpec, Connection], Process] = spawned
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn, child = _mp.Pipe(duplex=True)
-        self.process = _mp.Process(
-            target=worker.main, args=(child, spec, index, os.getpid()), name=f"capsd-slot-{index}", daemon=True
-        )
         try:
-            self.process.start()
+            self.process = start(index, spec, child)
         except BaseException:
             self.conn.close()
             raise
         finally:
             child.close()  # else our copy keeps the pipe open and we never see the worker's death
-        self.pid: int = self.process.pid  # type: ignore[assignment]
+        self.pid: int | None = self.process.pid  # a forked worker's comes with its Ready
+        self.how = "spawn" if start is spawned else "fork"
         self.spec = spec
         self.started = time.monotonic()
         self.last_beat = self.started  # when it last said it is alive (written by the reader thread)
@@ -155,6 +181,8 @@ class Incarnation:
                 if isinstance(message, Beat):  # twice a second: noted here, the loop not woken
                     self.last_beat = time.monotonic()
                 elif isinstance(message, Ready):
+                    if self.pid is None:
+                        self.pid = self.process.pid = message.pid
                     self.loop.call_soon_threadsafe(self._ready, message)
                 else:
                     self.loop.call_soon_threadsafe(self.replies.put_nowait, message)
@@ -162,7 +190,7 @@ class Incarnation:
             pass
         self.process.join(5)
         if self.process.is_alive():  # closed its pipe but lingers: make sure it is gone
-            self.process.kill()
+            self.kill()
             self.process.join()
         self.loop.call_soon_threadsafe(self._ended, self.process.exitcode)
 
@@ -195,14 +223,38 @@ class Incarnation:
         self.sender.shutdown(wait=False)
         self.replies.put_nowait(_GONE)
 
+    def kill(self) -> None:
+        """SIGKILL; a forked worker not yet known by its pid has its pipe shut instead, which
+        ends it as soon as it is there, and ends this incarnation now."""
+        if self.pid is not None:
+            self.process.kill()
+            return
+        with contextlib.suppress(OSError, ValueError), socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
     def rss(self) -> int:
+        if self.pid is None:
+            return 0
         try:
             return psutil.Process(self.pid).memory_info().rss
         except psutil.Error:
             return 0
 
+    def private(self) -> tuple[int, int]:
+        """(private, shared) resident bytes: USS, and RSS less USS. A worker forked from a loader
+        shares the model with it and its siblings; what it holds alone is what it adds."""
+        if self.pid is None:
+            return 0, 0
+        try:
+            info = psutil.Process(self.pid).memory_full_info()
+        except psutil.Error:
+            return 0, 0
+        return info.uss, info.rss - info.uss
+
     def peak_rss(self) -> int:
         """The most memory this process has held (VmHWM): what its model costs at its peak."""
+        if self.pid is None:
+            return 0
         try:
             with open(f"/proc/{self.pid}/status") as status:
                 return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
@@ -210,6 +262,8 @@ class Incarnation:
             return 0
 
     def cpu_seconds(self) -> float | None:
+        if self.pid is None:
+            return None
         try:
             times = psutil.Process(self.pid).cpu_times()
         except psutil.Error:
@@ -286,7 +340,7 @@ class Slot:
         inc = self.incarnation = self.spawn(self.index, self.spec)
         inc.loaded.add_done_callback(lambda loaded: self._loaded(inc, loaded.result()))
         inc.exited.add_done_callback(lambda exited: self._exited(inc, exited.result()))
-        log.info("worker started", slot=self.index, pid=inc.pid)
+        log.info("worker started", slot=self.index, how=inc.how, **({"pid": inc.pid} if inc.pid else {}))
 
     def _loaded(self, inc: Incarnation, ok: bool) -> None:
         if not ok or inc is not self.incarnation:
@@ -327,7 +381,7 @@ class Slot:
             return
         self.exit_reason = reason
         if reason is not ExitReason.HUNG:
-            inc.process.kill()
+            inc.kill()
             return
         inc.aborting = True
         try:
@@ -335,7 +389,7 @@ class Slot:
             os.kill(inc.pid, signal.SIGCONT)  # a stopped process handles SIGABRT only once continued
         except ProcessLookupError:
             return
-        asyncio.get_running_loop().call_later(ABORT_GRACE_S, lambda: inc.exited.done() or inc.process.kill())
+        asyncio.get_running_loop().call_later(ABORT_GRACE_S, lambda: inc.exited.done() or inc.kill())
 
     def drain(self, reason: ExitReason, timeout: float = DRAIN_TIMEOUT_S) -> None:
         """Take no new job, let the one in the worker finish, then replace the process.
@@ -375,7 +429,7 @@ class Slot:
             await inc.send(Stop())
             await asyncio.wait_for(asyncio.shield(inc.exited), timeout)
         except (WorkerGone, asyncio.TimeoutError):
-            inc.process.kill()
+            inc.kill()
             await inc.exited
 
     def remove(self) -> None:
@@ -599,11 +653,15 @@ class Slot:
     def status(self) -> dict[str, Any]:
         inc = self.incarnation
         now = time.monotonic()
+        private, shared = inc.private() if inc else (0, 0)
         return {
             "slot": self.index,
             "pid": inc.pid if inc else None,
             "state": self.state.shown,
             "rss_bytes": inc.rss() if inc else 0,
+            "private_bytes": private,
+            "shared_bytes": shared,
+            "started": inc.how if inc else None,
             "queue_depth": len(self.backlog),
             "tasks_in_progress": len(self.open_tasks),
             "tasks_done": self.tasks_done,

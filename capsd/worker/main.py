@@ -107,7 +107,8 @@ class Pipe:
             time.sleep(BEAT_S)
 
 
-def main(conn: Connection, spec: WorkerSpec, slot: int, supervisor: int) -> None:
+def start(spec: WorkerSpec, supervisor: int, **context: object) -> None:
+    """What a process started by the supervisor (a worker or a loader) does first."""
     end_with_supervisor(supervisor)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor alone decides
     # when a worker stops, so a worker ignores SIGINT and ends when its pipe closes.
@@ -116,14 +117,29 @@ def main(conn: Connection, spec: WorkerSpec, slot: int, supervisor: int) -> None
     faulthandler.enable(all_threads=True)
     memory.hand_back_freed_memory()
     logs.setup(spec.log_level, spec.log_format)
-    structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
-    pipe = Pipe(conn)
+    structlog.contextvars.bind_contextvars(pid=os.getpid(), **context)
+
+
+def load(spec: WorkerSpec) -> Recognizer:
     try:
-        recognizer = Recognizer(spec)
+        return Recognizer(spec)
     except (RuntimeError, OSError, ValueError) as e:  # a model that passed the checks but does not load
         log.error("cannot load the model", model=spec.model, error=str(e))
         sys.exit(1)  # one line in the log, not a traceback; the supervisor sees the exit
-    pipe.send(Ready(os.getpid(), warm_up(recognizer), WARM_UP_S))
+
+
+def main(conn: Connection, spec: WorkerSpec, slot: int, supervisor: int) -> None:
+    """A spawned worker: a process of its own that loads the model itself."""
+    start(spec, supervisor, slot=slot)
+    recognizer = load(spec)
+    serve(conn, recognizer, Ready(os.getpid(), warm_up(recognizer), WARM_UP_S))
+
+
+def serve(conn: Connection, recognizer: Recognizer, ready: Ready) -> None:
+    """Say it is ready, then do jobs until Stop or the end of the pipe: a spawned worker and
+    one forked from a loader alike (docs/design.md#workers-forked-from-a-loader)."""
+    pipe = Pipe(conn)
+    pipe.send(ready)
     threading.Thread(target=pipe.beat, name="capsd-beat", daemon=True).start()
     while True:
         try:

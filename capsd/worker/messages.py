@@ -60,6 +60,13 @@ class Stop:
     pass
 
 
+@dataclass(frozen=True)
+class Fork:
+    """To a loader: fork a worker for `slot`; the worker's end of its pipe follows, as a descriptor."""
+
+    slot: int
+
+
 # -- worker to supervisor ------------------------------------------------------------------------
 
 
@@ -71,6 +78,17 @@ class Ready:
     pid: int
     warm_up_s: float  # the time a warm-up decode of `warm_up_audio_s` took: the first measure of speed
     warm_up_audio_s: float
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """From a loader: the model is loaded and warmed up; `cannot_fork` says why no worker can be
+    forked from it ("" = it can)."""
+
+    pid: int
+    warm_up_s: float
+    warm_up_audio_s: float
+    cannot_fork: str = ""
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class FakeIncarnation:
     def __init__(self, spec: WorkerSpec, pid: int) -> None:
         loop = asyncio.get_running_loop()
         self.spec, self.pid = spec, pid
-        self.ready, self.jobs, self.started, self.warm_up = False, 0, 0.0, None
+        self.ready, self.jobs, self.started, self.warm_up, self.how = False, 0, 0.0, None, "spawn"
         self.process = FakeProcess()
         self.exited: asyncio.Future[int | None] = loop.create_future()
         self.loaded: asyncio.Future[bool] = loop.create_future()
@@ -74,5 +74,11 @@ class FakeIncarnation:
             raise WorkerGone
         return message
 
+    def kill(self) -> None:
+        self.process.kill()
+
     def rss(self) -> int:
         return 0
+
+    def private(self) -> tuple[int, int]:
+        return 0, 0
