@@ -89,6 +89,11 @@ class WorkersConfig:
     # (docs/design.md#workers-forked-from-a-loader); false: each worker loads it itself.
     preload: bool = _key(True)
 
+    @property
+    def forked(self) -> bool:
+        """Whether workers are to be forked from a loader: with one thread only (docs/design.md#workers-forked-from-a-loader)."""
+        return self.preload and self.threads == 1
+
 
 @dataclass(frozen=True)
 class ModelConfig:

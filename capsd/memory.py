@@ -45,6 +45,10 @@ SEGMENT_BYTES_PER_S = 0.45 * MIB
 #   score matrices grow with the square of the segment's length (sherpa-onnx#1571: GBs for
 #   30-60 s inputs), so check a real model with `python -m bench.memory_calibration --model DIR`.
 ACTIVATION_PER_MODEL_BYTE_PER_S = 5.5 / 120
+# A worker forked from a loader (docs/design.md#workers-forked-from-a-loader) shares the model
+# with it: what it holds alone (USS) is the pages it writes, of Python objects it touches and its
+# beat thread's stack, plus its decode's working memory (below, as for any worker).
+FORKED_WORKER_BASELINE_BYTES = 8 * MIB
 # The supervisor and multiprocessing's resource tracker: 66 MiB peak with no traffic, and per
 # worker the job in its hands (the longest segment, and its copy pickled for the worker). With
 # clients holding all the intake admits (below), the supervisor peaked at 157, 173-175 and
@@ -76,9 +80,19 @@ class Available:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """One model's planned peaks: a worker's (what it holds alone, if forked from a loader) and
+    its loader's (0: its workers are spawned, each loading the model)."""
+
+    worker: int
+    loader: int = 0
+
+
+@dataclass(frozen=True)
 class Plan:
     count: int
     worker_bytes: int
+    loader_bytes: int  # the loaders', all together (two while a model change rolls)
     supervisor_bytes: int
     total_bytes: int
     available_bytes: int  # after the reserve
@@ -92,7 +106,8 @@ class Plan:
         """One line for an operator; `fix`: how to ask for what fits (default: the config key)."""
         sums = (
             f"{_workers(self.count)} x {format_bytes(self.worker_bytes)}"
-            f" + supervisor {format_bytes(self.supervisor_bytes)}"
+            + (f" + loader {format_bytes(self.loader_bytes)}" if self.loader_bytes else "")
+            + f" + supervisor {format_bytes(self.supervisor_bytes)}"
             f" = {format_bytes(self.total_bytes)}"
         )
         where = f"{self.source.detail}, minus memory_reserve_mb {self.reserve_bytes // MIB}"
@@ -110,19 +125,19 @@ class Plan:
         return f"memory plan does not fit: {sums}, available {format_bytes(self.available_bytes)} ({where}); {advice}"
 
 
-def estimate_worker_bytes(model_bytes: int, threads: int, longest_segment_s: float, punctuation_bytes: int = 0) -> int:
-    """Peak RSS of one worker that decodes a segment of `longest_segment_s`.
+def estimate_worker_bytes(
+    model_bytes: int, threads: int, longest_segment_s: float, punctuation_bytes: int = 0, forked: bool = False
+) -> int:
+    """Peak RSS of one worker that decodes a segment of `longest_segment_s`; `forked`: what a
+    worker forked from a loader holds alone (its USS), the model being the loader's.
 
     `model_bytes` is the recognizer's files; the punctuation model's are loaded too, but it
     reads text, so its working memory does not grow with the audio.
     """
-    activations = model_bytes * ACTIVATION_PER_MODEL_BYTE_PER_S
-    return int(
-        WORKER_BASELINE_BYTES
-        + (model_bytes + punctuation_bytes) * MODEL_FACTOR
-        + threads * THREAD_BYTES
-        + longest_segment_s * (SEGMENT_BYTES_PER_S + activations)
-    )
+    working = longest_segment_s * (SEGMENT_BYTES_PER_S + model_bytes * ACTIVATION_PER_MODEL_BYTE_PER_S)
+    if forked:
+        return int(FORKED_WORKER_BASELINE_BYTES + working)
+    return int(WORKER_BASELINE_BYTES + (model_bytes + punctuation_bytes) * MODEL_FACTOR + threads * THREAD_BYTES + working)
 
 
 def client_audio_bytes(count: int, max_frame_bytes: int) -> int:
@@ -153,17 +168,26 @@ def hand_back_freed_memory() -> None:
 
 
 def plan(
-    count: int, worker_bytes: int, available: Available, reserve_bytes: int, longest_segment_s: float, max_frame_bytes: int
+    count: int,
+    worker_bytes: int,
+    available: Available,
+    reserve_bytes: int,
+    longest_segment_s: float,
+    max_frame_bytes: int,
+    loader_bytes: int = 0,
 ) -> Plan:
+    """`count` workers of `worker_bytes` each, the loaders they are forked from (`loader_bytes`
+    in all, 0 if spawned) and the supervisor, against what is available less the reserve."""
     usable = max(0, available.bytes - reserve_bytes)
     supervisor = estimate_supervisor_bytes(count, longest_segment_s, max_frame_bytes)
-    total = count * worker_bytes + supervisor
+    total = count * worker_bytes + loader_bytes + supervisor
     # The supervisor's estimate is affine in the count, so the largest count that fits is exact.
-    base = estimate_supervisor_bytes(0, longest_segment_s, max_frame_bytes)
-    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s, max_frame_bytes) - base
+    base = estimate_supervisor_bytes(0, longest_segment_s, max_frame_bytes) + loader_bytes
+    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s, max_frame_bytes) - base + loader_bytes
     return Plan(
         count=count,
         worker_bytes=worker_bytes,
+        loader_bytes=loader_bytes,
         supervisor_bytes=supervisor,
         total_bytes=total,
         available_bytes=usable,

@@ -6,6 +6,7 @@ Shared by `capsd` and `capsd check-config`, so both refuse the same things with 
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,20 +15,21 @@ from capsd import memory, models, textformat
 from capsd.config import Config, ConfigError
 from capsd.protocol import LONGEST_SEGMENT_S
 from capsd.socketpath import control_socket, in_use, path_problem
-from capsd.worker.messages import WorkerSpec
+from capsd.worker.messages import WARM_UP_S, WorkerSpec
 
 
 @dataclass(frozen=True)
 class Preflight:
     spec: WorkerSpec
     plan: memory.Plan
+    estimate: memory.Estimate
 
 
 def model_dir(cfg: Config) -> Path:
     return Path(cfg.model.dir) if cfg.model.dir else models.EMBEDDED_MODEL_DIR
 
 
-def worker(cfg: Config) -> tuple[WorkerSpec, int]:
+def worker(cfg: Config) -> tuple[WorkerSpec, memory.Estimate]:
     """The worker `cfg` describes and its planned peak memory; ConfigError names every problem
     with the model files. Used at start, by check-config and by a reload that changes [model]."""
     try:
@@ -42,12 +44,6 @@ def worker(cfg: Config) -> tuple[WorkerSpec, int]:
         raise ConfigError(
             f"config: [model] type = {cfg.model.type!r}, dir = {str(model_dir(cfg))!r}: " + "; ".join(problems)
         )
-    worker_bytes = memory.estimate_worker_bytes(
-        sum(p.stat().st_size for p in files.values()),
-        cfg.workers.threads,
-        LONGEST_SEGMENT_S,  # the arena keeps its peak (docs/design.md#the-arena-keeps-its-peak)
-        punctuation_bytes=sum(p.stat().st_size for p in punctuation_files),
-    )
     spec = WorkerSpec(
         cfg.model.type,
         files,
@@ -57,23 +53,36 @@ def worker(cfg: Config) -> tuple[WorkerSpec, int]:
         log_format=cfg.log.format,
         model_dir=str(model_dir(cfg)),
     )
-    return spec, worker_bytes
+    return spec, estimate(spec, cfg.workers.forked)
+
+
+def estimate(spec: WorkerSpec, forked: bool) -> memory.Estimate:
+    """A worker's planned peak, and its loader's if workers are forked (docs/design.md#workers-forked-from-a-loader)."""
+    model_bytes = sum(p.stat().st_size for p in spec.files.values())
+    punctuation_bytes = sum(p.stat().st_size for p in textformat.model_files(Path(spec.punctuation))) if spec.punctuation else 0
+    peak = functools.partial(memory.estimate_worker_bytes, model_bytes, spec.threads, punctuation_bytes=punctuation_bytes)
+    # The arena keeps its peak (docs/design.md#the-arena-keeps-its-peak): every worker is
+    # planned for the longest segment; a loader decodes only its warm-up.
+    if not forked:
+        return memory.Estimate(peak(LONGEST_SEGMENT_S))
+    return memory.Estimate(peak(LONGEST_SEGMENT_S, forked=True), loader=peak(WARM_UP_S))
 
 
 def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
     """Raise ConfigError naming every problem; spawns nothing."""
-    spec, worker_bytes = worker(cfg)
+    spec, planned = worker(cfg)
     plan = memory.plan(
         cfg.workers.count,
-        worker_bytes,
+        planned.worker,
         available or memory.read_available(),
         cfg.workers.memory_reserve_mb * memory.MIB,
         LONGEST_SEGMENT_S,
         cfg.server.max_message_bytes,
+        loader_bytes=planned.loader,
     )
     if not plan.fits:
         raise ConfigError(plan.message())
-    return Preflight(spec, plan)
+    return Preflight(spec, plan, planned)
 
 
 def check_listen(cfg: Config, beside_running: bool = False) -> Path:

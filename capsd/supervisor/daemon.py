@@ -77,7 +77,7 @@ class Daemon(PoolChanges):
         self.reload = reload
         self.plan = checked.plan
         self.spec = checked.spec  # what new workers run
-        self.estimates = {model_key(self.spec): checked.plan.worker_bytes}  # planned peak per model
+        self.estimates = {model_key(self.spec): checked.estimate}  # planned peaks per model
         self.peaks: dict[tuple[object, ...], int] = {}  # measured peak per model (VmHWM)
         self.count = cfg.workers.count  # slots new tasks route to: slots[:count]
         self.changing = asyncio.Lock()  # one change of the pool at a time
@@ -119,10 +119,11 @@ class Daemon(PoolChanges):
         if self.done.done() or loader.stopping:
             return
         ready, exitcode = loader.ready, loader.exited.result() if loader.exited.done() else None
-        if ready is None:  # it ended while loading
-            self.loaders.refuse(loader.spec, f"its loader ended while loading the model (exit code {exitcode})")
-        elif ready.cannot_fork:
-            self.loaders.refuse(loader.spec, ready.cannot_fork)
+        if ready is None or ready.cannot_fork:  # it ended while loading, or cannot fork
+            self.loaders.refuse(loader.spec, ready.cannot_fork if ready else f"its loader ended while loading the model (exit code {exitcode})")
+            self.plan = self.plan_for(self.count, self.worker_bytes(self.spec), self.loader_bytes(self.spec))
+            if not self.plan.fits:
+                log.warning("spawned workers exceed the memory plan", plan=self.plan.message())
         elif loader.exited.done():
             log.warning("loader exited: replaced; its workers go on", pid=loader.pid, exitcode=exitcode)
             self.loaders.restarts += 1
@@ -364,15 +365,17 @@ class Daemon(PoolChanges):
             return
         if not inc.jobs:  # a fresh worker is as small as it gets: recycling it would loop
             return
-        key = model_key(inc.spec)
-        self.peaks[key] = max(self.peaks.get(key, 0), inc.peak_rss())
-        rss, estimate = inc.rss(), self.estimates.get(key, self.plan.worker_bytes)  # of the model it runs
+        # A forked worker is judged by what it holds alone (USS): the model is its loader's.
+        key, forked = model_key(inc.spec), inc.how == "fork"
+        rss = inc.private()[0] if forked else inc.rss()
+        self.peaks[key] = max(self.peaks.get(key, 0), rss if forked else inc.peak_rss())
+        estimate = self.estimate(inc.spec).worker  # of the model it runs
         if rss > estimate and not inc.over_plan:
             inc.over_plan = True
             log.warning("worker above its memory estimate", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20,
-                        estimate_mb=estimate >> 20)  # fmt: skip
+                        estimate_mb=estimate >> 20, started=inc.how)  # fmt: skip
         if workers.max_rss_mb and not slot.drain_reason and rss > workers.max_rss_mb * 2**20:
-            log.warning("worker over max_rss_mb", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20)
+            log.warning("worker over max_rss_mb", slot=slot.index, pid=inc.pid, rss_mb=rss >> 20, started=inc.how)
             slot.drain(ExitReason.RSS)
 
     def handle_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

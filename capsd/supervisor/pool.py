@@ -61,7 +61,7 @@ class PoolChanges:
     cfg: Config
     spec: WorkerSpec  # what new workers run
     plan: memory.Plan
-    estimates: dict[tuple[object, ...], int]  # planned peak per model
+    estimates: dict[tuple[object, ...], memory.Estimate]  # planned peaks per model
     peaks: dict[tuple[object, ...], int]  # measured peak per model (VmHWM)
     count: int  # slots new tasks route to: slots[:count]
     slots: list[Slot]  # in index order: the active slots, then slots scaled away that still home tasks
@@ -173,12 +173,25 @@ class PoolChanges:
         if waiter is not None:
             waiter.reply.set_result(result)
 
-    def worker_bytes(self, spec: WorkerSpec) -> int:
-        """A worker's planned peak: the estimate, or more if workers of this model measured more."""
+    def estimate(self, spec: WorkerSpec) -> memory.Estimate:
+        """The planned peaks of a model's worker and loader; as spawned workers once its workers
+        are spawned rather than forked (docs/design.md#workers-forked-from-a-loader)."""
         key = model_key(spec)
-        return max(self.estimates[key], self.peaks.get(key, 0))
+        if self.estimates[key].loader and key in self.loaders.refused:
+            self.estimates[key] = preflight.estimate(spec, forked=False)
+            self.peaks.pop(key, None)  # what forked workers held alone
+        return self.estimates[key]
 
-    def plan_for(self, count: int, worker_bytes: int) -> memory.Plan:
+    def worker_bytes(self, spec: WorkerSpec) -> int:
+        """A worker's planned peak: the estimate, or more if workers of this model measured more
+        (what a forked worker holds alone)."""
+        return max(self.estimate(spec).worker, self.peaks.get(model_key(spec), 0))
+
+    def loader_bytes(self, *specs: WorkerSpec) -> int:
+        """The planned peak of the loaders of these models (0 for one whose workers are spawned)."""
+        return sum(self.estimate(spec).loader for spec in {model_key(spec): spec for spec in specs}.values())
+
+    def plan_for(self, count: int, worker_bytes: int, loader_bytes: int) -> memory.Plan:
         """The memory plan for `count` workers while capsd runs: what it holds now is available
         to it, as well as what the machine or cgroup has free."""
         free = memory.read_available()
@@ -186,7 +199,8 @@ class PoolChanges:
         detail = f"{free.detail}, plus {memory.format_bytes(held)} capsd holds"
         available = memory.Available(free.bytes + held, free.limit, detail)
         reserve = self.cfg.workers.memory_reserve_mb * memory.MIB
-        return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S, self.cfg.server.max_message_bytes)
+        return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S, self.cfg.server.max_message_bytes,
+                           loader_bytes)  # fmt: skip
 
     async def grow_or_shrink(self, count: int, timeout: float) -> dict[str, object]:
         """Grow: the memory plan first, then new slots, routed to once all are ready. Shrink:
@@ -194,7 +208,7 @@ class PoolChanges:
         workers stop after the job in hand; each slot goes when its last task ends."""
         before = self.count
         if count > before:
-            plan = self.plan_for(count, self.worker_bytes(self.spec))
+            plan = self.plan_for(count, self.worker_bytes(self.spec), self.loader_bytes(self.spec))
             if not plan.fits:
                 raise PlanRefused(plan.message(fix=f"capsctl scale {plan.max_count}"))
             added = [self.add_slot(index) for index in range(before, count)]
@@ -213,7 +227,7 @@ class PoolChanges:
             for slot in going:
                 slot.retire(self.home, timeout)
             await asyncio.gather(*(asyncio.shield(slot.incarnation.exited) for slot in going if slot.incarnation))
-            self.plan = self.plan_for(count, self.worker_bytes(self.spec))
+            self.plan = self.plan_for(count, self.worker_bytes(self.spec), self.loader_bytes(self.spec))
         self.cfg = dataclasses.replace(self.cfg, workers=dataclasses.replace(self.cfg.workers, count=count))
         log.info("pool scaled", slots=count, before=before, plan=self.plan.message())
         return {"count": count, "before": before, "plan": self.plan.message()}
@@ -266,8 +280,10 @@ class PoolChanges:
             log.error("model change refused: keeping the running model", reason=str(e))
             return
         self.estimates.setdefault(model_key(spec), estimate)
-        # During the roll each slot runs one model or the other: plan every slot at the larger.
-        plan = self.plan_for(self.count, max(self.worker_bytes(self.spec), self.worker_bytes(spec)))
+        # During the roll each slot runs one model or the other: plan every slot at the larger,
+        # and both models' loaders.
+        plan = self.plan_for(self.count, max(self.worker_bytes(self.spec), self.worker_bytes(spec)),
+                             self.loader_bytes(self.spec, spec))  # fmt: skip
         if not plan.fits:
             log.error("model change refused: keeping the running model", reason=plan.message())
             return
@@ -280,7 +296,7 @@ class PoolChanges:
             await self.loaders.keep_only([old])
             return
         await self.loaders.keep_only([spec])
-        self.plan = self.plan_for(self.count, self.worker_bytes(spec))
+        self.plan = self.plan_for(self.count, self.worker_bytes(spec), self.loader_bytes(spec))
         self.cfg = dataclasses.replace(self.cfg, model=model)
         self.front.formatting = self.formatting()
         log.info("model changed", model=spec.model)

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 import structlog
 
 from capsd.worker import main as worker
-from capsd.worker.messages import Fork, Loaded, Ready, WorkerSpec
+from capsd.worker.messages import WARM_UP_S, Fork, Loaded, Ready, WorkerSpec
 
 log = structlog.get_logger("capsd.loader")
 
@@ -46,7 +46,7 @@ def main(conn: Connection, spec: WorkerSpec, supervisor: int) -> None:
     gc.freeze()
     running = threads()
     cannot_fork = f"the loader runs {running} threads, and forking it is only safe with one" if running > 1 else ""
-    conn.send(Loaded(os.getpid(), warm_up_s, worker.WARM_UP_S, cannot_fork))
+    conn.send(Loaded(os.getpid(), warm_up_s, WARM_UP_S, cannot_fork))
     if cannot_fork:
         return
     while True:
@@ -57,7 +57,7 @@ def main(conn: Connection, spec: WorkerSpec, supervisor: int) -> None:
             fd = reduction.recv_handle(conn)
         except (EOFError, OSError):  # the supervisor is gone, or stops it
             return
-        fork(conn, fd, message.slot, supervisor, recognizer, Ready(0, warm_up_s, worker.WARM_UP_S))
+        fork(conn, fd, message.slot, supervisor, recognizer, Ready(0, warm_up_s, WARM_UP_S))
 
 
 def fork(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: worker.Recognizer, ready: Ready) -> None:

@@ -27,6 +27,7 @@ from capsd.protocol import RATE
 from capsd.worker.messages import (
     BEAT_S,
     MIN_DECODE_SAMPLES,
+    WARM_UP_S,
     Beat,
     Decode,
     Decoded,
@@ -38,7 +39,6 @@ from capsd.worker.messages import (
 
 log = structlog.get_logger("capsd.worker")
 
-WARM_UP_S = 2.0  # audio decoded once at load: the slot's first measure of this worker's speed
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 

@@ -35,6 +35,8 @@ class WorkerSpec:
         return {"type": self.model_type, "dir": self.model_dir, "punctuation": self.punctuation}
 
 
+WARM_UP_S = 2.0  # audio decoded once at load: the slot's first measure of its worker's speed
+
 # Shorter than one 25 ms fbank window: nothing to recognise, and some models (CTC) raise on it.
 # The supervisor merges such a segment as empty without a worker; a worker answers it so too.
 MIN_DECODE_SAMPLES = 400
