@@ -476,7 +476,8 @@ class Daemon(PoolChanges):
             "memory": {
                 "planned_bytes": self.plan.total_bytes,
                 "available_bytes": self.plan.available_bytes,
-                "worker_bytes": self.worker_bytes(self.spec),  # what growth plans per worker
+                "worker_bytes": self.worker_bytes(self.spec),  # what growth plans per worker (alone, if forked)
+                "loader_bytes": self.plan.loader_bytes,
                 "worker_peak_bytes": self.peaks.get(model_key(self.spec), 0),  # measured, workers of this model
             },
             "retries": {"retried": self.retried, "poison_jobs": self.poison_jobs, "paused": self.retries_were_paused},

@@ -97,6 +97,15 @@ class StatusCollector(Collector):
             return family
 
         yield per_slot("capsd_worker_rss_bytes", "Resident memory of each slot's worker", "rss_bytes")
+        yield per_slot("capsd_worker_private_bytes", "Memory each slot's worker holds alone (USS)", "private_bytes")
+        yield per_slot("capsd_worker_shared_bytes", "Resident memory each slot's worker shares (RSS less USS): "
+                       "with its loader and siblings, if forked", "shared_bytes")  # fmt: skip
+        loaders = {"rss_bytes": "Resident memory of each model's loader", "private_bytes": "Memory each loader holds alone (USS)"}
+        for key, doc in loaders.items():  # docs/design.md#workers-forked-from-a-loader
+            family = GaugeMetricFamily(f"capsd_loader_{key}", doc, labels=["pid", "model"])
+            for loader in status["loaders"]:
+                family.add_metric([str(loader["pid"]), loader["model"]["dir"]], loader[key])
+            yield family
         yield per_slot("capsd_queue_depth", "Jobs waiting in each slot's queue", "queue_depth")
         yield per_slot("capsd_tasks_in_progress", "Tasks in progress homed on each slot", "tasks_in_progress")
         yield per_slot("capsd_worker_busy_ratio", "Share of the last minute each worker spent on jobs", "busy_share")
