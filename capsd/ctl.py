@@ -76,21 +76,21 @@ def default_socket() -> Path:
 CLEAR_SCREEN = "\033[H\033[2J"  # cursor home, clear: status --watch redraws in place, like top
 
 # The per-slot figures that also make the totals row.
-COUNTED = ("rss_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks_failed", "restarts", "segments_decoded")
+COUNTED = ("rss_bytes", "private_bytes", "queue_depth", "tasks_in_progress", "tasks_done", "tasks_failed", "restarts", "segments_decoded")
 
 
 def status_table(status: dict[str, Any]) -> str:
     mib = 2**20
-    row = "{:>5} {:>7} {:<10} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5} {:>5}  {:<20} {}"
+    row = "{:>5} {:>7} {:<10} {:>7} {:>7} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>5} {:>5}  {:<20} {}"
 
     def counted(figures: dict[str, int]) -> list[int]:
-        return [figures["rss_bytes"] // mib, *(figures[key] for key in COUNTED[1:])]
+        return [figures["rss_bytes"] // mib, figures["private_bytes"] // mib, *(figures[key] for key in COUNTED[2:])]
 
     lines = [
         f"capsd {status['version']} pid {status['pid']} {status['state']}, up {status['uptime_s']:.0f} s, "
         f"{status['connections']} connections, audio recognised {status['audio_per_second']:.1f} s per second, "
         f"memory planned {status['memory']['planned_bytes'] // mib} MiB of {status['memory']['available_bytes'] // mib} MiB",
-        row.format("SLOT", "PID", "STATE", "RSS_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "SEGMENTS",
+        row.format("SLOT", "PID", "STATE", "RSS_MB", "OWN_MB", "QUEUE", "TASKS", "DONE", "FAILED", "RESTARTS", "SEGMENTS",
                    "BUSY", "CPU", "MODEL", "LAST_EXIT"),
     ]
     for s in status["slots"]:
@@ -101,6 +101,9 @@ def status_table(status: dict[str, Any]) -> str:
         lines.append(row.format(s["slot"], s["pid"] or "-", s["state"], *counted(s), *shares, model, last_text))
     total = {key: sum(s[key] for s in status["slots"]) for key in COUNTED}
     lines.append(row.format("total", "", "", *counted(total), "", "", "", ""))
+    lines += [f"loader pid {loader['pid']} {loader['state']}, RSS {loader['rss_bytes'] // mib} MiB, own "
+              f"{loader['private_bytes'] // mib} MiB, model {loader['model']['type']} {Path(loader['model']['dir']).name}"
+              for loader in status["loaders"]]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -315,7 +315,8 @@ def test_a_killed_capsd_drops_its_connections_and_new_tasks_go_to_the_other(star
             await asyncio.to_thread(
                 wait_for, lambda: all(tasks(c, "tasks_in_progress") for c in fleet), 30, "in progress"
             )
-            workers.extend(slot["pid"] for slot in victim.status()["slots"])
+            status = victim.status()
+            workers.extend([*(slot["pid"] for slot in status["slots"]), *(loader["pid"] for loader in status["loaders"])])
             victim.proc.kill()
             with pytest.raises(ConnectionClosed):
                 await receive(dropped, {"dropped"}, timeout=30)  # its connection drops, no final frame

@@ -55,7 +55,7 @@ def test_readyz_is_503_while_the_workers_load(start_capsd: Any) -> None:
 
 
 def test_readyz_is_503_when_no_worker_is_ready(start_capsd: Any) -> None:
-    capsd = start_capsd()
+    capsd = start_capsd({"workers": {"preload": False}})  # a spawned replacement, held while it loads
     old = capsd.worker_pid(0)
     os.kill(old, signal.SIGKILL)
     workers = stop_loading_workers(capsd, old=(old,))  # the replacement, stopped while it loads

@@ -235,9 +235,11 @@ def test_with_retry_three_jobs_lost_in_restart_period_pause_retries(start_capsd:
     assert capsd.status()["retries"] == {"retried": 2, "poison_jobs": 0, "paused": True}
 
 
-def test_a_worker_ends_at_once_and_quietly_when_its_supervisor_is_killed(start_capsd: Any, heavy_model: Path) -> None:
+def test_a_worker_and_its_loader_end_at_once_and_quietly_when_their_supervisor_is_killed(start_capsd: Any, heavy_model: Path) -> None:
     capsd = start_capsd({"model": {"dir": str(heavy_model)}})
     audio, _ = synth("1234567890" * 24)
+
+    (loader,) = [loader["pid"] for loader in capsd.status()["loaders"]]  # it forked the worker
 
     async def scenario() -> int:
         async with connect(capsd.url) as ws:
@@ -250,11 +252,14 @@ def test_a_worker_ends_at_once_and_quietly_when_its_supervisor_is_killed(start_c
     killed = time.monotonic()
 
     def gone() -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
+        for process in (pid, loader):
+            try:
+                if psutil.Process(process).status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                pass
+        return True
 
-    wait_for(gone, 10, "the worker to end")
+    wait_for(gone, 10, "the worker and the loader to end")
     assert time.monotonic() - killed < 2  # not after its decode (~3 s)
     assert "Traceback" not in capsd.logs() and "BrokenPipeError" not in capsd.logs()

@@ -332,7 +332,7 @@ def test_a_worker_above_its_estimate_is_reported_once(start_capsd: Any, tmp_path
     # 96 MiB of weights made when the model loads: the few-KB file hides them from the plan.
     model = tmp_path / "unseen"
     build_paraformer(model, unseen_mib=96)
-    capsd = start_capsd({"model": {"dir": str(model)}})
+    capsd = start_capsd({"model": {"dir": str(model)}, "workers": {"preload": False}})  # each worker makes them
     samples, _ = synth("123")
     for n in range(2):
         asyncio.run(run_client(capsd.url, [(f"t{n}", "mic", samples, (15, 2))]))

@@ -202,7 +202,8 @@ def test_capsctl_transcribes_a_wav_exactly_and_shows_the_status(start_capsd: Any
         subprocess.run([*ctl, "--socket", str(capsd.socket), "status", "--json"], capture_output=True, text=True).stdout
     )
     assert status["state"] == "ready" and status["slots"][0]["tasks_done"] == 1
-    assert set(status["slots"][0]) == {"slot", "pid", "state", "rss_bytes", "queue_depth", "tasks_in_progress",
+    assert set(status["slots"][0]) == {"slot", "pid", "state", "rss_bytes", "private_bytes", "shared_bytes",
+                                       "started", "queue_depth", "tasks_in_progress",
                                        "tasks_done", "tasks_failed", "restarts", "last_exit", "uptime_s",
                                        "segments_decoded", "busy_share", "cpu_share", "rtf", "model"}  # fmt: skip
     assert status["retries"] == {"retried": 0, "poison_jobs": 0, "paused": False}

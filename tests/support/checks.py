@@ -96,7 +96,7 @@ async def stop_while_decoding(capsd: Any, ws: Any, samples: np.ndarray, task_id:
 def stop_loading_workers(capsd: Any, timeout: float = 30, old: tuple[int, ...] = ()) -> list[psutil.Process]:
     """SIGSTOP capsd's new worker processes as soon as they run (multiprocessing's spawn_main),
     before they have loaded the model; not those in `old`: workers running, or just killed and
-    lingering for an instant."""
+    lingering for an instant. With forked workers (the default), it holds the loader instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
