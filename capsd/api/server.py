@@ -257,7 +257,7 @@ class Api:
         key = bearer(request.headers.get("Authorization"))
         given = (key or "").encode("utf-8", "replace")
         if key is None or not any(hmac.compare_digest(given, k.encode()) for k in self.keys):
-            missing = "Authorization" not in request.headers
+            missing = not request.headers.get("Authorization")
             raise ApiError(401, "no API key given: send Authorization: Bearer KEY" if missing
                            else "incorrect API key provided", "invalid_api_key")  # fmt: skip
 
