@@ -116,6 +116,17 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The OpenAI-compatible HTTP API (docs/design.md#the-openai-compatible-api)."""
+
+    port: int = _key(6017, "0 (off) or 1..65535", lambda v: 0 <= v <= 65535)
+    addr: str = _key("", 'an IP address or host name, or "" for [server] addr')
+    keys_file: str = _key("", 'a file of bearer keys, one per line, or "" for none')
+    allow_anonymous: bool = _key(False)
+    max_upload_mb: int = _key(25, "1..2048", lambda v: 1 <= v <= 2048)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _key("info", **_one_of("debug", "info", "warning", "error"))
     format: str = _key("auto", **_one_of("auto", "journald", "json", "console"))
@@ -128,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "built-in defaults"  # where the config came from, for logs and check-config
 

@@ -65,6 +65,17 @@ SUPERVISOR_BYTES_PER_WORKER_S = 0.15 * MIB
 CLIENT_AUDIO_PER_WORKER_BYTES = 16 * MIB
 DICTATION_RESERVE_BYTES = 8 * MIB
 PARSE_FRAMES = 2
+# The OpenAI-compatible API, when [api] port is not 0 (docs/design.md#the-openai-compatible-api).
+# Its decoded audio goes through the intake, counted above; uploads are on disk, not in memory.
+# Beside them: aiohttp in the supervisor (10 MiB measured), up to API_DECODES decode processes
+# (Python, PyAV and FFmpeg: 49-50 MiB peak on 10 min of MP3 and of WAV, planned at 64), and per
+# request in progress what it reads and answers (multipart buffers, the final result parsed and
+# rendered: a few MiB for hours of audio), planned at 4 MiB for each of API_MAX_REQUESTS.
+API_DECODES = 2
+API_MAX_REQUESTS = 16
+API_BASELINE_BYTES = 10 * MIB
+API_DECODER_BYTES = 64 * MIB
+API_REQUEST_BYTES = 4 * MIB
 
 # cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712).
 _V1_UNLIMITED = 2**62
@@ -145,11 +156,18 @@ def client_audio_bytes(count: int, max_frame_bytes: int) -> int:
     return 2 * max_frame_bytes + count * CLIENT_AUDIO_PER_WORKER_BYTES
 
 
-def estimate_supervisor_bytes(count: int, longest_segment_s: float, max_frame_bytes: int) -> int:
+def api_bytes() -> int:
+    """What the OpenAI-compatible API adds: aiohttp, its decode processes, its requests."""
+    return API_BASELINE_BYTES + API_DECODES * API_DECODER_BYTES + API_MAX_REQUESTS * API_REQUEST_BYTES
+
+
+def estimate_supervisor_bytes(count: int, longest_segment_s: float, max_frame_bytes: int, api: bool = False) -> int:
     """Peak RSS of the supervisor with each of `count` workers busy with a longest segment, and
-    clients holding all the intake admits (`max_frame_bytes`: [server] max_message_bytes)."""
+    clients holding all the intake admits (`max_frame_bytes`: [server] max_message_bytes); with
+    `api`, the API's share and its decode processes."""
     clients = client_audio_bytes(count, max_frame_bytes) + DICTATION_RESERVE_BYTES + PARSE_FRAMES * max_frame_bytes
-    return SUPERVISOR_BASELINE_BYTES + clients + count * int(longest_segment_s * SUPERVISOR_BYTES_PER_WORKER_S)
+    api_share = api_bytes() if api else 0
+    return SUPERVISOR_BASELINE_BYTES + clients + api_share + count * int(longest_segment_s * SUPERVISOR_BYTES_PER_WORKER_S)
 
 
 def hand_back_freed_memory() -> None:
@@ -175,15 +193,17 @@ def plan(
     longest_segment_s: float,
     max_frame_bytes: int,
     loader_bytes: int = 0,
+    api: bool = False,
 ) -> Plan:
     """`count` workers of `worker_bytes` each, the loaders they are forked from (`loader_bytes`
-    in all, 0 if spawned) and the supervisor, against what is available less the reserve."""
+    in all, 0 if spawned) and the supervisor (with the API's share if `api`), against what is
+    available less the reserve."""
     usable = max(0, available.bytes - reserve_bytes)
-    supervisor = estimate_supervisor_bytes(count, longest_segment_s, max_frame_bytes)
+    supervisor = estimate_supervisor_bytes(count, longest_segment_s, max_frame_bytes, api)
     total = count * worker_bytes + loader_bytes + supervisor
     # The supervisor's estimate is affine in the count, so the largest count that fits is exact.
-    base = estimate_supervisor_bytes(0, longest_segment_s, max_frame_bytes) + loader_bytes
-    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s, max_frame_bytes) - base + loader_bytes
+    fixed = estimate_supervisor_bytes(0, longest_segment_s, max_frame_bytes, api)
+    per_worker = worker_bytes + estimate_supervisor_bytes(1, longest_segment_s, max_frame_bytes, api) - fixed
     return Plan(
         count=count,
         worker_bytes=worker_bytes,
@@ -194,7 +214,7 @@ def plan(
         reserve_bytes=reserve_bytes,
         source=available,
         fits=total <= usable,
-        max_count=max(0, (usable - base) // per_worker),
+        max_count=max(0, (usable - fixed - loader_bytes) // per_worker),
         client_audio_bytes=client_audio_bytes(count, max_frame_bytes),
     )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsd import memory, models, textformat
+from capsd.api import keys as api_keys
 from capsd.config import Config, ConfigError
 from capsd.protocol import LONGEST_SEGMENT_S
 from capsd.socketpath import control_socket, in_use, path_problem
@@ -23,6 +24,12 @@ class Preflight:
     spec: WorkerSpec
     plan: memory.Plan
     estimate: memory.Estimate
+    api_keys: frozenset[str] = frozenset()  # [api] keys_file's
+
+
+def api_addr(cfg: Config) -> str:
+    """Where the API listens: `[api] addr`, or `[server] addr` when that is ""."""
+    return cfg.api.addr or cfg.server.addr
 
 
 def model_dir(cfg: Config) -> Path:
@@ -79,10 +86,13 @@ def check(cfg: Config, available: memory.Available | None = None) -> Preflight:
         LONGEST_SEGMENT_S,
         cfg.server.max_message_bytes,
         loader_bytes=planned.loader,
+        api=cfg.api.port != 0,
     )
     if not plan.fits:
         raise ConfigError(plan.message())
-    return Preflight(spec, plan, planned)
+    keys = api_keys.read_keys(cfg.api)
+    api_keys.check_keys(cfg.api, api_addr(cfg), keys)
+    return Preflight(spec, plan, planned, keys)
 
 
 def check_listen(cfg: Config, beside_running: bool = False) -> Path:
@@ -92,6 +102,8 @@ def check_listen(cfg: Config, beside_running: bool = False) -> Path:
     control socket someone listens on, most likely the capsd this config is for.
     """
     check_addr(cfg.server.addr)
+    if cfg.api.port:
+        check_addr(api_addr(cfg), "[api] addr" if cfg.api.addr else "[server] addr")
     path = control_socket(cfg.control.socket)
     problem = path_problem(path) or (None if beside_running else in_use(path))
     if problem:
@@ -100,9 +112,9 @@ def check_listen(cfg: Config, beside_running: bool = False) -> Path:
     return path
 
 
-def check_addr(addr: str) -> None:
+def check_addr(addr: str, key: str = "[server] addr") -> None:
     """Resolve addr as the server will and bind a throwaway socket to each address, on port 0."""
-    refused = f"config: [server] addr = {addr!r} is refused"
+    refused = f"config: {key} = {addr!r} is refused"
     try:
         addresses = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, ValueError) as e:  # socket.gaierror, or UnicodeError from IDNA

@@ -44,6 +44,7 @@ DOCUMENTED_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"type": "paraformer", "dir": "", "punctuation": ""},
     "format": {"num": True, "spell": True, "punc": False},
     "control": {"socket": ""},
+    "api": {"port": 6017, "addr": "", "keys_file": "", "allow_anonymous": False, "max_upload_mb": 25},
     "log": {"level": "info", "format": "auto"},
 }
 
@@ -74,6 +75,7 @@ VALID: dict[str, dict[str, Any]] = {
     "model": {"type": "sense_voice", "dir": "/srv/models/sv", "punctuation": "/srv/models/punc"},
     "format": {"num": False, "spell": False, "punc": True},
     "control": {"socket": "/tmp/x/control.sock"},
+    "api": {"port": 0, "addr": "0.0.0.0", "keys_file": "/etc/capsd/api-keys", "allow_anonymous": True, "max_upload_mb": 100},
     "log": {"level": "debug", "format": "json"},
 }
 
@@ -179,6 +181,9 @@ def test_model_files_is_not_a_key() -> None:
         ("model", "type", ["paraformer"], "a string"),  # unhashable: must not crash the lookup
         ("model", "type", {"a": 1}, "a string"),
         ("control", "socket", False, "a string"),
+        ("api", "keys_file", 1, "a string"),
+        ("api", "allow_anonymous", "yes", "true or false"),
+        ("api", "max_upload_mb", 2.5, "an integer"),
         ("log", "level", 20, "a string"),
     ],
 )
@@ -210,6 +215,10 @@ def test_a_value_of_the_wrong_type_is_refused_saying_what_is_allowed(
         ("workers", "restart_intensity", -1, ">= 0"),
         ("workers", "queue_limit", 0, ">= 1"),
         ("workers", "memory_reserve_mb", -512, ">= 0"),
+        ("api", "port", 65536, "0 (off) or 1..65535"),
+        ("api", "port", -1, "0 (off) or 1..65535"),
+        ("api", "max_upload_mb", 0, "1..2048"),
+        ("api", "max_upload_mb", 4096, "1..2048"),
         ("log", "level", "verbose", "'debug'"),
         ("log", "level", "INFO", "'info'"),
         ("log", "format", "xml", "'console'"),

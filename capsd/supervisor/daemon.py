@@ -16,11 +16,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
 from capsd import __version__, preflight
 from capsd import log as logs
+from capsd.api.server import Api
 from capsd.config import Config, ConfigError, WorkersConfig
 from capsd.protocol import ErrorCode, clip
 from capsd.supervisor import control, notify
@@ -51,6 +53,7 @@ RELOADABLE = {
     "server": {"max_connections", "stop_timeout_s"},
     "workers": {"max_rss_mb", "heartbeat_timeout_s", "restart_intensity", "restart_period_s", "queue_limit",
                 "load_timeout_s", "retry_lost_jobs"},
+    "api": {"keys_file", "max_upload_mb"},
     "log": {"level", "format"},
 }
 
@@ -106,6 +109,14 @@ class Daemon(PoolChanges):
             cfg.server, self.home, self.formatting(), self.not_ready, self.metrics, lambda: self.plan.client_audio_bytes
         )
         self.control = control.ControlServer(cfg.control.socket, self)
+        self.api = None if not cfg.api.port else Api(
+            cfg.api, preflight.api_addr(cfg), checked.api_keys, self.home, self.formatting,
+            lambda: self.front.accepting, self.front.answer_http, self.front.intake, self.model_id,
+        )  # fmt: skip
+
+    def model_id(self) -> str:
+        """The model the API names (GET /v1/models): its directory's name."""
+        return Path(self.spec.model_dir).name or self.spec.model_type
 
     def new_incarnation(self, index: int, spec: WorkerSpec) -> Incarnation:
         """A slot's next worker: forked from its model's loader, else spawned."""
@@ -153,11 +164,15 @@ class Daemon(PoolChanges):
         loop.set_exception_handler(self.handle_loop_error)
         try:  # listening from the start, so that /readyz can say "starting"
             await self.front.start()
+            if self.api:
+                await self.api.start()
             await self.control.start()
         except OSError as e:
             log.error("cannot listen", error=str(e))
             self.front.stop_accepting()
             await self.front.close()
+            if self.api:
+                await self.api.close()
             self.control.stop()
             self.cancel_runners()
             return os.EX_CONFIG
@@ -431,6 +446,8 @@ class Daemon(PoolChanges):
             sections[section] = dataclasses.replace(old_values, **allowed)
         self.cfg = dataclasses.replace(self.cfg, **sections)
         self.front.cfg = self.cfg.server
+        if self.api:
+            self.api.reload(self.cfg.api)  # the keys file is read again, changed or not
         for slot in self.slots:
             slot.set_queue_limit(self.cfg.workers.queue_limit)
         logs.setup(self.cfg.log.level, self.cfg.log.format)
@@ -446,15 +463,19 @@ class Daemon(PoolChanges):
         notify.notify(stopping=1, status="stopping")
         self.front.stop_accepting()
         deadline = time.monotonic() + (self.cfg.server.stop_timeout_s if code == os.EX_OK else 0)
-        while any(slot.open_tasks for slot in self.slots) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.in_progress() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)  # polled: once, at a stop, for at most stop_timeout_s
         for slot in self.slots:
             for task in list(slot.open_tasks):
                 task.fail(ErrorCode.SHUTTING_DOWN, "capsd is stopping")
         # Nothing needs the workers now: they stop while the connections close.
-        await asyncio.gather(self.front.close(), self.stop_workers())
+        await asyncio.gather(self.front.close(), self.stop_workers(), *([self.api.close()] if self.api else []))
         self.control.stop()  # status answered to the end: what a drain still holds is what operators ask
         log.info("capsd stopped", exit_code=code)
+
+    def in_progress(self) -> bool:
+        """Tasks, or API requests not yet tasks (uploading, decoding), that a stop lets finish."""
+        return any(slot.open_tasks for slot in self.slots) or bool(self.api and self.api.in_progress)
 
     async def stop_workers(self) -> None:
         await asyncio.gather(self.loaders.stop(), *(slot.stop(timeout=5) for slot in self.slots))
@@ -483,5 +504,6 @@ class Daemon(PoolChanges):
             "retries": {"retried": self.retried, "poison_jobs": self.poison_jobs, "paused": self.retries_were_paused},
             "connections": len(self.front.clients),
             "intake": self.front.intake.status(),
+            "api": self.api.status() if self.api else None,
             "audio_per_second": round(self.metrics.audio_per_second(), 3),
         }

@@ -200,7 +200,7 @@ class PoolChanges:
         available = memory.Available(free.bytes + held, free.limit, detail)
         reserve = self.cfg.workers.memory_reserve_mb * memory.MIB
         return memory.plan(count, worker_bytes, available, reserve, LONGEST_SEGMENT_S, self.cfg.server.max_message_bytes,
-                           loader_bytes)  # fmt: skip
+                           loader_bytes, api=self.cfg.api.port != 0)  # fmt: skip
 
     async def grow_or_shrink(self, count: int, timeout: float) -> dict[str, object]:
         """Grow: the memory plan first, then new slots, routed to once all are ready. Shrink:

@@ -59,10 +59,12 @@ class Capsd:
         **popen: Any,
     ) -> None:
         self.port = config.get("server", {}).get("port") or free_port()
+        self.api_port = config.get("api", {}).get("port", free_port())
         control = config.get("control", {"socket": str(tmp / "control.sock")})
         self.socket = Path(control["socket"]) if "socket" in control else None
         config = {"server": {**config.get("server", {}), "port": self.port}, "control": control,
-                  **{k: v for k, v in config.items() if k not in ("server", "control")}}  # fmt: skip
+                  "api": {**config.get("api", {}), "port": self.api_port},
+                  **{k: v for k, v in config.items() if k not in ("server", "control", "api")}}  # fmt: skip
         self.config_path = write_config(tmp / "capsd.toml", config)
         self.log_path = tmp / "capsd.log"
         self.log = self.log_path.open("w")
@@ -72,6 +74,7 @@ class Capsd:
             wrap(argv) if wrap else argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, **popen
         )
         self.url = f"ws://127.0.0.1:{self.port}"
+        self.api_url = f"http://127.0.0.1:{self.api_port}/v1"  # the OpenAI SDK's base_url
         if wait:
             self.wait_ready()
 
