@@ -471,9 +471,10 @@ def test_a_memory_limit_is_counted_by_the_plan(service: Service) -> None:
     if not sb.path("/sys/fs/cgroup/memory").is_dir() and "memory" not in (v2.read_text() if v2.exists() else ""):
         pytest.skip("no memory controller for the sandbox's systemd to apply MemoryMax= with")
     sb.run("systemctl", "stop", "capsd")
-    # 2 self-test workers are planned at 476 MiB, 1 at 310 MiB; 950M minus what the supervisor
-    # uses when it plans (~20 MiB) and memory_reserve_mb 512 leaves room for 1.
-    sb.path(f"{DROPINS}/memory.conf").write_text("[Service]\nMemoryMax=950M\n")
+    # 2 self-test workers forked from their loader, with the API on, are planned at 617 MiB, 1 at
+    # 521 MiB; 1120M minus what the supervisor uses when it plans (~20-40 MiB) and
+    # memory_reserve_mb 512 leaves room for 1.
+    sb.path(f"{DROPINS}/memory.conf").write_text("[Service]\nMemoryMax=1120M\n")
     try:
         sb.run("systemctl", "daemon-reload")
         refused = sb.run("systemctl", "start", "capsd", check=False, timeout=150)
@@ -481,7 +482,7 @@ def test_a_memory_limit_is_counted_by_the_plan(service: Service) -> None:
         assert service.show("ExecMainStatus", "NRestarts") == {"ExecMainStatus": "78", "NRestarts": "0"}
         [message] = [e["MESSAGE"] for e in service.journal("--priority=err") if "memory plan" in e["MESSAGE"]]
         assert "memory plan does not fit: 2 workers" in message, message
-        assert "(cgroup /system.slice/capsd.service limit 950 MiB minus" in message, message
+        assert "(cgroup /system.slice/capsd.service limit 1.1 GiB minus" in message, message
         assert message.endswith("at most 1 worker fits; set [workers] count = 1"), message
     finally:
         sb.path(f"{DROPINS}/memory.conf").unlink()
