@@ -78,7 +78,7 @@ def test_the_loader_killed_is_replaced_while_its_workers_keep_serving(start_caps
     transcribe_on_every_slot(capsd, 2, "meanwhile")
     wait_for(lambda: capsd.status()["loaders"] and loader(capsd)["pid"] != first and loader(capsd)["state"] == "ready")
     assert [s["pid"] for s in capsd.status()["slots"]] == workers  # untouched
-    assert "loader exited: replaced" in capsd.logs()
+    assert "loader exited: replaced" in capsd.logs() and loader(capsd)["restarts"] == 1
     os.kill(workers[1], signal.SIGKILL)  # its replacement is forked from the new loader
     wait_for(lambda: capsd.status()["slots"][1]["pid"] not in (None, workers[1]) and forked_from_one_loader(capsd))
     transcribe_on_every_slot(capsd, 2, "after")

@@ -127,19 +127,20 @@ class Daemon(PoolChanges):
         """A loader loaded or ended: the slots waiting for it start their workers, forked or
         spawned. One that ends after loading is replaced, a crash against restart intensity;
         its workers go on. One that cannot load or fork: workers of its model are spawned."""
-        if self.done.done() or loader.stopping:
+        if loader.stopping:
             return
         ready, exitcode = loader.ready, loader.exited.result() if loader.exited.done() else None
         if ready is None or ready.cannot_fork:  # it ended while loading, or cannot fork
-            self.loaders.refuse(loader.spec, ready.cannot_fork if ready else f"its loader ended while loading the model (exit code {exitcode})")
+            why = ready.cannot_fork if ready else f"its loader ended while loading the model (exit code {exitcode})"
+            self.loaders.refuse(loader.spec, why)
             self.plan = self.plan_for(self.count, self.worker_bytes(self.spec), self.loader_bytes(self.spec))
             if not self.plan.fits:
                 log.warning("spawned workers exceed the memory plan", plan=self.plan.message())
         elif loader.exited.done():
             log.warning("loader exited: replaced; its workers go on", pid=loader.pid, exitcode=exitcode)
-            self.loaders.restarts += 1
+            self.loaders.restarts[model_key(loader.spec)] += 1
             self.count_crash()
-            if self.model_in_use(loader.spec):
+            if self.model_in_use(loader.spec) and not self.done.done():
                 self.loaders.start(loader.spec)
         for slot in self.slots:
             if model_key(slot.spec) == model_key(loader.spec):

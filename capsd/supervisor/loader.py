@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import reduction
@@ -213,7 +214,7 @@ class Loaders:
         self.load_timeout_s = load_timeout_s
         self.by_model: dict[tuple[object, ...], Loader] = {}
         self.refused: dict[tuple[object, ...], str] = {}  # models whose workers are spawned, and why
-        self.restarts = 0
+        self.restarts: Counter[tuple[object, ...]] = Counter()  # loaders replaced, per model
         if why_spawned:
             log.info("workers are spawned, each loading the model", why=why_spawned)
 
@@ -272,4 +273,4 @@ class Loaders:
         await asyncio.gather(*(loader.stop() for loader in list(self.by_model.values())))
 
     def status(self) -> list[dict[str, Any]]:
-        return [loader.status() for loader in self.by_model.values()]
+        return [{**loader.status(), "restarts": self.restarts[key]} for key, loader in self.by_model.items()]

@@ -195,7 +195,7 @@ class PoolChanges:
         """The memory plan for `count` workers while capsd runs: what it holds now is available
         to it, as well as what the machine or cgroup has free."""
         free = memory.read_available()
-        held = _rss_of_tree()
+        held = _held_by_tree()
         detail = f"{free.detail}, plus {memory.format_bytes(held)} capsd holds"
         available = memory.Available(free.bytes + held, free.limit, detail)
         reserve = self.cfg.workers.memory_reserve_mb * memory.MIB
@@ -318,11 +318,13 @@ class PoolChanges:
         return True
 
 
-def _rss_of_tree() -> int:
-    """The resident memory of capsd: this process and its children (workers, resource tracker)."""
+def _held_by_tree() -> int:
+    """The memory capsd holds: this process and its children (loaders, workers, resource
+    tracker), each page once: their PSS, which shares a page among the processes that map it
+    (a forked worker's RSS counts the model its loader holds too)."""
     me = psutil.Process()
-    total = me.memory_info().rss
-    for child in me.children(recursive=True):
+    total = 0
+    for process in (me, *me.children(recursive=True)):
         with contextlib.suppress(psutil.Error):
-            total += child.memory_info().rss
+            total += process.memory_full_info().pss
     return total
