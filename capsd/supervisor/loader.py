@@ -111,6 +111,7 @@ class Loader:
         self.loaded: asyncio.Future[bool] = self.loop.create_future()
         self.exited: asyncio.Future[int | None] = self.loop.create_future()
         self.stopping = False  # stopped on purpose: not replaced
+        self.gone = False  # its pipe ended (written by the reader thread)
         self.sender = ThreadPoolExecutor(1, thread_name_prefix="capsd-loader-send")
         threading.Thread(target=self._read, name="capsd-loader-read", daemon=True).start()
         log.info("loader started", pid=self.pid, model=spec.model)
@@ -123,6 +124,7 @@ class Loader:
                     self.loop.call_soon_threadsafe(self._loaded, message)
         except (EOFError, OSError):
             pass
+        self.gone = True  # no fork is asked of it from now on, before the loop hears it ended
         self.process.join(STOP_TIMEOUT_S)
         if self.process.is_alive():
             self.process.kill()
@@ -144,7 +146,7 @@ class Loader:
 
     @property
     def can_fork(self) -> bool:
-        return self.ready is not None and not self.ready.cannot_fork and not self.exited.done()
+        return self.ready is not None and not self.ready.cannot_fork and not self.gone
 
     @property
     def state(self) -> str:

@@ -17,6 +17,9 @@ from capsd.ctl import request
 from tests.support.checks import wait_for
 
 CAPSD = [sys.executable, "-m", "capsd.cli"]
+# CAPSD_TEST_PRELOAD=false runs the integration tests with spawned workers, where a test does not
+# choose ([workers] preload; .ci/run runs the fault tests so too).
+PRELOAD = {"preload": os.environ["CAPSD_TEST_PRELOAD"] == "true"} if "CAPSD_TEST_PRELOAD" in os.environ else {}
 
 
 def free_port() -> int:
@@ -62,9 +65,10 @@ class Capsd:
         self.api_port = config.get("api", {}).get("port", free_port())
         control = config.get("control", {"socket": str(tmp / "control.sock")})
         self.socket = Path(control["socket"]) if "socket" in control else None
+        workers = {**PRELOAD, **config.get("workers", {})}
         config = {"server": {**config.get("server", {}), "port": self.port}, "control": control,
-                  "api": {**config.get("api", {}), "port": self.api_port},
-                  **{k: v for k, v in config.items() if k not in ("server", "control", "api")}}  # fmt: skip
+                  "api": {**config.get("api", {}), "port": self.api_port}, **({"workers": workers} if workers else {}),
+                  **{k: v for k, v in config.items() if k not in ("server", "control", "api", "workers")}}  # fmt: skip
         self.config_path = write_config(tmp / "capsd.toml", config)
         self.log_path = tmp / "capsd.log"
         self.log = self.log_path.open("w")
