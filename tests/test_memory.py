@@ -21,7 +21,6 @@ from capsd.memory import (
     plan,
     read_available,
 )
-from capsd.preflight import LONGEST_SEGMENT_S
 from capsd.selftest.build import build_paraformer
 from capsd.selftest.tones import synth
 from tests.support.checks import assert_exact, run_client, wait_for
@@ -342,8 +341,7 @@ def test_a_worker_above_its_estimate_is_reported_once(start_capsd: Any, tmp_path
     fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
     status = capsd.status()
     assert fields["pid"] == str(status["slots"][0]["pid"])
-    estimate = status["memory"]["planned_bytes"] - estimate_supervisor_bytes(1, LONGEST_SEGMENT_S, FRAME)
-    assert int(fields["estimate_mb"]) == estimate // MIB < int(fields["rss_mb"])
+    assert int(fields["estimate_mb"]) == capsd.plan().worker_bytes // MIB < int(fields["rss_mb"])
 
 
 def peak_rss(pid: int) -> int:
