@@ -1,6 +1,6 @@
 """Decode one uploaded media file to 16 kHz mono float32, in a process of its own.
 
-`python -m capsd.api.decode IN OUT MAX_SECONDS`: the audio of IN's first audio stream, resampled
+`python -m capsd.api.decode IN OUT MAX_SECONDS SUPERVISOR_PID`: the audio of IN's first audio stream, resampled
 by FFmpeg (PyAV), is written to OUT as raw little-endian float32 samples, frame by frame, so this
 process holds a few frames whatever the file's length. Exit 0 and one JSON line on stdout
 (`{"seconds": ...}`); exit 1 and one line on stderr saying why the file cannot be decoded, or
@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import resource
 import sys
+
+from capsd import lifeline
 
 RATE = 16000  # capsd.protocol.RATE, not imported: this process loads only what decoding needs
 # This process's own ceilings: the address space and CPU seconds a hostile file can take
@@ -65,9 +67,10 @@ def _write(out: object, piece: object, written: int, limit: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python -m capsd.api.decode IN OUT MAX_SECONDS", file=sys.stderr)
+    if len(argv) != 4:
+        print("usage: python -m capsd.api.decode IN OUT MAX_SECONDS SUPERVISOR_PID", file=sys.stderr)
         return 2
+    lifeline.end_with(int(argv[3]))  # no decoding on for a supervisor that is gone
     limit_self()
     try:
         seconds = decode(argv[0], argv[1], float(argv[2]))

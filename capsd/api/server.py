@@ -380,7 +380,7 @@ class Api:
             self.decoding += 1
             with (upload.parent / "decode.out").open("w+") as out, (upload.parent / "decode.err").open("w+") as err:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "capsd.api.decode", str(upload), str(audio), str(MAX_AUDIO_S),
+                    sys.executable, "-m", "capsd.api.decode", str(upload), str(audio), str(MAX_AUDIO_S), str(os.getpid()),
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
                 )  # fmt: skip
                 try:

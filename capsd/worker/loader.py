@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 
 import structlog
 
+from capsd import lifeline
 from capsd.worker import main as worker
 from capsd.worker.messages import WARM_UP_S, Fork, Loaded, Ready, WorkerSpec
 
@@ -89,7 +90,7 @@ def forked(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: wo
             if time.monotonic() > deadline:
                 raise OSError(f"not reparented to the supervisor (pid {supervisor}) within {REPARENT_TIMEOUT_S:g} s")
             time.sleep(0.001)
-        worker.end_with_supervisor(supervisor)
+        lifeline.end_with(supervisor)
         structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
         structlog.contextvars.unbind_contextvars("loader")
         worker.serve(Connection(fd), recognizer, Ready(os.getpid(), ready.warm_up_s, ready.warm_up_audio_s))

@@ -8,7 +8,6 @@ worker loses only the job it was doing (docs/design.md#stateless-workers).
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import os
 import signal
@@ -21,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from capsd import lifeline, memory, models, textformat
 from capsd import log as logs
-from capsd import memory, models, textformat
 from capsd.protocol import RATE
 from capsd.worker.messages import (
     BEAT_S,
@@ -39,7 +38,6 @@ from capsd.worker.messages import (
 
 log = structlog.get_logger("capsd.worker")
 
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class Recognizer:
@@ -78,15 +76,6 @@ def warm_up(recognizer: Recognizer) -> float:
     return time.monotonic() - started
 
 
-def end_with_supervisor(supervisor: int) -> None:
-    """A worker must not decode on for a supervisor that is gone: the kernel kills it when the
-    thread that started it ends (each incarnation is started from the supervisor's main thread)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != supervisor:  # it died before prctl took effect
-        os._exit(0)
-
-
 class Pipe:
     """The worker's end of its pipe: replies from the main thread, beats from a thread of their own."""
 
@@ -109,7 +98,7 @@ class Pipe:
 
 def start(spec: WorkerSpec, supervisor: int, **context: object) -> None:
     """What a process started by the supervisor (a worker or a loader) does first."""
-    end_with_supervisor(supervisor)
+    lifeline.end_with(supervisor)  # a worker must not decode on for a supervisor that is gone
     # Ctrl-C in a terminal reaches the whole process group; the supervisor alone decides
     # when a worker stops, so a worker ignores SIGINT and ends when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
