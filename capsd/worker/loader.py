@@ -58,10 +58,10 @@ def main(conn: Connection, spec: WorkerSpec, supervisor: int) -> None:
             fd = reduction.recv_handle(conn)
         except (EOFError, OSError):  # the supervisor is gone, or stops it
             return
-        fork(conn, fd, message.slot, supervisor, recognizer, Ready(0, warm_up_s, WARM_UP_S))
+        fork(conn, fd, message.slot, supervisor, recognizer, warm_up_s)
 
 
-def fork(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: worker.Recognizer, ready: Ready) -> None:
+def fork(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: worker.Recognizer, warm_up_s: float) -> None:
     """Fork a worker for `slot` serving the pipe `fd`; the loader keeps no copy of that pipe, so
     the supervisor sees the worker's end (or a fork that failed) as the end of its pipe."""
     try:
@@ -73,15 +73,15 @@ def fork(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: work
     if child == 0:
         try:
             if os.fork() == 0:
-                forked(conn, fd, slot, supervisor, recognizer, ready)
+                forked(conn, fd, slot, supervisor, recognizer, warm_up_s)
         finally:
             os._exit(0)  # the middle process: its child, the worker, goes to the subreaper
     os.close(fd)
     os.waitpid(child, 0)
 
 
-def forked(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: worker.Recognizer, ready: Ready) -> None:
-    """The worker, in the loader's copy: never returns."""
+def forked(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: worker.Recognizer, warm_up_s: float) -> None:
+    """The worker, in the loader's copy (its warm-up measured the speed of both): never returns."""
     code = 0
     try:
         conn.close()  # the loader's pipe is the loader's alone: its end shows the loader's death
@@ -93,7 +93,7 @@ def forked(conn: Connection, fd: int, slot: int, supervisor: int, recognizer: wo
         lifeline.end_with(supervisor)
         structlog.contextvars.bind_contextvars(slot=slot, pid=os.getpid())
         structlog.contextvars.unbind_contextvars("loader")
-        worker.serve(Connection(fd), recognizer, Ready(os.getpid(), ready.warm_up_s, ready.warm_up_audio_s))
+        worker.serve(Connection(fd), recognizer, Ready(os.getpid(), warm_up_s, WARM_UP_S))
     except BaseException as e:  # noqa: BLE001  # whatever it is, never back into the loader's loop
         code = 1
         log.error("forked worker failed", error=repr(e))
