@@ -117,3 +117,14 @@ def test_workers_are_spawned_when_they_cannot_be_forked_and_the_log_says_why(
     assert capsd.logs().count("workers are spawned") == 1
     assert why in capsd.logs()
     transcribe_on_every_slot(capsd, 2, "spawned")
+
+
+def test_a_hung_loader_is_killed_when_a_fork_misses_load_timeout_s_and_replaced(start_capsd: Any) -> None:
+    capsd = start_capsd({"workers": {"load_timeout_s": 3, "restart_intensity": 10}})
+    hung, old = loader(capsd)["pid"], capsd.worker_pid(0)
+    os.kill(hung, signal.SIGSTOP)  # it cannot fork: the next worker waits for it
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: capsd.status()["slots"][0]["pid"] not in (None, old) and forked_from_one_loader(capsd), 60)
+    assert loader(capsd)["pid"] != hung and not psutil.pid_exists(hung)
+    assert "worker not ready in time" in capsd.logs() and "loader exited: replaced" in capsd.logs()
+    transcribe_on_every_slot(capsd, 1, "after")

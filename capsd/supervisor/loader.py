@@ -179,6 +179,7 @@ class Loader:
             os.close(fd)
 
     def kill(self) -> None:
+        self.gone = True
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
 
@@ -225,7 +226,7 @@ class Loaders:
         if self.why_spawned or model_key(spec) in self.refused:
             return False
         loader = self.by_model.get(model_key(spec)) or self.start(spec)
-        return loader is not None and loader.ready is None
+        return loader is not None and (loader.ready is None or loader.gone)  # loading, or its end not yet heard
 
     async def ready(self, spec: WorkerSpec) -> None:
         """Start the loader of `spec` if it has none, and wait until it has loaded or ended."""
