@@ -33,6 +33,11 @@
 (i) The cost of metrics: the 4 files of (a) on 2 workers with `[server] metrics = true`, its
     /metrics scraped every second as Prometheus would, and on a second daemon with metrics off;
     sides alternating; target: on / off within noise (<= 1.05x).
+(k) The OpenAI-compatible API against the CapsWriter protocol: the 4 files of (a) on 2 workers,
+    sent at once as 4 API requests by the official `openai` SDK (AsyncOpenAI, WAV uploads of
+    16-bit PCM, response_format json: the upload, its decode in a process of its own, the task)
+    and as 4 CapsWriter file clients (60 s frames of base64 float32), to the same capsd; the side
+    that goes first alternates; target: API / protocol <= 1.10x.
 
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
 built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d),
@@ -62,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import psutil
 
 from bench.common import (
@@ -83,11 +89,12 @@ from capsd.selftest.tones import token_digits
 from tests.support.checks import task_ids, wait_for
 from tests.support.client import FILE_SEG, file_frames
 from tests.support.daemon import Capsd
+from tests.support.media import encode
 
 THREADS = 1
 LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
 LONG_FILE_S = 600  # (g)
-SECTIONS = "abcdefghi"
+SECTIONS = "abcdefghik"
 MIB = 2**20
 _recognizer: Any = None  # one per process of the reference pool
 
@@ -444,6 +451,50 @@ def report_metrics_cost(times: dict[bool, list[float]]) -> None:
     print(f"  on / off                              {verdict(ratio, ratio <= 1.05, '<= 1.05x (noise)')}\n")
 
 
+def api_against_protocol(daemon: Capsd, repeat: int) -> dict[str, list[float]]:
+    """(k): the 4 files of (a) through the API and through the CapsWriter protocol, to `daemon`
+    (2 workers); the side that goes first alternates, `repeat` runs each."""
+    files = four_files()
+    ids = task_ids(2, slots=[0, 0, 1, 1])
+    tasks = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+    digits = {task_id: d for task_id, (_, d) in zip(ids, files)}
+    uploads = [(f"{task_id}.wav", encode(samples), d) for task_id, (samples, d) in zip(ids, files)]
+    warm_up(daemon, 2)
+    warm, warm_digits = tone_file(5, 6)
+    transcribe_api(daemon, [("warm.wav", encode(warm), warm_digits)])  # the decode process's first start is slower
+    times: dict[str, list[float]] = {"api": [], "protocol": []}
+    for n in range(repeat):
+        for side in ("api", "protocol") if n % 2 == 0 else ("protocol", "api"):
+            times[side].append(transcribe_api(daemon, uploads) if side == "api" else serve(daemon, tasks, digits)[0])
+    return times
+
+
+def transcribe_api(daemon: Capsd, uploads: list[tuple[str, bytes, str]]) -> float:
+    """Wall seconds for capsd to answer every upload (name, bytes, digits), all at once through
+    the official SDK, each answer exact."""
+
+    async def run() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=daemon.api_url, api_key="bench", max_retries=0, timeout=600) as api:
+            return await asyncio.gather(*(api.audio.transcriptions.create(file=(name, data), model="whisper-1")
+                                          for name, data, _ in uploads))  # fmt: skip
+
+    start = time.perf_counter()
+    answers = asyncio.run(run())
+    elapsed = time.perf_counter() - start
+    for (name, _, digits), answer in zip(uploads, answers):
+        if token_digits(answer.text) != digits:
+            raise SystemExit(f"wrong result for {name} through the API: {answer.text[:80]}")
+    return elapsed
+
+
+def report_api(times: dict[str, list[float]]) -> None:
+    print("(k) the 4 files of (a) on 2 workers at once: 4 API requests (openai SDK, WAV) against 4 CapsWriter file clients")
+    print(runs("API, openai SDK", times["api"]))
+    print(runs("CapsWriter protocol", times["protocol"]))
+    ratio = min(times["api"]) / min(times["protocol"])
+    print(f"  API / protocol                        {verdict(ratio, ratio <= 1.10, '<= 1.10x')}\n")
+
+
 def report(m: dict[str, Any], repeat: int) -> None:
     print(f"model: heavy self-test paraformer, threads {THREADS}; best of {repeat} runs, sides alternating\n")
     if "scaling" in m:
@@ -460,6 +511,8 @@ def report(m: dict[str, Any], repeat: int) -> None:
         report_random_ids(m["random"])
     if "metrics" in m:
         report_metrics_cost(m["metrics"])
+    if "api" in m:
+        report_api(m["api"])
 
 
 def sections(text: str) -> set[str]:
@@ -521,6 +574,8 @@ def main() -> None:
                     m["metrics"] = metrics_cost({True: daemons[2], False: off}, args.repeat)
                 finally:
                     off.stop()
+            if "k" in only:
+                m["api"] = api_against_protocol(daemons[2], args.repeat)
         finally:
             for daemon in daemons.values():
                 daemon.stop()

@@ -5,6 +5,8 @@ streaming, keys, bounds and failures (docs/design.md#the-openai-compatible-api).
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import re
 import signal
@@ -263,6 +265,55 @@ def test_a_worker_killed_during_a_request_fails_only_that_request(raw_digits: Ca
     assert token_digits(text) == "4242"
     wait_for(lambda: raw_digits.status()["slots"][0]["state"] == "ready", 60, "replaced")
     assert token_digits(client(raw_digits).audio.transcriptions.create(file=("s.wav", encode(short)), model="x").text) == "4242"
+
+
+def test_with_retry_a_worker_killed_during_a_request_leaves_the_answer_exact(start_capsd: Any, heavy_model: Path) -> None:
+    """`[workers] retry_lost_jobs = 1`: the job lost with the worker runs again on its replacement."""
+    daemon = start_capsd({"model": {"dir": str(heavy_model)}, "workers": {"retry_lost_jobs": 1}})
+    digits = "1234567890" * 12  # 60 s: 3 segments
+    samples, starts = synth(digits)
+
+    async def scenario() -> Any:
+        api = openai.AsyncOpenAI(base_url=daemon.api_url, api_key="x", max_retries=0, timeout=300)
+        request = asyncio.ensure_future(api.audio.transcriptions.create(
+            file=("l.wav", encode(samples)), model="x", response_format="verbose_json", timestamp_granularities=["word"]))  # fmt: skip
+
+        def decoding() -> int | None:  # stopped while busy: its job cannot finish before the kill
+            slot = daemon.status()["slots"][0]
+            if slot["state"] != "busy":
+                return None
+            os.kill(slot["pid"], signal.SIGSTOP)
+            if daemon.status()["slots"][0]["state"] == "busy":
+                return slot["pid"]
+            os.kill(slot["pid"], signal.SIGCONT)
+            return None
+
+        os.kill(await asyncio.to_thread(wait_for, decoding, 60, "a job of the request in the worker"), signal.SIGKILL)
+        return await request
+
+    result = asyncio.run(scenario())
+    assert result.text == digits and near([w.start for w in result.words], starts)
+    slot = daemon.status()["slots"][0]
+    assert slot["restarts"] == 1 and slot["tasks_failed"] == 0 and slot["tasks_done"] == 1
+    assert "job retried" in daemon.logs()
+
+
+def test_a_request_still_uploading_when_the_stop_times_out_gets_503_and_capsd_exits_0(start_capsd: Any) -> None:
+    daemon = start_capsd({"server": {"stop_timeout_s": 1}})
+    upload = http.client.HTTPConnection("127.0.0.1", daemon.api_port, timeout=120)  # capsd answers after ~1 s
+    upload.putrequest("POST", "/v1/audio/transcriptions")
+    upload.putheader("Content-Type", "multipart/form-data; boundary=b")
+    upload.putheader("Content-Length", "100000")
+    upload.endheaders(b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+                      b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + bytes(1000))  # fmt: skip
+    wait_for(lambda: daemon.status()["api"]["requests_in_progress"] == 1, 30, "the upload in progress")
+    daemon.proc.send_signal(signal.SIGTERM)
+    response = upload.getresponse()  # the rest of the body is never sent
+    error = json.loads(response.read())["error"]
+    assert response.status == 503 and set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "shutting_down" and error["message"] == "capsd is stopping"
+    assert daemon.proc.wait(60) == 0
+    assert "status=503" in daemon.logs()
 
 
 def test_a_client_that_disconnects_cancels_its_task_at_once(raw_digits: Capsd) -> None:

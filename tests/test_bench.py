@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import chaos, hostile, long_recording, memory_calibration
+from bench import chaos, hostile, long_recording, memory_calibration, throughput
 from capsd.models import EMBEDDED_MODEL_DIR
 from capsd.protocol import RATE
 from capsd.selftest.tones import synth
@@ -74,3 +74,11 @@ def test_chaos_reads_each_capsd_log() -> None:
     assert log.exits == [chaos.WorkerExit(7544, "crashed", "-9", ["c2-8"]), chaos.WorkerExit(8282, "crashed", "-9", [])]
     assert log.failed == {"c2-8", "c1-5"} and log.poison == {"c 3"} and (log.retried, log.paused) == (1, 0)
     assert len(log.critical) == 1 and "slot dispatcher failed" in log.critical[0]
+
+
+@pytest.mark.integration
+def test_throughput_sends_the_same_files_through_the_api_and_the_capswriter_protocol(start_capsd: Any) -> None:
+    """(k), one run a side on the self-test model: both sides answered exactly (checked inside)."""
+    capsd = start_capsd({"workers": {"count": 2}})
+    times = throughput.api_against_protocol(capsd, repeat=1)
+    assert len(times["api"]) == len(times["protocol"]) == 1 and min(times["api"] + times["protocol"]) > 0

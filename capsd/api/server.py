@@ -45,7 +45,7 @@ from capsd.config import ApiConfig, ConfigError
 from capsd.memory import API_DECODES, API_MAX_REQUESTS
 from capsd.protocol import FILE_FRAME_S, FILE_SEG, RATE, ErrorCode, clip
 from capsd.segment import Segmenter
-from capsd.supervisor.front import MAX_WAITING_AUDIO_BYTES, MAX_WAITING_SEGMENTS
+from capsd.supervisor.holding import MAX_BUFFERED_AUDIO_BYTES, Holding, refusal
 from capsd.supervisor.intake import Intake
 from capsd.supervisor.plainhttp import Answer
 from capsd.supervisor.slot import Slot
@@ -67,31 +67,22 @@ CLOSE_TIMEOUT_S = 3.0  # at stop: answers still being written after this are cut
 V1 = "/v1/"
 
 
-class Ticket:
-    """A chunk of audio waiting for the intake's room, in the line of long frames (intake.Intake)."""
-
-    def __init__(self, size: int) -> None:
-        self.next_size = size
-        self.room = asyncio.Event()
-
-    def admitted(self) -> None:
-        self.room.set()
+def task_error(code: str, message: str) -> ApiError:
+    """A task's error (a final frame's, or its refusal) as the API answers it."""
+    status = TASK_ERROR_STATUS.get(code, 500)
+    return ApiError(status, message, code, retry_after=RETRY_AFTER_S if status == 429 else None)
 
 
-class Transcription:
+class Transcription(Holding):
     """The owner of one request's task (task.Owner): its result, and what it holds of the
-    supervisor's memory, against a CapsWriter file connection's bounds (front.Client)."""
+    supervisor's memory, against a CapsWriter file connection's bounds."""
 
     def __init__(self, intake: Intake, partials: bool) -> None:
-        self.intake = intake
+        super().__init__(intake, MAX_BUFFERED_AUDIO_BYTES)
         self.partials = partials  # streamed: partial results are kept
         self.final: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.partial: dict[str, Any] | None = None
         self.changed = asyncio.Event()  # a partial result came, or the final one
-        self.buffered_bytes = 0
-        self.queued_bytes = 0
-        self.queued_per_slot: Counter[tuple[Any, bool]] = Counter()
-        self.drained = asyncio.Event()
 
     def send(self, frame: str, partial: bool = False) -> None:
         if partial:
@@ -102,41 +93,10 @@ class Transcription:
             self.final.set_result(json.loads(frame))
             self.changed.set()
 
-    def queued(self, slot: Any, nbytes: int, urgent: bool) -> None:
-        self.queued_bytes += nbytes
-        self.queued_per_slot[slot, urgent] += 1
-        self.intake.add(queued=nbytes)
-
-    def unqueued(self, slot: Any, nbytes: int, urgent: bool) -> None:
-        self.queued_bytes -= nbytes
-        self.queued_per_slot[slot, urgent] -= 1
-        self.drained.set()
-        self.intake.add(queued=-nbytes)
-
-    def buffer(self, nbytes: int) -> None:
-        self.buffered_bytes += nbytes
-        self.intake.add(buffered=nbytes)
-
     def ended(self, task: Task, error_frame: str | None = None) -> None:
-        self.buffer(-task.segmenter.buffered_bytes)
-        task.segmenter.clear()
+        self.release(task)
         if error_frame:
             self.send(error_frame)
-
-    def blocked_on(self) -> asyncio.Event | None:
-        """What reading more audio into the task waits for (front.Client._blocked_on)."""
-        queued = sum(self.queued_per_slot.values())
-        if queued and (queued > MAX_WAITING_SEGMENTS or self.queued_bytes + self.buffered_bytes > MAX_WAITING_AUDIO_BYTES):
-            self.drained.clear()
-            return self.drained
-        return next((slot.room[urgent] for (slot, urgent), n in self.queued_per_slot.items()
-                     if n and slot.full(urgent)), None)  # fmt: skip
-
-    async def wait_for_room(self) -> None:
-        while not self.final.done() and (event := self.blocked_on()) is not None:
-            waiting = asyncio.ensure_future(event.wait())
-            await asyncio.wait([waiting, self.final], return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
 
 
 class Api:
@@ -405,12 +365,9 @@ class Api:
         """The decoded audio as a file task; its answer in the format asked for."""
         task_id = request["task"] = f"api-{uuid.uuid4().hex}"
         slot = self.home(task_id)
-        if not self.accepting():
-            raise ApiError(503, "capsd is stopping", ErrorCode.SHUTTING_DOWN.value)
-        if slot.full(False):
-            slot.count("api", ErrorCode.OVERLOADED)
-            raise ApiError(429, f"slot {slot.index} has file jobs waiting up to queue_limit {slot.queue_limit}",
-                           ErrorCode.OVERLOADED.value, retry_after=RETRY_AFTER_S)  # fmt: skip
+        if refused := refusal(slot, False, self.accepting()):
+            slot.count("api", refused[0])
+            raise task_error(refused[0].value, refused[1])
         formatting = self.formatting()
         owner = Transcription(self.intake, params.stream)
         task = Task(task_id, "api", time.time(), slot, Segmenter(*FILE_SEG), owner, formatting)
@@ -431,8 +388,7 @@ class Api:
     def transcript(self, final: dict[str, Any]) -> Transcript:
         """A final frame's result, or its error as an ApiError."""
         if error := final.get("error"):
-            status = TASK_ERROR_STATUS.get(error["code"], 500)
-            raise ApiError(status, error["message"], error["code"], retry_after=RETRY_AFTER_S if status == 429 else None)
+            raise task_error(error["code"], error["message"])
         return Transcript(final["text"], final["tokens"], final["timestamps"], final["duration"])
 
     async def feed(self, task: Task, owner: Transcription, audio: Path) -> None:
@@ -442,30 +398,13 @@ class Api:
             size = os.fstat(f.fileno()).st_size
             read = 0
             while not task.done:
-                await owner.wait_for_room()
+                await owner.room(owner.final)
                 n = min(CHUNK_BYTES, size - read)
-                ticket = Ticket(n)
-                if not self.intake.admit(ticket, n, False):
-                    try:
-                        await ticket.room.wait()
-                    finally:
-                        self.intake.forget(ticket)
-                try:
+                async with self.intake.holding(n):
                     if task.done:
                         return
-                    samples = np.frombuffer(f.read(n), dtype="<f4")
                     read += n
-                    before = task.segmenter.buffered_bytes
-                    segments = task.segmenter.feed(samples, read >= size)
-                    owner.buffer(grown := task.segmenter.buffered_bytes - before)
-                finally:
-                    self.intake.add(frames=-n)
-                if grown > 0 and self.intake.buffered_over(False):
-                    held = self.intake.buffered >> 20
-                    task.fail(ErrorCode.OVERLOADED, f"capsd holds {held} MiB of audio not yet cut into segments, over its bound")
-                    return
-                for segment in segments:
-                    task.submit(segment)
+                    owner.feed(task, np.frombuffer(f.read(n), dtype="<f4"), read >= size)
                 if read >= size:
                     return
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import http
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -24,19 +24,17 @@ from websockets.http11 import Request, Response
 from capsd.config import ServerConfig
 from capsd.protocol import AudioFrame, BadRequest, ErrorCode, Result, clip, parse_frame
 from capsd.segment import Segmenter
+from capsd.supervisor.holding import MAX_BUFFERED_AUDIO_BYTES, Holding, refusal
 from capsd.supervisor.intake import Intake, Metered
 from capsd.supervisor.metrics import Metrics
 from capsd.supervisor.plainhttp import Answer, PlainHttp
-from capsd.supervisor.queue import MIC_RESERVE, Backlog
 from capsd.supervisor.slot import Slot
 from capsd.supervisor.task import Formatting, Task
 
 log = structlog.get_logger("capsd.front")
 
-# Per-connection bounds, so one client cannot grow capsd's memory or work without limit:
-MAX_WAITING_AUDIO_BYTES = 16 * 2**20  # audio buffered + queued (~4.4 min): beyond it, not read
-MAX_WAITING_SEGMENTS = 32  # segments queued: beyond it, not read (one client cannot fill a slot)
-MAX_BUFFERED_AUDIO_BYTES = 32 * 2**20  # audio not yet cut (~8.7 min), or one frame: its task fails
+# Per-connection bounds, so one client cannot grow capsd's memory or work without limit (and the
+# bounds of the audio it holds: capsd.supervisor.holding):
 MAX_OUTBOX_BYTES = 8 * 2**20  # result frames not yet read by the client: closed with 1008
 MAX_OPEN_TASKS = 32  # tasks whose is_final has not arrived: a new one fails with overloaded
 MAX_REFUSED_IDS = 1024  # task ids whose frames are dropped until their is_final
@@ -54,22 +52,17 @@ KEEPALIVE_TIMEOUT_S = 20.0  # ... and no pong this long after it: the peer is go
 CLOSED_BY_CAPSD = "connection_closed"
 
 
-class Client:
+class Client(Holding):
     """One connection: its tasks, what it holds of capsd's memory, and its outbox."""
 
     def __init__(self, ws: Metered, max_buffered: int, intake: Intake) -> None:
+        super().__init__(intake, max_buffered)
         self.ws = ws
-        self.max_buffered = max_buffered
-        self.intake = intake  # what every connection together holds
         self.receiving: dict[str, Task] = {}  # tasks whose is_final has not arrived
         self.open: set[Task] = set()  # tasks not yet answered with their final frame
         # Ids whose frames are dropped until their is_final, oldest first, each with the final frame
         # it is owed then (docs/design.md#error-frames-wait-for-the-clients-final-frame).
         self.refused: OrderedDict[str, str | None] = OrderedDict()
-        self.buffered_bytes = 0  # audio in the tasks' segmenters
-        self.queued_bytes = 0  # audio in segments waiting in the slots' queues
-        self.queued_per_slot: Counter[tuple[Backlog, bool]] = Counter()  # jobs waiting, per slot and urgency
-        self.drained = asyncio.Event()  # set when queued audio went below its bound
         self.outbox: asyncio.Queue[str] = asyncio.Queue()
         self.outbox_bytes = 0
         self.reading = False  # waiting for the next frame
@@ -94,29 +87,11 @@ class Client:
         self.outbox_bytes += len(frame)
         self.outbox.put_nowait(frame)
 
-    def queued(self, slot: Backlog, nbytes: int, urgent: bool) -> None:
-        self.queued_bytes += nbytes
-        self.queued_per_slot[slot, urgent] += 1
-        self.intake.add(queued=nbytes)
-
-    def unqueued(self, slot: Backlog, nbytes: int, urgent: bool) -> None:
-        self.queued_bytes -= nbytes
-        self.queued_per_slot[slot, urgent] -= 1
-        if not self._over_waiting_bound():
-            self.drained.set()
-        self.intake.add(queued=-nbytes)
-
-    def buffer(self, nbytes: int) -> None:
-        """Audio buffered in this connection's segmenters grew (or shrank) by `nbytes`."""
-        self.buffered_bytes += nbytes
-        self.intake.add(buffered=nbytes)
-
     def ended(self, task: Task, error_frame: str | None = None) -> None:
         """The task holds nothing more; a failed task's error frame goes out once its client has
         sent its is_final frame."""
         self.open.discard(task)
-        self.buffer(-task.segmenter.buffered_bytes)
-        task.segmenter.clear()
+        self.release(task)
         if self.receiving.get(task.task_id) is task:
             del self.receiving[task.task_id]
             self.refuse(task.task_id, error_frame)
@@ -151,35 +126,18 @@ class Client:
             self.send_owed(frame)
             self.refused[task_id] = None
 
-    def _over_waiting_bound(self) -> bool:
-        # Audio only buffered (not cut) cannot drain by waiting: it has its own bound.
-        queued = self.queued_per_slot.total()
-        return queued > 0 and (
-            queued > MAX_WAITING_SEGMENTS or self.queued_bytes + self.buffered_bytes > MAX_WAITING_AUDIO_BYTES
-        )
-
-    def _blocked_on(self) -> asyncio.Event | None:
-        """What reading this connection waits for: its queued audio to drain, or room in a slot
-        where its segments wait."""
-        if self._over_waiting_bound():
-            self.drained.clear()
-            return self.drained
-        return next((slot.room[urgent] for (slot, urgent), n in self.queued_per_slot.items()
-                     if n and slot.full(urgent)), None)  # fmt: skip
-
     async def wait_for_room(self) -> None:
         """Until capsd may read the connection again. Meanwhile its keepalive is off: the client's
         pong waits in the TCP stream behind the frames capsd does not read
         (docs/design.md#keepalive-only-while-read)."""
-        if self._blocked_on() is not None:
+        if self.blocked_on() is not None:
             self.held_back = True
             self.run_keepalive()
             closed = asyncio.ensure_future(self.ws.wait_closed())
-            while not self.closed and not closed.done() and (event := self._blocked_on()) is not None:
-                waiting = asyncio.ensure_future(event.wait())
-                await asyncio.wait([waiting, closed], return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
-            closed.cancel()
+            try:
+                await self.room(closed)
+            finally:
+                closed.cancel()
             self.held_back = False
         self.run_keepalive()
 
@@ -401,30 +359,15 @@ class Front:
         if frame.is_final:
             del client.receiving[task.task_id]
             task.final_received = time.monotonic()
-        if client.buffered_bytes + frame.samples.nbytes > client.max_buffered:
-            task.fail(ErrorCode.OVERLOADED, f"more than {client.max_buffered >> 20} MiB of audio buffered on this connection")
-            return
-        before = task.segmenter.buffered_bytes
-        segments = task.segmenter.feed(frame.samples, frame.is_final)
-        client.buffer(grown := task.segmenter.buffered_bytes - before)
-        if grown > 0 and self.intake.buffered_over(task.source == "mic"):
-            held = self.intake.buffered >> 20
-            task.fail("overloaded", f"capsd holds {held} MiB of audio not yet cut into segments, over its bound")
-            return
-        for segment in segments:
-            task.submit(segment)
+        client.feed(task, frame.samples, frame.is_final)
 
     def open_task(self, client: Client, frame: AudioFrame) -> Task | None:
         """A new task, or None when it is refused (with its final frame)."""
         slot = self.home(frame.task_id)
-        if not self.accepting:  # tasks in progress may finish; new ones cannot
-            refusal = (ErrorCode.SHUTTING_DOWN, "capsd is stopping")
-        elif len(client.receiving) >= MAX_OPEN_TASKS:
-            refusal = (ErrorCode.OVERLOADED, f"{MAX_OPEN_TASKS} tasks are already open on this connection")
-        elif slot.full(urgent := frame.source == "mic"):  # dictation has a reserve of its own
-            kind, bound = ("mic", f"its reserve of {MIC_RESERVE}") if urgent else ("file", f"queue_limit {slot.queue_limit}")
-            refusal = (ErrorCode.OVERLOADED, f"slot {slot.index} has {kind} jobs waiting up to {bound}")
-        else:
+        refused = refusal(slot, frame.source == "mic", self.accepting)
+        if refused is None and len(client.receiving) >= MAX_OPEN_TASKS:
+            refused = (ErrorCode.OVERLOADED, f"{MAX_OPEN_TASKS} tasks are already open on this connection")
+        if refused is None:
             if frame.asked_seg_duration > frame.seg_duration and not client.told_seg_duration:
                 client.told_seg_duration = True
                 log.info("seg_duration served as the ceiling", peer=str(client.ws.remote_address),
@@ -436,9 +379,9 @@ class Front:
             slot.accept(task)
             return task
         now = time.time()
-        slot.count(frame.source, refusal[0])
-        log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=str(refusal[0]), reason=refusal[1])
-        error_frame = Result(frame.task_id, frame.time_start, now, now).to_json(error=refusal)
+        slot.count(frame.source, refused[0])
+        log.warning("task refused", slot=slot.index, task=clip(frame.task_id), code=str(refused[0]), reason=refused[1])
+        error_frame = Result(frame.task_id, frame.time_start, now, now).to_json(error=refused)
         if frame.is_final:
             client.send(error_frame)
         else:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -50,6 +51,15 @@ def frame_size(head: bytes | bytearray) -> tuple[int, bool, bool] | None:
     return start + mask + length, head[0] & 0x0F < 8, bool(head[0] & 0x80)
 
 
+class Waiter(Protocol):
+    """What waits in the intake's lines: a connection's frame (`Metered`), or a chunk of audio
+    (`Ticket`); `admitted` is called once it is admitted and counted."""
+
+    next_size: int
+
+    def admitted(self) -> None: ...
+
+
 class Intake:
     """What every connection together makes the supervisor hold, against `budget` (bytes), and
     the connections waiting for room, oldest first."""
@@ -60,7 +70,7 @@ class Intake:
         self.frames = 0  # bytes of frames admitted, not yet parsed
         self.buffered = 0  # audio in the tasks' segmenters
         self.queued = 0  # audio in segments waiting in the slots
-        self.waiting: dict[bool, deque[Metered]] = {True: deque(), False: deque()}  # by small frame
+        self.waiting: dict[bool, deque[Waiter]] = {True: deque(), False: deque()}  # by small frame
         self.peak = 0  # the most held at once
 
     @property
@@ -93,7 +103,7 @@ class Intake:
         reserve too). It cannot drain by waiting (docs/design.md#intake)."""
         return self.buffered > self.budget - self.max_frame + (DICTATION_RESERVE_BYTES if urgent else 0)
 
-    def admit(self, meter: Metered, size: int, small: bool) -> bool:
+    def admit(self, meter: Waiter, size: int, small: bool) -> bool:
         """A frame of `size` bytes starts on `meter`'s connection: admitted (and counted) now, or
         the connection waits in line. A long frame waits behind the long frames already waiting."""
         if (small or not self.waiting[False]) and self.room_for(size, small):
@@ -110,10 +120,26 @@ class Intake:
                 self.add(frames=meter.next_size)
                 meter.admitted()  # may wait again, at the end of the line
 
-    def forget(self, meter: Metered) -> None:
+    def forget(self, meter: Waiter) -> None:
         for line in self.waiting.values():
             if meter in line:
                 line.remove(meter)
+
+    @asynccontextmanager
+    async def holding(self, size: int) -> AsyncIterator[None]:
+        """Inside: `size` bytes of audio that capsd reads itself (an API upload's, decoded) are
+        held as a long frame: they come in once admitted, in the line of long frames, and are let
+        go on the way out, cancelled or not."""
+        ticket = Ticket(size)
+        if self.admit(ticket, size, small=False):
+            ticket.admitted()
+        try:
+            await ticket.room.wait()
+            yield
+        finally:
+            self.forget(ticket)
+            if ticket.room.is_set():  # admitted, and so counted
+                self.add(frames=-size)
 
     def status(self) -> dict[str, int]:
         return {
@@ -122,6 +148,18 @@ class Intake:
             "peak_bytes": self.peak,
             "connections_waiting": sum(map(len, self.waiting.values())),
         }
+
+
+class Ticket:
+    """A chunk of audio waiting for the intake's room (`Intake.holding`), as a connection's frame
+    waits (`Metered`)."""
+
+    def __init__(self, size: int) -> None:
+        self.next_size = size
+        self.room = asyncio.Event()
+
+    def admitted(self) -> None:
+        self.room.set()
 
 
 class ReadGate:
