@@ -33,14 +33,18 @@
 (i) The cost of metrics: the 4 files of (a) on 2 workers with `[server] metrics = true`, its
     /metrics scraped every second as Prometheus would, and on a second daemon with metrics off;
     sides alternating; target: on / off within noise (<= 1.05x).
+(j) Forked against spawned workers: the 4 files of (a) on 2 workers forked from a loader
+    ([workers] preload = true, the default: every other measurement's daemons) and on 2 spawned
+    workers (preload = false), each warmed up first; sides alternating; target: forked / spawned
+    within 2% (<= 1.02x; docs/design.md#workers-forked-from-a-loader).
 
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
 built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d),
 (g) and (h) and run for the whole benchmark, idle when not measured (the daemon without
-stealing only for (h)); in (a)-(c), (e), (g) and (h) the runs alternate between the sides, so
-drift and other load on the machine hit every side alike, and in (a)-(c), (e) and (g) the best of
---repeat runs is compared. Every final result is checked digit by digit, so a fast wrong answer
-fails the benchmark instead of winning it. --only runs some of the measurements ((a)-(c) go
+stealing only for (h)); in (a)-(c), (e) and (g)-(j) the runs alternate between the sides, so
+drift and other load on the machine hit every side alike, and in (a)-(c), (e), (g), (i) and (j)
+the best of --repeat runs is compared. Every final result is checked digit by digit, so a fast
+wrong answer fails the benchmark instead of winning it. --only runs some of the measurements ((a)-(c) go
 together), e.g. `--only g,h`.
 """
 
@@ -87,7 +91,7 @@ from tests.support.daemon import Capsd
 THREADS = 1
 LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
 LONG_FILE_S = 600  # (g)
-SECTIONS = "abcdefghi"
+SECTIONS = "abcdefghij"
 MIB = 2**20
 _recognizer: Any = None  # one per process of the reference pool
 
@@ -430,6 +434,29 @@ def metrics_cost(daemons: dict[bool, Capsd], repeat: int) -> dict[bool, list[flo
     return times
 
 
+def forked_vs_spawned(daemons: dict[bool, Capsd], repeat: int) -> dict[bool, list[float]]:
+    """(j): the 4 files of (a) on 2 forked workers and on 2 spawned ones; sides alternating."""
+    files = four_files()
+    ids = task_ids(2, slots=[0, 0, 1, 1])
+    tasks = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+    digits = {task_id: d for task_id, (_, d) in zip(ids, files)}
+    for daemon in daemons.values():
+        warm_up(daemon, 2)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeat):
+        for forked, daemon in daemons.items():
+            times[forked].append(serve(daemon, tasks, digits)[0])
+    return times
+
+
+def report_forked(times: dict[bool, list[float]]) -> None:
+    print("(j) the 4 files of (a) on 2 workers forked from a loader and on 2 spawned workers")
+    print(runs("forked (preload = true)", times[True]))
+    print(runs("spawned (preload = false)", times[False]))
+    ratio = min(times[True]) / min(times[False])
+    print(f"  forked / spawned                      {verdict(ratio, ratio <= 1.02, '<= 1.02x')}\n")
+
+
 def scrape(daemon: Capsd, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as response:
@@ -460,6 +487,8 @@ def report(m: dict[str, Any], repeat: int) -> None:
         report_random_ids(m["random"])
     if "metrics" in m:
         report_metrics_cost(m["metrics"])
+    if "forked" in m:
+        report_forked(m["forked"])
 
 
 def sections(text: str) -> set[str]:
@@ -521,6 +550,14 @@ def main() -> None:
                     m["metrics"] = metrics_cost({True: daemons[2], False: off}, args.repeat)
                 finally:
                     off.stop()
+            if "j" in only:
+                if {s["started"] for s in daemons[2].status()["slots"]} != {"fork"}:
+                    raise SystemExit("(j): the default daemon's workers are not forked from a loader")
+                spawned, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, preload=False)
+                try:
+                    m["forked"] = forked_vs_spawned({True: daemons[2], False: spawned}, args.repeat)
+                finally:
+                    spawned.stop()
         finally:
             for daemon in daemons.values():
                 daemon.stop()
