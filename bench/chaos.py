@@ -58,6 +58,12 @@ tests), and the soak's kills come at least 2.5 s apart.
 between the self-test model and the heavy one. Then no task may fail at all, no worker may exit
 unasked, every change must succeed, and the tasks done (capsd_tasks_total, which outlives the
 slots that go) must be the exact ones.
+
+Workers are forked from a loader (docs/design.md#workers-forked-from-a-loader), capsd's default;
+--spawn runs the same soak with `[workers] preload = false`. Either way every worker at the end
+must have started as asked; forked, each capsd must have started a loader, and each model flip of
+--pool must have started the new model's loader and stopped the old one; spawned, no loader may
+start.
 """
 
 from __future__ import annotations
