@@ -41,7 +41,7 @@ MiB, where a few MiB of slack are a large ratio; so at most 1.3x measured or 16 
 whichever is more, for the worker and the loader, and 1.3x for the supervisor. The total: at most
 2x in every row. The plan adds every process's peak RSS, as if all came at once (each worker busy
 with a longest segment while the intake is full), and counts the shared libraries in each
-process; the PSS sum counts them once, at moments sampled: 1.5-1.8x in both modes on the first
+process; the PSS sum counts them once, at moments sampled: 1.3-2.0x in both modes on the first
 calibration (docs/benchmarks.md#memory-calibration), so a forked row's total is no looser than a
 spawned one's.
 """
