@@ -58,6 +58,12 @@ tests), and the soak's kills come at least 2.5 s apart.
 between the self-test model and the heavy one. Then no task may fail at all, no worker may exit
 unasked, every change must succeed, and the tasks done (capsd_tasks_total, which outlives the
 slots that go) must be the exact ones.
+
+Workers are forked from a loader (docs/design.md#workers-forked-from-a-loader), capsd's default;
+--spawn runs the same soak with `[workers] preload = false`. Either way every worker at the end
+must have started as asked; forked, each capsd must have started a loader, and each model flip of
+--pool must have started the new model's loader and stopped the old one; spawned, no loader may
+start.
 """
 
 from __future__ import annotations
@@ -620,12 +626,13 @@ def main() -> int:
     )
     parser.add_argument("--retry", action="store_true", help="[workers] retry_lost_jobs = 1: no kill may fail a task")
     parser.add_argument("--pool", action="store_true", help="change the pool (scale, roll, model) instead of killing")
+    parser.add_argument("--spawn", action="store_true", help="[workers] preload = false: workers spawned, not forked")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="capsd-chaos-"))
     # With --retry, 3 lost jobs within restart_period_s pause retries; the kills come >= 2.5 s apart.
     period = 3 if args.retry else 60
-    workers = {"count": args.workers, "restart_intensity": 1000, "restart_period_s": period}
+    workers = {"count": args.workers, "restart_intensity": 1000, "restart_period_s": period, "preload": not args.spawn}
     config: dict[str, dict[str, Any]] = {
         "server": {"stop_timeout_s": STOP_TIMEOUT_S},
         "workers": {**workers, **({"retry_lost_jobs": 1} if args.retry else {})},
@@ -678,10 +685,12 @@ def main() -> int:
     sources = Counter(t.source for t in run.tasks.values())
     model = "self-test and heavy models in turn" if args.pool else f"{'heavy' if args.heavy else 'self-test'} model"
     mode = "--pool" if args.pool else f"kills {','.join(args.kills)}{', --retry' if args.retry else ''}"
+    started = "spawn" if args.spawn else "fork"
     print(
-        f"chaos: {args.minutes:g} min, {args.workers} workers, {args.clients} clients, seed {args.seed},"
+        f"chaos: {args.minutes:g} min, {args.workers} workers ({started}), {args.clients} clients, seed {args.seed},"
         f" {model}, {mode}, {duration:.0f} s in all"
     )
+    run.problems += judge_loaders(run, started, run.changes.count("model") if args.pool else 0)
     lost = {t for log in logs for e in log.exits for t in e.lost}
     print(
         f"tasks: {len(run.tasks)} ({dict(sources)}), exact {len(exact)}, failed {len(failed)}"
@@ -702,6 +711,26 @@ def main() -> int:
         return conclude("chaos --pool", run.problems, tmp / "capsd-0" / "capsd.log", tmp)
     judge_kills(run, logs, failed, exact, args.retry)
     return conclude(f"chaos {mode}", run.problems, tmp / "capsd-*" / "capsd.log", tmp)
+
+
+def judge_loaders(run: Run, started: str, flips: int) -> list[str]:
+    """Every worker at the end started as asked; forked, each capsd started a loader, and each model
+    flip started the new model's loader and stopped the old one; spawned, no loader at all
+    (docs/design.md#workers-forked-from-a-loader)."""
+    texts = [life.capsd.logs() for life in run.lives]
+    loaders = sum(text.count("] loader started ") for text in texts)
+    stopped = sum(text.count("] loader stopping ") for text in texts)
+    print(f"workers {started}ed; loaders started {loaders}, stopped {stopped}, model flips {flips}")
+    problems = [
+        f"slot {s['slot']} started by {s['started']}"
+        for s in run.lives[-1].slots
+        if s["started"] not in (started, None)
+    ]
+    if started == "spawn" and loaders:
+        problems.append(f"{loaders} loaders started with preload = false")
+    if started == "fork" and (loaders < len(run.lives) + flips or stopped < flips):
+        problems.append(f"{loaders} loaders started and {stopped} stopped for {len(run.lives)} capsd and {flips} flips")
+    return problems
 
 
 def kinds(text: str) -> list[str]:

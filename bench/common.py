@@ -109,12 +109,19 @@ async def keep_busy(
 
 
 def start_capsd(
-    tmp: Path, model_dir: Path, count: int, threads: int, work_stealing: bool = True, metrics: bool = True
+    tmp: Path,
+    model_dir: Path,
+    count: int,
+    threads: int,
+    work_stealing: bool = True,
+    metrics: bool = True,
+    preload: bool = True,
 ) -> tuple[Capsd, float]:
     """A capsd with `count` workers in a new directory under `tmp`, and its time to ready: seconds
-    from starting its process until it says it is ready (Capsd.wait_ready, polled every 20 ms)."""
+    from starting its process until it says it is ready (Capsd.wait_ready, polled every 20 ms).
+    `preload`: workers forked from a loader (docs/design.md#workers-forked-from-a-loader), else spawned."""
     directory = Path(tempfile.mkdtemp(prefix=f"w{count}-", dir=tmp))
-    workers = {"count": count, "threads": threads, "work_stealing": work_stealing}
+    workers = {"count": count, "threads": threads, "work_stealing": work_stealing, "preload": preload}
     config = {"server": {"metrics": metrics}, "workers": workers, "model": {"dir": str(model_dir)}}
     start = time.perf_counter()
     daemon = Capsd(directory, config, wait=False)
@@ -127,14 +134,28 @@ def start_capsd(
 
 
 def rss(daemon: Capsd, peak: bool = False) -> tuple[int, list[int]]:
-    """RSS of the supervisor (the daemon's process and its children that are not workers, such as
-    multiprocessing's resource tracker) and of each worker, in slot order; with `peak`, the most
-    each process has had resident since it started (VmHWM)."""
-    workers = [slot["pid"] for slot in daemon.status()["slots"]]
+    """RSS of the supervisor (the daemon's process and its children that are neither workers nor
+    loaders, such as multiprocessing's resource tracker) and of each worker, in slot order; with
+    `peak`, the most each process has had resident since it started (VmHWM)."""
+    status = daemon.status()
+    workers = [slot["pid"] for slot in status["slots"]]
+    others = {*workers, *(loader["pid"] for loader in status["loaders"])}
     process = psutil.Process(daemon.proc.pid)
-    supervisor = [p.pid for p in [process, *process.children(True)] if p.pid not in workers]
+    supervisor = [p.pid for p in [process, *process.children(True)] if p.pid not in others]
     measure = peak_rss if peak else lambda pid: psutil.Process(pid).memory_info().rss
     return sum(map(measure, supervisor)), [measure(pid) for pid in workers]
+
+
+def family(daemon: Capsd) -> list[psutil.Process]:
+    """capsd's process and all its descendants: loaders, workers, multiprocessing's resource tracker."""
+    process = psutil.Process(daemon.proc.pid)
+    return [process, *process.children(recursive=True)]
+
+
+def pss(processes: list[psutil.Process]) -> int:
+    """The sum of their proportional set sizes: each page shared by k processes counts 1/k in
+    each, so every page they hold counts once, however many of them share it (proc(5), smaps)."""
+    return sum(p.memory_full_info().pss for p in processes)
 
 
 def conclude(name: str, problems: list[str], log_path: Path, tmp: str | Path) -> int:

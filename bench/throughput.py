@@ -33,6 +33,12 @@
 (i) The cost of metrics: the 4 files of (a) on 2 workers with `[server] metrics = true`, its
     /metrics scraped every second as Prometheus would, and on a second daemon with metrics off;
     sides alternating; target: on / off within noise (<= 1.05x).
+(j) Forked against spawned workers: the 4 files of (a) on 2 workers forked from a loader
+    ([workers] preload = true, the default: every other measurement's daemons) and on 2 spawned
+    workers (preload = false), each warmed up first; sides alternating; target: forked / spawned
+    within 2% (<= 1.02x; docs/design.md#workers-forked-from-a-loader), on the best wall time and
+    on the median CPU seconds the workers spent: on a machine shared with other load, wall times
+    vary by far more than 2%, and the workers' CPU time much less.
 (k) The OpenAI-compatible API against the CapsWriter protocol: the 4 files of (a) on 2 workers,
     sent at once as 4 API requests by the official `openai` SDK (AsyncOpenAI, WAV uploads of
     16-bit PCM, response_format json: the upload, its decode in a process of its own, the task)
@@ -42,10 +48,10 @@
 All with the CPU-heavy self-test model (a real Paraformer's decode cost, RTF ~0.05 at 1 thread)
 built into a temporary directory, over loopback. The daemons of (e)'s last starts serve (a)-(d),
 (g) and (h) and run for the whole benchmark, idle when not measured (the daemon without
-stealing only for (h)); in (a)-(c), (e), (g) and (h) the runs alternate between the sides, so
-drift and other load on the machine hit every side alike, and in (a)-(c), (e) and (g) the best of
---repeat runs is compared. Every final result is checked digit by digit, so a fast wrong answer
-fails the benchmark instead of winning it. --only runs some of the measurements ((a)-(c) go
+stealing only for (h)); in (a)-(c), (e) and (g)-(j) the runs alternate between the sides, so
+drift and other load on the machine hit every side alike, and in (a)-(c), (e), (g), (i) and (j)
+the best of --repeat runs is compared. Every final result is checked digit by digit, so a fast
+wrong answer fails the benchmark instead of winning it. --only runs some of the measurements ((a)-(c) go
 together), e.g. `--only g,h`.
 """
 
@@ -94,7 +100,7 @@ from tests.support.media import encode
 THREADS = 1
 LOAD_FILE_S = 600  # (d): each slot's file, re-sent as soon as it is answered
 LONG_FILE_S = 600  # (g)
-SECTIONS = "abcdefghik"
+SECTIONS = "abcdefghijk"
 MIB = 2**20
 _recognizer: Any = None  # one per process of the reference pool
 
@@ -437,6 +443,40 @@ def metrics_cost(daemons: dict[bool, Capsd], repeat: int) -> dict[bool, list[flo
     return times
 
 
+def workers_cpu(daemon: Capsd) -> float:
+    """CPU seconds (user + system) the daemon's workers have used so far."""
+    return sum(sum(psutil.Process(slot["pid"]).cpu_times()[:2]) for slot in daemon.status()["slots"])
+
+
+def forked_vs_spawned(daemons: dict[bool, Capsd], repeat: int) -> dict[str, dict[bool, list[float]]]:
+    """(j): the 4 files of (a) on 2 forked workers and on 2 spawned ones, sides alternating: wall
+    seconds, and the CPU seconds the workers spent, which other load on the machine barely moves."""
+    files = four_files()
+    ids = task_ids(2, slots=[0, 0, 1, 1])
+    tasks = {task_id: file_frames(task_id, samples) for task_id, (samples, _) in zip(ids, files)}
+    digits = {task_id: d for task_id, (_, d) in zip(ids, files)}
+    for daemon in daemons.values():
+        warm_up(daemon, 2)
+    m: dict[str, dict[bool, list[float]]] = {"wall": {True: [], False: []}, "cpu": {True: [], False: []}}
+    for _ in range(repeat):
+        for forked, daemon in daemons.items():
+            before = workers_cpu(daemon)
+            m["wall"][forked].append(serve(daemon, tasks, digits)[0])
+            m["cpu"][forked].append(workers_cpu(daemon) - before)
+    return m
+
+
+def report_forked(m: dict[str, dict[bool, list[float]]]) -> None:
+    print("(j) the 4 files of (a) on 2 workers forked from a loader and on 2 spawned workers; wall, then workers' CPU")
+    for key in ("wall", "cpu"):
+        print(runs(f"forked (preload = true), {key}", m[key][True]))
+        print(runs(f"spawned (preload = false), {key}", m[key][False]))
+    ratio = min(m["wall"][True]) / min(m["wall"][False])
+    print(f"  forked / spawned, wall                {verdict(ratio, ratio <= 1.02, '<= 1.02x')}")
+    cpu = statistics.median(m["cpu"][True]) / statistics.median(m["cpu"][False])
+    print(f"  forked / spawned, CPU (medians)       {verdict(cpu, cpu <= 1.02, '<= 1.02x')}\n")
+
+
 def scrape(daemon: Capsd, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as response:
@@ -511,6 +551,8 @@ def report(m: dict[str, Any], repeat: int) -> None:
         report_random_ids(m["random"])
     if "metrics" in m:
         report_metrics_cost(m["metrics"])
+    if "forked" in m:
+        report_forked(m["forked"])
     if "api" in m:
         report_api(m["api"])
 
@@ -574,6 +616,14 @@ def main() -> None:
                     m["metrics"] = metrics_cost({True: daemons[2], False: off}, args.repeat)
                 finally:
                     off.stop()
+            if "j" in only:
+                if {s["started"] for s in daemons[2].status()["slots"]} != {"fork"}:
+                    raise SystemExit("(j): the default daemon's workers are not forked from a loader")
+                spawned, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, preload=False)
+                try:
+                    m["forked"] = forked_vs_spawned({True: daemons[2], False: spawned}, args.repeat)
+                finally:
+                    spawned.stop()
             if "k" in only:
                 m["api"] = api_against_protocol(daemons[2], args.repeat)
         finally:

@@ -14,13 +14,16 @@ from capsd.selftest.tones import synth
 
 
 @pytest.mark.integration
-def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path) -> None:
-    m = memory_calibration.measure(tmp_path, EMBEDDED_MODEL_DIR, count=1, threads=1, decodes=1, exact=True)
-    (worker_est, worker), (supervisor_est, supervisor), (total_est, total) = m["parts"].values()
+@pytest.mark.parametrize("preload", [True, False], ids=["forked", "spawned"])
+def test_memory_calibration_measures_a_worker_within_its_plan(tmp_path: Path, preload: bool) -> None:
+    m = memory_calibration.measure(tmp_path, EMBEDDED_MODEL_DIR, 1, 1, decodes=1, exact=True, preload=preload)
+    (worker_est, worker), (loader_est, loader), (supervisor_est, supervisor), (total_est, total) = m["parts"].values()
+    assert m["forked"] == preload and (loader_est > 0) == (loader > 0) == preload
     assert m["loaded"] < m["now"] <= worker  # the decode grew the worker; the peak is at least now
-    assert total == worker + supervisor and total_est == worker_est + supervisor_est
-    # The plan's promise for the self-test model: never below the measured peak.
-    assert worker <= worker_est and supervisor <= supervisor_est
+    assert total_est == worker_est + loader_est + supervisor_est
+    # The plan's promise for the self-test model: never below the measured peak, nor the sum of PSS.
+    assert worker <= worker_est and loader <= loader_est and supervisor <= supervisor_est
+    assert 0 < total <= total_est
 
 
 @pytest.mark.unit
