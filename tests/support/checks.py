@@ -112,6 +112,17 @@ def stop_loading_workers(capsd: Any, timeout: float = 30, old: tuple[int, ...] =
     raise AssertionError("no worker appeared")
 
 
+def most_slots_down(log: str, count: int) -> int:
+    """The most of `count` slots at once neither ready nor busy, from the log's `slot state` lines."""
+    states, most = dict.fromkeys(range(count), "ready"), 0
+    for line in log.splitlines():
+        if "slot state" in line:
+            fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+            states[int(fields["slot"])] = fields["after"]
+            most = max(most, sum(state not in ("ready", "busy") for state in states.values()))
+    return most
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 30, what: str = "", every: float = 0.05) -> T:
     """condition() every `every` s until it returns something true; that value, or after
     `timeout` s an AssertionError naming `what` and the last value."""
