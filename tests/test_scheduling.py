@@ -425,3 +425,27 @@ def test_a_task_longer_than_the_maximum_fails_with_overloaded_and_takes_nothing_
     task.submit(dataclasses.replace(beyond, index=8, offset=MAX_TASK_S + 2.0))
     assert [f["error"]["code"] for f in client.frames] == ["overloaded"] and slot.ends == ["overloaded"]
     assert "24 h" in client.frames[0]["error"]["message"]
+
+
+def test_a_workers_cpu_share_counts_from_its_start_not_from_its_first_sample() -> None:
+    """A forked worker may do its first jobs before the watch loop first samples it."""
+
+    class Busy(FakeWorker):
+        cpu = 2.0  # CPU seconds already spent when first sampled
+
+        def cpu_seconds(self) -> float | None:
+            return self.cpu
+
+    async def scenario() -> list[float]:
+        slot = Slot(0, WorkerSpec("paraformer", {}, 1), 100, False, lambda *_: None, spawn=Busy)  # type: ignore[arg-type]
+        slot.start()
+        inc = slot.incarnation
+        inc.started = time.monotonic() - 4.0  # type: ignore[union-attr]
+        slot.sample_cpu(time.monotonic())
+        first = slot.cpu_share()
+        inc.cpu = 3.0  # type: ignore[union-attr]
+        slot.sample_cpu(time.monotonic() + 1.0)
+        return [first, slot.cpu_share()]
+
+    first, later = asyncio.run(scenario())
+    assert first == pytest.approx(0.5, rel=0.05) and later == pytest.approx(0.6, rel=0.05)

@@ -307,6 +307,7 @@ class Slot:
         self.tasks_done = self.tasks_failed = self.restarts = self.segments_decoded = 0
         self.busy: deque[tuple[float, float]] = deque()  # (start, end) of the last minute's jobs
         self.cpu: deque[tuple[float, float]] = deque()  # (when, CPU seconds) of the worker, last minute
+        self.cpu_of: Incarnation | None = None  # the incarnation `cpu` is of
         self.last_exit: LastExit | None = None
         self.ready_event = asyncio.Event()  # set at each incarnation's Ready
         self.stopping = False  # its runner ends: the daemon stops, or the slot is gone
@@ -631,8 +632,10 @@ class Slot:
         if seconds is None:
             self.cpu.clear()
             return
-        if self.cpu and seconds < self.cpu[-1][1]:  # a new incarnation
+        if self.cpu_of is not inc:  # a new incarnation: its process started with no CPU time
+            self.cpu_of = inc  # (a fork may have done jobs before its first sample)
             self.cpu.clear()
+            self.cpu.append((inc.started, 0.0))
         self.cpu.append((now, seconds))
         while len(self.cpu) > 2 and self.cpu[1][0] < now - BUSY_WINDOW_S:
             self.cpu.popleft()
