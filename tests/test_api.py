@@ -401,3 +401,46 @@ def test_off_loopback_without_keys_is_refused_at_start_naming_the_key(tmp_path: 
                                                 "api": {"addr": "0.0.0.0", "port": free_port()}})  # fmt: skip
     done = subprocess.run([*CAPSD, "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 78 and "[api] keys_file" in done.stderr and "allow_anonymous" in done.stderr
+
+
+def test_fields_over_their_bounds_are_bad_requests_while_a_good_request_is_served(capsd: Capsd) -> None:
+    """A field of more than 64 KiB, more than 64 fields: 400, and a good request alongside exact."""
+    api = client(capsd).audio.transcriptions
+    file, _ = upload("2718")
+
+    async def scenario() -> tuple[str, list[BaseException]]:
+        good = asyncio.to_thread(lambda: api.create(file=file, model="whisper-1").text)
+        too_long = asyncio.to_thread(api.create, file=file, model="whisper-1", prompt="x" * (64 * 2**10 + 1))
+        too_many = asyncio.to_thread(api.create, file=file, model="whisper-1",
+                                     extra_body={f"field{i}": "x" for i in range(70)})  # fmt: skip
+        text, *refused = await asyncio.gather(good, too_long, too_many, return_exceptions=True)
+        return text, refused  # type: ignore[return-value]
+
+    text, refused = asyncio.run(scenario())
+    assert text == "2718"
+    for error, words in zip(refused, ("longer than 65536 bytes", "more than 64 fields")):
+        assert isinstance(error, openai.BadRequestError) and words in error.body["message"], error
+
+
+def test_an_upload_that_stalls_gets_400_after_30_s_while_a_good_request_is_served(capsd: Capsd) -> None:
+    boundary = "stall"
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 100000\r\n\r\n")  # fmt: skip
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+    with socket.create_connection(("127.0.0.1", capsd.api_port), timeout=120) as sock:
+        sock.sendall(head.encode() + part + b"\0" * 1000)  # then nothing
+        file, _ = upload("1618")
+        assert client(capsd).audio.transcriptions.create(file=file, model="whisper-1").text == "1618"
+        answer = b""
+        while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"upload_timeout" in answer, answer[:300]
+
+
+def test_decoded_audio_longer_than_the_bound_is_refused_by_the_decode_process(tmp_path: Path) -> None:
+    """The bound (4 h) as the decode process applies it, given 1 s: exit 1, saying why."""
+    file, _ = upload("31415")  # ~2.5 s
+    (tmp_path / "in.wav").write_bytes(file[1])
+    done = subprocess.run([*CAPSD[:1], "-m", "capsd.api.decode", str(tmp_path / "in.wav"), str(tmp_path / "out"),
+                           "1", str(os.getpid())], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and "longer than" in done.stderr, done.stderr
