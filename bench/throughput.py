@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -67,7 +68,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -443,6 +444,16 @@ def metrics_cost(daemons: dict[bool, Capsd], repeat: int) -> dict[bool, list[flo
     return times
 
 
+@contextlib.contextmanager
+def beside(tmp: Path, model_dir: Path, **options: Any) -> Iterator[Capsd]:
+    """A second daemon of 2 workers, unlike the others by `options`, for one measurement."""
+    daemon, _ = start_capsd(tmp, model_dir, 2, THREADS, **options)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
 def workers_cpu(daemon: Capsd) -> float:
     """CPU seconds (user + system) the daemon's workers have used so far."""
     return sum(sum(psutil.Process(slot["pid"]).cpu_times()[:2]) for slot in daemon.status()["slots"])
@@ -605,25 +616,16 @@ def main() -> None:
             if "g" in only:
                 m["long"] = one_long_file(daemons, args.repeat)
             if "h" in only:
-                strict, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, work_stealing=False)
-                try:
+                with beside(Path(tmp), model_dir, work_stealing=False) as strict:
                     m["random"] = random_ids(daemons, strict, args.draws)
-                finally:
-                    strict.stop()
             if "i" in only:
-                off, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, metrics=False)
-                try:
+                with beside(Path(tmp), model_dir, metrics=False) as off:
                     m["metrics"] = metrics_cost({True: daemons[2], False: off}, args.repeat)
-                finally:
-                    off.stop()
             if "j" in only:
                 if {s["started"] for s in daemons[2].status()["slots"]} != {"fork"}:
                     raise SystemExit("(j): the default daemon's workers are not forked from a loader")
-                spawned, _ = start_capsd(Path(tmp), model_dir, 2, THREADS, preload=False)
-                try:
+                with beside(Path(tmp), model_dir, preload=False) as spawned:
                     m["forked"] = forked_vs_spawned({True: daemons[2], False: spawned}, args.repeat)
-                finally:
-                    spawned.stop()
             if "k" in only:
                 m["api"] = api_against_protocol(daemons[2], args.repeat)
         finally:
